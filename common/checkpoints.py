@@ -1,0 +1,129 @@
+"""One checkpoint format for every model of the pipeline.
+
+A checkpoint is a single ``.pt`` dict that ``torch.load(path, map_location="cpu", weights_only=True)``
+reads::
+
+    {"format_version": 1, "kind": "rfsq_tokenizer" | "rfsq_head" | "draft_with_projection" | ...,
+     "model": state_dict,          # the seed's loaders read ckpt["model"]
+     "config": constructor kwargs,  # the model is rebuilt from this (nanoGPT style)
+     "normalizer": {...} | None,    # the shared action normalizer
+     "metrics": {...}, "extra": {...},
+     "content_hash": sha256 of model tensors + config + normalizer}
+
+Later phases pin the tokenizer they were trained against by its ``content_hash``. Files are written
+atomically (temp file in the same folder, then rename), so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, of the wrong kind, or does not fit the requested model."""
+
+
+def content_hash(state_dict: dict[str, torch.Tensor], config: dict, normalizer: dict | None) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(json.dumps(normalizer, sort_keys=True).encode())
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    kind: str,
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    normalizer: dict | None = None,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+) -> dict[str, Any]:
+    """Write the checkpoint atomically; returns the saved dict (with its ``content_hash``)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "model": state,
+        "config": dict(config),
+        "normalizer": normalizer,
+        "metrics": metrics or {},
+        "extra": extra or {},
+        "content_hash": content_hash(state, config, normalizer),
+    }
+    atomic_torch_save(ckpt, path)
+    return ckpt
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_checkpoint(path: str | Path, *, kind: str) -> dict[str, Any]:
+    """Load and check the envelope: file exists, is a checkpoint of ``kind``, current format."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found (expected a {kind} checkpoint; train it first)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt/foreign files; re-raise as one clear error
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: expected a dict with a 'model' state dict; found {type(ckpt).__name__}")
+    found_kind = ckpt.get("kind", "<none: pre-RSD checkpoint>")
+    if found_kind != kind:
+        raise CheckpointError(f"{path}: expected a {kind} checkpoint, found kind {found_kind!r}")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {ckpt.get('format_version')!r}, this code reads format {FORMAT_VERSION}"
+        )
+    return ckpt
+
+
+def load_state_strict(model: torch.nn.Module, ckpt: dict, path: str | Path) -> None:
+    """``load_state_dict`` with one readable message for missing/unexpected keys or shape mismatches."""
+    own = model.state_dict()
+    theirs = ckpt["model"]
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    shapes = [
+        f"{k}: expected {tuple(own[k].shape)}, found {tuple(theirs[k].shape)}"
+        for k in sorted(set(own) & set(theirs))
+        if own[k].shape != theirs[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:4]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:4]}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:3]))
+        raise CheckpointError(f"{path}: weights do not fit the model built from its config ({', '.join(parts)})")
+    model.load_state_dict(theirs)

