@@ -1,0 +1,493 @@
+"""Backbones: observations (+ task) -> features [B, D] for the draft and main models.
+
+* ``StateBackbone`` (local, CPU): MLP over the normalized low-dimensional observation vector plus
+  a learned per-task embedding.
+* ``OpenVLAFeatureExtractor`` (cloud/GPU only): hidden states of a real OpenVLA-OFT checkpoint.
+  transformers is imported lazily, so this module imports without it.  If the model forward
+  fails, the extractor RAISES; it never substitutes random or zero features (the earlier
+  attempt's failure mode).
+
+Which OpenVLA hidden state is the feature (``feature=`` argument):
+  "action_tokens_mean" (default): last transformer layer, mean over the 56 (= 8 steps x 7 dims)
+      action-placeholder positions that OpenVLA-OFT appends after the prompt; these are exactly the
+      hidden states the OFT action head reads, so they carry the model's action information.
+      4096-d for the 7B Llama-2 backbone.
+  "last_prompt_token": last layer at the last prompt token (the empty token 29871 after "Out:").
+      For vanilla (non-OFT) OpenVLA this is the state that predicts the first action token.
+
+Forward recipe (mirrors OFT's ``predict_action``, whose plain ``forward`` raises without labels
+because it derives the action-position mask from ``labels``): append token 29871 if the prompt
+does not already end with it; for "action_tokens_mean" append 56 placeholder ids + the stop
+token and extend the attention mask; build labels = IGNORE_INDEX over the prompt, an action-token
+id over the placeholders, stop id last; pixel_values in bf16; ``output_hidden_states=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- state backbone
+
+
+class StateBackbone(nn.Module):
+    """MLP over low-dimensional observations + learned task embedding -> [B, feature_dim]."""
+
+    def __init__(
+        self,
+        *,
+        obs_dim: int,
+        num_tasks: int,
+        task_embed_dim: int = 32,
+        hidden_dim: int = 256,
+        feature_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        for name, val in (("obs_dim", obs_dim), ("num_tasks", num_tasks), ("task_embed_dim", task_embed_dim),
+                          ("hidden_dim", hidden_dim), ("feature_dim", feature_dim)):
+            if int(val) < 1:
+                raise ValueError(f"StateBackbone: expected {name} >= 1, found {val}")
+        self.obs_dim = int(obs_dim)
+        self.num_tasks = int(num_tasks)
+        self.task_embed_dim = int(task_embed_dim)
+        self.hidden_dim = int(hidden_dim)
+        self.feature_dim = int(feature_dim)
+        # Normalizer statistics are model state (saved in the state dict), fitted once on training data.
+        self.register_buffer("obs_mean", torch.zeros(self.obs_dim))
+        self.register_buffer("obs_std", torch.ones(self.obs_dim))
+        self.register_buffer("normalizer_fitted", torch.tensor(False))
+        self.task_embed = nn.Embedding(self.num_tasks, self.task_embed_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.obs_dim + self.task_embed_dim, self.hidden_dim),
+            nn.GELU(),
+            nn.Linear(self.hidden_dim, self.hidden_dim),
+            nn.GELU(),
+            nn.Linear(self.hidden_dim, self.feature_dim),
+            nn.LayerNorm(self.feature_dim),
+        )
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {
+            "obs_dim": self.obs_dim,
+            "num_tasks": self.num_tasks,
+            "task_embed_dim": self.task_embed_dim,
+            "hidden_dim": self.hidden_dim,
+            "feature_dim": self.feature_dim,
+        }
+
+    def to_config(self) -> dict[str, Any]:
+        return dict(self.config)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "StateBackbone":
+        return cls(**config)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def fit_normalizer(self, obs: torch.Tensor, *, min_std: float = 1e-6) -> None:
+        """Set mean/std from training observations [N, obs_dim]; constant dims get std 1 (not 0)."""
+        obs = torch.as_tensor(obs, dtype=torch.float32)
+        if obs.dim() != 2 or obs.shape[1] != self.obs_dim or obs.shape[0] < 2:
+            raise ValueError(f"fit_normalizer: expected [N>=2, {self.obs_dim}], found {list(obs.shape)}")
+        if not torch.isfinite(obs).all():
+            raise ValueError("fit_normalizer: observations contain NaN/inf")
+        std = obs.std(dim=0)
+        std = torch.where(std < min_std, torch.ones_like(std), std)
+        self.obs_mean.copy_(obs.mean(dim=0))
+        self.obs_std.copy_(std)
+        self.normalizer_fitted.fill_(True)
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.obs_mean) / self.obs_std
+
+    def forward(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        if not bool(self.normalizer_fitted):
+            # an unfitted normalizer silently feeds raw-scale inputs; make the caller fit or load it
+            raise RuntimeError("StateBackbone: normalizer not fitted; call fit_normalizer(train_obs) or load a state dict")
+        if obs.dim() != 2 or obs.shape[1] != self.obs_dim:
+            raise ValueError(f"obs: expected [B, {self.obs_dim}], found {list(obs.shape)}")
+        if task_ids.shape != (obs.shape[0],):
+            raise ValueError(f"task_ids: expected [{obs.shape[0]}], found {list(task_ids.shape)}")
+        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= self.num_tasks):
+            raise ValueError(
+                f"task_ids: expected values in [0, {self.num_tasks}), found [{int(task_ids.min())}, {int(task_ids.max())}]"
+            )
+        x = torch.cat([self.normalize(obs.float()), self.task_embed(task_ids.long())], dim=1)
+        return self.mlp(x)
+
+
+# ----------------------------------------------------------------------------- OpenVLA-OFT
+
+# Public OpenVLA-OFT LIBERO checkpoints (Kim et al. 2025, "Fine-Tuning VLA Models"); each was
+# trained on 2 images (third-person + wrist) + 8-d proprio with an L1-regression head, image_aug
+# (=> center crop at eval), action chunks of 8 x 7.
+OPENVLA_OFT_LIBERO_CHECKPOINTS = {
+    "libero_spatial": "moojink/openvla-7b-oft-finetuned-libero-spatial",
+    "libero_object": "moojink/openvla-7b-oft-finetuned-libero-object",
+    "libero_goal": "moojink/openvla-7b-oft-finetuned-libero-goal",
+    "libero_10": "moojink/openvla-7b-oft-finetuned-libero-10",
+    "combined": "moojink/openvla-7b-oft-finetuned-libero-spatial-object-goal-10",
+}
+DEFAULT_OPENVLA_CHECKPOINT = OPENVLA_OFT_LIBERO_CHECKPOINTS["libero_spatial"]
+# checkpoints' unnorm keys (dataset names used in training); proprio stats live under them
+OPENVLA_OFT_UNNORM_KEYS = {
+    "libero_spatial": "libero_spatial_no_noops",
+    "libero_object": "libero_object_no_noops",
+    "libero_goal": "libero_goal_no_noops",
+    "libero_10": "libero_10_no_noops",
+}
+
+PROMPT_SUFFIX_TOKEN_ID = 29871  # Llama-2 empty token that follows "Out:" at training time
+IGNORE_INDEX = -100
+OFT_ACTION_TOKEN_BEGIN_IDX = 31743  # Llama-2 vocab 32000 - 256 bins - 1 (OFT constants)
+OFT_STOP_INDEX = 2  # Llama-2 </s>
+OFT_NUM_ACTION_TOKENS = 8 * 7  # LIBERO: NUM_ACTIONS_CHUNK x ACTION_DIM
+OPENVLA_IMAGE_SIZE = 224
+
+
+def build_openvla_prompt(task_description: str) -> str:
+    """OpenVLA's training prompt for an instruction."""
+    if not isinstance(task_description, str) or not task_description.strip():
+        raise ValueError(f"task_description: expected a non-empty string, found {task_description!r}")
+    return f"In: What action should the robot take to {task_description.lower()}?\nOut:"
+
+
+def _resize_hwc(img: torch.Tensor, size: int) -> torch.Tensor:
+    x = img.permute(2, 0, 1).unsqueeze(0)
+    # OFT resizes with TF lanczos3+antialias; bicubic+antialias is the closest torch kernel.
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return x[0].permute(1, 2, 0)
+
+
+def preprocess_image_for_openvla(
+    image: np.ndarray | torch.Tensor,
+    *,
+    flip: bool,
+    size: int = OPENVLA_IMAGE_SIZE,
+    center_crop: bool = False,
+    crop_scale: float = 0.9,
+) -> np.ndarray:
+    """HxWx3 uint8 camera image -> size x size x 3 uint8, as OpenVLA(-OFT) saw it in training.
+
+    flip: rotate 180 deg (``img[::-1, ::-1]``); LIBERO renders upside down. Explicit because the env
+      wrapper may already have flipped.
+    center_crop: for checkpoints trained with image_aug (random crops of 90% area): crop the central
+      region of area ``crop_scale`` (side sqrt(crop_scale)) and resize back to ``size``.
+    Torch-only (no PIL/torchvision); the JPEG round trip of OFT's pipeline is done by the extractor.
+    """
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"image: expected [H, W, 3], found {list(arr.shape)}")
+    if arr.dtype != np.uint8:
+        raise TypeError(f"image: expected uint8, found {arr.dtype}")
+    if not 0.0 < crop_scale <= 1.0:
+        raise ValueError(f"crop_scale: expected in (0, 1], found {crop_scale}")
+    if flip:
+        arr = arr[::-1, ::-1]
+    x = torch.from_numpy(np.ascontiguousarray(arr)).float()
+    x = _resize_hwc(x, size)
+    if center_crop:
+        side = math.sqrt(crop_scale)
+        crop = int(round(size * side))
+        off = (size - crop) // 2
+        x = x[off : off + crop, off : off + crop]
+        x = _resize_hwc(x, size)
+    return x.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def select_feature(
+    hidden_states: torch.Tensor | Sequence[torch.Tensor],
+    attention_mask: torch.Tensor,
+    *,
+    mode: str = "last_prompt_token",
+    num_action_tokens: int = 0,
+) -> torch.Tensor:
+    """Pick the feature vector from the last layer's hidden states.
+
+    hidden_states: [B, S, H] or the model's per-layer tuple (the last entry is used).
+    attention_mask: [B, S_text] mask of the TEXT tokens passed to the model. The model inserts its
+      S - S_text image-patch (and proprio) embeddings after <BOS>, so text token i (i >= 1) sits at
+      position (S - S_text) + i. Right padding is handled via the mask's last 1.
+    num_action_tokens: number of action placeholders appended after the prompt (followed by one
+      stop token); 0 when none were appended.
+    mode: "last_prompt_token" -> [B, H] state of the last prompt token;
+          "action_tokens_mean" -> [B, H] mean over the action-placeholder positions.
+    """
+    hs = hidden_states[-1] if isinstance(hidden_states, (tuple, list)) else hidden_states
+    if hs.dim() != 3:
+        raise ValueError(f"hidden_states: expected [B, S, H], found {list(hs.shape)}")
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != hs.shape[0]:
+        raise ValueError(f"attention_mask: expected [{hs.shape[0]}, S_text], found {list(attention_mask.shape)}")
+    B, S, _ = hs.shape
+    offset = S - attention_mask.shape[1]
+    if offset < 0:
+        raise ValueError(f"hidden_states length {S} is shorter than the text length {attention_mask.shape[1]}")
+    idx = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = torch.where(attention_mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values  # [B]
+    n_appended = num_action_tokens + 1 if num_action_tokens > 0 else 0
+    if int(last.min()) < n_appended + 1:
+        raise ValueError(f"attention_mask: too few text tokens for {num_action_tokens} appended action tokens")
+    rows = torch.arange(B, device=hs.device)
+    last = last.to(hs.device) + offset
+    if mode == "last_prompt_token":
+        return hs[rows, last - n_appended]
+    if mode == "action_tokens_mean":
+        if num_action_tokens < 1:
+            raise ValueError("action_tokens_mean: expected num_action_tokens >= 1, found 0")
+        steps = torch.arange(num_action_tokens, device=hs.device)
+        pos = (last - num_action_tokens)[:, None] + steps[None, :]  # placeholders precede the stop token
+        return hs[rows[:, None], pos].mean(dim=1)
+    raise ValueError(f"mode: expected 'last_prompt_token' or 'action_tokens_mean', found {mode!r}")
+
+
+def _jpeg_roundtrip(img: np.ndarray, quality: int = 95) -> np.ndarray:
+    """OFT's eval (like its RLDS training data) JPEG-encodes images before resizing."""
+    import io
+
+    from PIL import Image  # available wherever transformers is
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    return np.array(Image.open(buf).convert("RGB"))
+
+
+class OpenVLAFeatureExtractor:
+    """Frozen OpenVLA(-OFT) -> features [B, hidden_size] (4096 for the 7B model).
+
+    Call: ``extractor(images, task_descriptions, wrist_images=None, proprio=None)`` with uint8
+    [H, W, 3] camera images (as rendered, or already flipped: see ``flip_images``). Samples are run
+    one at a time (the OFT forward supports batch 1 only) and stacked.
+
+    model/processor may be injected (tests use a stub with the real call signature); otherwise
+    they are loaded with ``AutoModelForVision2Seq``/``AutoProcessor`` (trust_remote_code; the OFT
+    checkpoints' remote code imports the ``prismatic`` package from the openvla-oft repository, which
+    must be installed in the cloud image).
+
+    The LIBERO OFT checkpoints were trained with a wrist image (num_images_in_input=2) and an 8-d
+    proprio token (OFT's ProprioProjector); pass ``wrist_images`` / ``proprio`` + ``proprio_projector``
+    to reproduce their training inputs (``load_oft_proprio_projector``). Proprio is normalized with
+    the checkpoint's q01/q99 statistics when ``unnorm_key`` is given.
+    """
+
+    def __init__(
+        self,
+        *,
+        checkpoint: str = DEFAULT_OPENVLA_CHECKPOINT,
+        device: str | torch.device = "cuda",
+        flip_images: bool,
+        center_crop: bool = True,
+        jpeg_roundtrip: bool = True,
+        num_images_in_input: int = 2,
+        feature: str = "action_tokens_mean",
+        num_action_tokens: int = OFT_NUM_ACTION_TOKENS,
+        unnorm_key: str | None = None,
+        proprio_projector: nn.Module | None = None,
+        model: Any = None,
+        processor: Any = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        if feature not in ("action_tokens_mean", "last_prompt_token"):
+            raise ValueError(f"feature: expected 'action_tokens_mean' or 'last_prompt_token', found {feature!r}")
+        if num_images_in_input not in (1, 2):
+            raise ValueError(f"num_images_in_input: expected 1 or 2, found {num_images_in_input}")
+        self.checkpoint = checkpoint
+        self.device = torch.device(device)
+        self.flip_images = bool(flip_images)
+        self.center_crop = bool(center_crop)
+        self.jpeg_roundtrip = bool(jpeg_roundtrip)
+        self.num_images_in_input = int(num_images_in_input)
+        self.feature = feature
+        self.num_action_tokens = int(num_action_tokens) if feature == "action_tokens_mean" else 0
+        self.unnorm_key = unnorm_key
+        self.proprio_projector = proprio_projector
+        self.dtype = dtype
+        if (model is None) != (processor is None):
+            raise ValueError("model and processor: pass both (injected) or neither (load from checkpoint)")
+        if model is None:
+            model, processor = self._load(checkpoint)
+        self.model, self.processor = model, processor
+        if hasattr(self.model, "vision_backbone") and hasattr(self.model.vision_backbone, "set_num_images_in_input"):
+            self.model.vision_backbone.set_num_images_in_input(self.num_images_in_input)
+        elif self.num_images_in_input != 1:
+            raise ValueError("num_images_in_input=2 needs a model whose vision_backbone has set_num_images_in_input")
+        self.feature_dim = int(self._hidden_size(self.model))
+
+    @staticmethod
+    def _hidden_size(model: Any) -> int:
+        cfg = getattr(model, "config", None)
+        text_cfg = getattr(cfg, "text_config", None)
+        size = getattr(text_cfg, "hidden_size", None) or getattr(model, "llm_dim", None)
+        if size is None:
+            raise ValueError("cannot determine the model's hidden size (config.text_config.hidden_size or llm_dim)")
+        return int(size)
+
+    def _load(self, checkpoint: str) -> tuple[Any, Any]:
+        try:
+            from transformers import AutoModelForVision2Seq, AutoProcessor
+        except ImportError as e:  # the local CPU env deliberately has no transformers
+            raise ImportError("OpenVLAFeatureExtractor needs `transformers` (cloud image only)") from e
+        processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+        model = AutoModelForVision2Seq.from_pretrained(
+            checkpoint, torch_dtype=self.dtype, low_cpu_mem_usage=True, trust_remote_code=True
+        ).to(self.device)
+        model.eval()
+        if self.unnorm_key is not None:
+            self._load_norm_stats(model, checkpoint)
+        return model, processor
+
+    @staticmethod
+    def _load_norm_stats(model: Any, checkpoint: str) -> None:
+        import json
+        import os
+
+        if os.path.isdir(checkpoint):
+            path = os.path.join(checkpoint, "dataset_statistics.json")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(repo_id=checkpoint, filename="dataset_statistics.json")
+        with open(path) as f:
+            model.norm_stats = json.load(f)
+
+    def _normalize_proprio(self, proprio: np.ndarray) -> np.ndarray:
+        stats = getattr(self.model, "norm_stats", None)
+        if stats is None or self.unnorm_key not in stats or "proprio" not in stats[self.unnorm_key]:
+            raise KeyError(f"proprio statistics for unnorm_key={self.unnorm_key!r} not found in model.norm_stats")
+        s = stats[self.unnorm_key]["proprio"]
+        lo, hi = np.asarray(s["q01"], dtype=np.float64), np.asarray(s["q99"], dtype=np.float64)
+        mask = np.asarray(s.get("mask", np.ones_like(lo, dtype=bool)), dtype=bool)
+        norm = np.clip(2 * (proprio - lo) / (hi - lo + 1e-8) - 1, -1, 1)
+        return np.where(mask, norm, proprio)
+
+    def prepare_image(self, image: np.ndarray) -> np.ndarray:
+        img = np.asarray(image)
+        if self.flip_images:
+            img = np.ascontiguousarray(img[::-1, ::-1])
+        if self.jpeg_roundtrip:
+            img = _jpeg_roundtrip(img)
+        return preprocess_image_for_openvla(img, flip=False, center_crop=self.center_crop)
+
+    @staticmethod
+    def _to_processor_image(img: np.ndarray) -> Any:
+        from PIL import Image  # the HF processor expects PIL images
+
+        return Image.fromarray(img).convert("RGB")
+
+    def _build_inputs(self, image: np.ndarray, task: str, wrist: np.ndarray | None) -> dict[str, torch.Tensor]:
+        prompt = build_openvla_prompt(task)
+        enc = self.processor(prompt, self._to_processor_image(self.prepare_image(image)))
+        input_ids = enc["input_ids"].to(self.device)
+        attention_mask = enc["attention_mask"].to(self.device)
+        pixel_values = enc["pixel_values"].to(self.device, dtype=self.dtype)
+        if self.num_images_in_input == 2:
+            if wrist is None:
+                raise ValueError("num_images_in_input=2: expected a wrist image, found None")
+            wenc = self.processor(prompt, self._to_processor_image(self.prepare_image(wrist)))
+            pixel_values = torch.cat([pixel_values, wenc["pixel_values"].to(self.device, dtype=self.dtype)], dim=1)
+        elif wrist is not None:
+            raise ValueError("wrist image given but num_images_in_input=1")
+
+        suffix = int(getattr(getattr(self.model, "config", None), "prompt_suffix_token_id", None) or PROMPT_SUFFIX_TOKEN_ID)
+        if not bool((input_ids[:, -1] == suffix).all()):
+            input_ids = torch.cat([input_ids, torch.full_like(input_ids[:, :1], suffix)], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        if self.num_action_tokens > 0:
+            begin = int(self.model.get_action_token_begin_idx()) if hasattr(self.model, "get_action_token_begin_idx") else OFT_ACTION_TOKEN_BEGIN_IDX
+            stop = int(self.model.get_stop_token_id()) if hasattr(self.model, "get_stop_token_id") else OFT_STOP_INDEX
+            n = self.num_action_tokens
+            extra_ids = torch.ones((input_ids.shape[0], n + 1), dtype=input_ids.dtype, device=self.device)
+            extra_ids[:, -1] = stop
+            extra_labels = torch.full_like(extra_ids, begin + 1)  # any id > begin marks an action slot
+            extra_labels[:, -1] = stop
+            input_ids = torch.cat([input_ids, extra_ids], dim=1)
+            labels = torch.cat([labels, extra_labels], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(extra_ids, dtype=attention_mask.dtype)], dim=1)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "labels": labels}
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: Sequence[np.ndarray],
+        task_descriptions: Sequence[str],
+        *,
+        wrist_images: Sequence[np.ndarray] | None = None,
+        proprio: np.ndarray | None = None,
+    ) -> torch.Tensor:
+        if len(images) != len(task_descriptions):
+            raise ValueError(f"expected one task description per image: {len(images)} images, {len(task_descriptions)} tasks")
+        if wrist_images is not None and len(wrist_images) != len(images):
+            raise ValueError(f"wrist_images: expected {len(images)}, found {len(wrist_images)}")
+        if (proprio is not None) != (self.proprio_projector is not None):
+            raise ValueError("proprio and proprio_projector: pass both or neither")
+        feats = []
+        for i, (image, task) in enumerate(zip(images, task_descriptions)):
+            inputs = self._build_inputs(image, task, None if wrist_images is None else wrist_images[i])
+            extra: dict[str, Any] = {}
+            if self.proprio_projector is not None:
+                p = np.asarray(proprio[i], dtype=np.float64)
+                if self.unnorm_key is not None:
+                    p = self._normalize_proprio(p)
+                extra = {"proprio": torch.as_tensor(p, dtype=self.dtype, device=self.device)[None],
+                         "proprio_projector": self.proprio_projector}
+            try:
+                out = self.model(**inputs, output_hidden_states=True, return_dict=True, **extra)
+            except Exception as e:
+                # never fall back to placeholder features: a broken backbone must stop the run
+                raise RuntimeError(
+                    f"OpenVLA forward failed for checkpoint {self.checkpoint!r} "
+                    f"({type(e).__name__}: {e}); no features were produced"
+                ) from e
+            hidden = getattr(out, "hidden_states", None)
+            if hidden is None:
+                raise RuntimeError("OpenVLA forward returned no hidden_states (expected output_hidden_states=True support)")
+            f = select_feature(hidden, inputs["attention_mask"], mode=self.feature, num_action_tokens=self.num_action_tokens)
+            if f.shape[-1] != self.feature_dim:
+                raise RuntimeError(f"feature size: expected {self.feature_dim}, found {f.shape[-1]}")
+            if not torch.isfinite(f).all():
+                raise RuntimeError("OpenVLA features contain NaN/inf")
+            feats.append(f.float())
+        return torch.cat(feats, dim=0)
+
+
+def load_oft_proprio_projector(
+    checkpoint: str, *, llm_dim: int = 4096, proprio_dim: int = 8, device: str | torch.device = "cuda"
+) -> nn.Module:
+    """OFT's ProprioProjector with the checkpoint's weights (cloud only; needs the openvla-oft package)."""
+    import os
+
+    from prismatic.models.projectors import ProprioProjector  # openvla-oft repository
+
+    if os.path.isdir(checkpoint):
+        names = [n for n in os.listdir(checkpoint) if n.startswith("proprio_projector") and "checkpoint" in n]
+        if len(names) != 1:
+            raise FileNotFoundError(f"expected 1 proprio_projector checkpoint in {checkpoint}, found {names}")
+        path = os.path.join(checkpoint, names[0])
+    else:
+        from huggingface_hub import hf_hub_download
+
+        step = "300000" if checkpoint.endswith("spatial-object-goal-10") else "150000"
+        path = hf_hub_download(repo_id=checkpoint, filename=f"proprio_projector--{step}_checkpoint.pt")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    proj = ProprioProjector(llm_dim=llm_dim, proprio_dim=proprio_dim)
+    proj.load_state_dict(state)
+    return proj.to(device=device, dtype=torch.bfloat16).eval()
+
+
+def build_backbone(kind: str, **kwargs: Any) -> StateBackbone | OpenVLAFeatureExtractor:
+    """Factory: kind "state" -> StateBackbone(**kwargs); "openvla-oft" -> OpenVLAFeatureExtractor(**kwargs)."""
+    if kind == "state":
+        return StateBackbone(**kwargs)
+    if kind == "openvla-oft":
+        return OpenVLAFeatureExtractor(**kwargs)
+    raise ValueError(f"backbone kind: expected 'state' or 'openvla-oft', found {kind!r}")

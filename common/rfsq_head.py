@@ -1,0 +1,335 @@
+"""Main model ("RFSQ head"): a small causal transformer over RFSQ *layer* positions.
+
+Sequence layout (one sequence per action chunk, length at most L = num_layers):
+
+    position 0      input = LayerNorm+Linear projection of the backbone features  -> predicts layer 0
+    position l+1    input = embedding of layer l's T tokens + layer-position emb  -> predicts layer l+1
+
+The output at position l is a [T, V] block of logits for all T tokens of layer l (the T tokens
+of one layer are predicted jointly, conditionally independent given the coarser layers).
+
+Layer embedding: every (token slot t, level v) pair owns one d_model vector; a layer's
+embedding is the sum over its T slots of ``table[t * V + codes[t]]``.  This is exactly a linear
+map of the concatenated one-hot tokens (slot identity is kept, no information is pooled away),
+at the cost of T gathers.
+
+Decoding API (all with a key/value cache so that one sequential step costs one position):
+    cache, logits0 = head.start(features)               # position 0
+    cache, logits  = head.extend(cache, layer_codes)    # next position(s)
+    logits, cache  = head.verify(features, proposed)    # positions 0..K in ONE pass
+    codes          = head.greedy_decode(features)       # L sequential passes
+
+Teacher-forced ``forward`` and cached decoding run the same code path (``_run``), so they
+agree to float round-off; the tests pin this at atol 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class KVCache:
+    """Per-block key/value tensors for the positions decoded so far.
+
+    keys[i], values[i]: [B, num_heads, length, head_dim] for transformer block i.
+    Tensors are never modified in place, so a truncated cache can share storage with its parent.
+    """
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.keys else int(self.keys[0].shape[2])
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if not self.keys else int(self.keys[0].shape[0])
+
+    def truncate(self, length: int) -> "KVCache":
+        """Keep the first ``length`` positions (e.g. the accepted prefix after verification)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"truncate: expected 0 <= length <= {self.length}, found {length}")
+        return KVCache([k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in self.values])
+
+    def select(self, batch_index: torch.Tensor | slice) -> "KVCache":
+        """Keep a subset of the batch (e.g. per-sample decoding)."""
+        return KVCache([k[batch_index] for k in self.keys], [v[batch_index] for v in self.values])
+
+
+class _CausalSelfAttention(nn.Module):
+    def __init__(self, *, d_model: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model must be divisible by num_heads: found d_model={d_model}, num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.attn_drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, past_k: torch.Tensor | None, past_v: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if past_k is not None:
+            k = torch.cat([past_k, k], dim=2)
+            v = torch.cat([past_v, v], dim=2)
+        past = k.shape[2] - n
+        # query i sits at absolute position past+i and may see keys 0..past+i
+        q_pos = torch.arange(past, past + n, device=x.device)
+        k_pos = torch.arange(k.shape[2], device=x.device)
+        mask = k_pos[None, :] > q_pos[:, None]
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(mask, float("-inf"))
+        attn = self.attn_drop(torch.softmax(scores, dim=-1))
+        y = (attn @ v).transpose(1, 2).reshape(b, n, d)
+        return self.out(y), k, v
+
+
+class _Block(nn.Module):
+    def __init__(self, *, d_model: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = _CausalSelfAttention(d_model=d_model, num_heads=num_heads, dropout=dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, past_k, past_v):
+        a, k, v = self.attn(self.ln1(x), past_k, past_v)
+        x = x + self.drop(a)
+        x = x + self.mlp(self.ln2(x))
+        return x, k, v
+
+
+class RFSQHead(nn.Module):
+    """Main model: predicts RFSQ layers coarse-to-fine, causal over layers (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        feature_dim: int,
+        num_layers: int = 8,
+        tokens_per_layer: int,
+        num_levels: int = 7,
+        d_model: int = 256,
+        num_heads: int = 4,
+        num_blocks: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        for name, val in (("feature_dim", feature_dim), ("num_layers", num_layers),
+                          ("tokens_per_layer", tokens_per_layer), ("num_levels", num_levels),
+                          ("num_blocks", num_blocks)):
+            if int(val) < 1:
+                raise ValueError(f"RFSQHead: expected {name} >= 1, found {val}")
+        self.feature_dim = int(feature_dim)
+        self.num_layers = int(num_layers)
+        self.tokens_per_layer = int(tokens_per_layer)
+        self.num_levels = int(num_levels)
+        self.d_model = int(d_model)
+        self.num_heads = int(num_heads)
+        self.num_blocks = int(num_blocks)
+        self.dropout = float(dropout)
+
+        T, V, d = self.tokens_per_layer, self.num_levels, self.d_model
+        self.feat_in = nn.Sequential(nn.LayerNorm(self.feature_dim), nn.Linear(self.feature_dim, d))
+        self.code_embed = nn.Embedding(T * V, d)  # index slot*V + level, summed over slots
+        self.pos_embed = nn.Embedding(self.num_layers, d)  # position l (0 = features)
+        self.in_drop = nn.Dropout(self.dropout)
+        self.blocks = nn.ModuleList(
+            [_Block(d_model=d, num_heads=self.num_heads, dropout=self.dropout) for _ in range(self.num_blocks)]
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.out = nn.Linear(d, T * V)
+        self.register_buffer("_slot_offsets", torch.arange(T) * V, persistent=False)
+        nn.init.normal_(self.code_embed.weight, std=0.02 / math.sqrt(T))  # sum of T rows ~ std 0.02
+        nn.init.normal_(self.pos_embed.weight, std=0.02)
+
+    # ------------------------------------------------------------------ config / bookkeeping
+    @property
+    def config(self) -> dict[str, Any]:
+        return {
+            "feature_dim": self.feature_dim,
+            "num_layers": self.num_layers,
+            "tokens_per_layer": self.tokens_per_layer,
+            "num_levels": self.num_levels,
+            "d_model": self.d_model,
+            "num_heads": self.num_heads,
+            "num_blocks": self.num_blocks,
+            "dropout": self.dropout,
+        }
+
+    def to_config(self) -> dict[str, Any]:
+        return dict(self.config)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "RFSQHead":
+        return cls(**config)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def count_flops(self, batch: int = 1) -> dict[str, Any]:
+        """Analytic FLOPs (1 multiply-add = 2 FLOPs; norms, softmax, GELU, embedding sums ignored).
+
+        A cached pass that computes ONE new position attending to n keys costs
+            blocks * (24 d^2 + 4 n d) + 2 d T V   (+ 2 D d for the feature projection at position 0)
+        Keys: per_position[l] (the pass that computes position l, n = l+1 keys),
+        greedy_decode_total (positions 0..L-1, one pass each), per_pass_mean (= total / L),
+        verify_pass[K] (positions 0..K in ONE pass; cost grows with K+1 but latency is one step).
+        """
+        d, T, V, L, nb = self.d_model, self.tokens_per_layer, self.num_levels, self.num_layers, self.num_blocks
+
+        def position_cost(pos: int) -> int:
+            c = nb * (24 * d * d + 4 * (pos + 1) * d) + 2 * d * T * V
+            if pos == 0:
+                c += 2 * self.feature_dim * d
+            return batch * c
+
+        per_position = [position_cost(p) for p in range(L)]
+        total = sum(per_position)
+        verify = {K: sum(per_position[: K + 1]) for K in range(1, L)}
+        return {
+            "per_position": per_position,
+            "greedy_decode_total": total,
+            "per_pass_mean": total / L,
+            "verify_pass": verify,
+        }
+
+    # ------------------------------------------------------------------ embeddings
+    def _check_features(self, features: torch.Tensor) -> None:
+        if features.dim() != 2 or features.shape[1] != self.feature_dim:
+            raise ValueError(f"features: expected [B, {self.feature_dim}], found {list(features.shape)}")
+
+    def _check_codes(self, codes: torch.Tensor, name: str) -> None:
+        if codes.dim() != 3 or codes.shape[1] != self.tokens_per_layer:
+            raise ValueError(f"{name}: expected [B, {self.tokens_per_layer}, k], found {list(codes.shape)}")
+        if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"{name}: expected an integer tensor, found {codes.dtype}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_levels):
+            raise ValueError(
+                f"{name}: expected values in [0, {self.num_levels}), found [{int(codes.min())}, {int(codes.max())}]"
+            )
+
+    def _embed_layers(self, codes: torch.Tensor, first_layer: int) -> torch.Tensor:
+        """codes [B, T, k] (layers first_layer..first_layer+k-1) -> inputs for positions first_layer+1.. [B, k, d]."""
+        k = codes.shape[2]
+        idx = codes.long().transpose(1, 2) + self._slot_offsets  # [B, k, T]
+        emb = self.code_embed(idx).sum(dim=2)  # [B, k, d]
+        pos = torch.arange(first_layer + 1, first_layer + 1 + k, device=codes.device)
+        return emb + self.pos_embed(pos)
+
+    def _embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        pos0 = self.pos_embed.weight[0]
+        return (self.feat_in(features) + pos0).unsqueeze(1)  # [B, 1, d]
+
+    # ------------------------------------------------------------------ core
+    def _run(self, x: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        """Process new positions x [B, n, d] after the cached ones; returns logits [B, n, T, V]."""
+        past_len = 0 if cache is None else cache.length
+        if past_len + x.shape[1] > self.num_layers:
+            raise ValueError(
+                f"sequence would reach {past_len + x.shape[1]} positions; expected at most num_layers={self.num_layers}"
+            )
+        h = self.in_drop(x)
+        new_k, new_v = [], []
+        for i, blk in enumerate(self.blocks):
+            pk = cache.keys[i] if cache is not None and past_len else None
+            pv = cache.values[i] if cache is not None and past_len else None
+            h, k, v = blk(h, pk, pv)
+            new_k.append(k)
+            new_v.append(v)
+        logits = self.out(self.ln_f(h))
+        b, n = x.shape[:2]
+        return logits.view(b, n, self.tokens_per_layer, self.num_levels), KVCache(new_k, new_v)
+
+    def forward(self, features: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, L, T, V] for all layers in one parallel pass.
+
+        codes: [B, T, L] ground-truth tokens (layer L-1 is not used as an input, only as a target;
+        a [B, T, L-1] tensor is accepted too).
+        """
+        self._check_features(features)
+        self._check_codes(codes, "codes")
+        if codes.shape[2] not in (self.num_layers, self.num_layers - 1):
+            raise ValueError(
+                f"codes: expected {self.num_layers} (or {self.num_layers - 1}) layers, found {codes.shape[2]}"
+            )
+        x = self._embed_features(features)
+        if self.num_layers > 1:
+            x = torch.cat([x, self._embed_layers(codes[:, :, : self.num_layers - 1], 0)], dim=1)
+        logits, _ = self._run(x, None)
+        return logits
+
+    def loss(self, features: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Mean token cross-entropy of the teacher-forced logits (convenience for trainers)."""
+        logits = self(features, codes)
+        return F.cross_entropy(logits.reshape(-1, self.num_levels), codes.transpose(1, 2).reshape(-1).long())
+
+    # ------------------------------------------------------------------ incremental decoding
+    def start(self, features: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
+        """Position 0 only: returns (cache of length 1, logits for layer 0 [B, T, V])."""
+        self._check_features(features)
+        logits, cache = self._run(self._embed_features(features), None)
+        return cache, logits[:, 0]
+
+    def extend(self, cache: KVCache, layer_codes: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
+        """Feed the next layer(s) after the cached prefix.
+
+        The cache holds positions 0..n-1, i.e. layers 0..n-2 have been fed; layer_codes are layers
+        n-1.. . [B, T] -> logits for the next layer [B, T, V]; [B, T, k] -> logits [B, k, T, V]
+        for layers n..n+k-1. Raises if that would go past layer L-1.
+        """
+        if cache.length < 1:
+            raise ValueError("extend: expected a cache from start()/verify(), found an empty cache")
+        single = layer_codes.dim() == 2
+        codes = layer_codes.unsqueeze(2) if single else layer_codes
+        self._check_codes(codes, "layer_codes")
+        if codes.shape[0] != cache.batch_size:
+            raise ValueError(f"layer_codes: expected batch {cache.batch_size}, found {codes.shape[0]}")
+        if cache.length + codes.shape[2] > self.num_layers:
+            raise ValueError(
+                f"extend: {cache.length} cached + {codes.shape[2]} new positions; expected at most num_layers={self.num_layers}"
+            )
+        logits, cache = self._run(self._embed_layers(codes, cache.length - 1), cache)
+        return cache, (logits[:, 0] if single else logits)
+
+    def verify(self, features: torch.Tensor, proposed: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """ONE pass over positions 0..K given proposed layers 0..K-1 ([B, T, K], 1 <= K <= L-1).
+
+        Returns logits [B, K+1, T, V] (row l = prediction of layer l given proposed layers < l; row K
+        comes for free) and a cache of length K+1. After accepting a layers, ``cache.truncate(a+1)``
+        is exactly the cache a sequential decode would hold after feeding those a layers.
+        """
+        self._check_features(features)
+        self._check_codes(proposed, "proposed")
+        K = proposed.shape[2]
+        if not 1 <= K <= self.num_layers - 1:
+            raise ValueError(f"proposed: expected 1 <= K <= {self.num_layers - 1} layers, found {K}")
+        if proposed.shape[0] != features.shape[0]:
+            raise ValueError(f"proposed: expected batch {features.shape[0]}, found {proposed.shape[0]}")
+        x = torch.cat([self._embed_features(features), self._embed_layers(proposed, 0)], dim=1)
+        logits, cache = self._run(x, None)
+        return logits, cache
+
+    @torch.no_grad()
+    def greedy_decode(self, features: torch.Tensor) -> torch.Tensor:
+        """Main-only greedy decoding: L sequential single-position passes -> codes [B, T, L]."""
+        cache, logits = self.start(features)
+        layers = [logits.argmax(dim=-1)]
+        for _ in range(1, self.num_layers):
+            cache, logits = self.extend(cache, layers[-1])
+            layers.append(logits.argmax(dim=-1))
+        return torch.stack(layers, dim=2)

@@ -1,0 +1,228 @@
+"""Speculative decoding over RFSQ layers (one action chunk per sample).
+
+Algorithm (``speculative_decode``):
+  1. the draft proposes the K coarsest layers 0..K-1 in ONE pass;
+  2. the main model verifies them in ONE pass over positions 0..K (``RFSQHead.verify``): row l of
+     that pass is the main model's prediction of layer l given the *proposed* layers < l;
+  3. acceptance: the longest prefix of layers whose tokens ALL equal the main model's greedy
+     tokens (``acceptance="exact"``).  With a accepted layers, layer a is taken from the same
+     verify pass (the main's own greedy tokens: the correction when a < K, the free extra layer
+     when a == K) -- no extra pass;
+  4. the main model decodes layers a+1..L-1 sequentially from ``cache.truncate(a+1)``.
+
+Lossless: in exact mode every emitted layer equals the main model's greedy choice given the
+previously emitted layers, so the codes are identical to ``main.greedy_decode`` (up to argmax ties
+within float round-off between a multi-position and a single-position pass; the property test
+over many random models has never hit one).
+
+Main-pass accounting (what ``SpecStats.main_passes`` counts): a *pass* is one sequential call
+of the main model, whatever number of positions it processes.
+  * main-only:   L passes (positions 0..L-1, one each).
+  * speculative: 1 verification pass (yields layers 0..a) + (L - a - 1) sequential passes
+                 = L - a passes, a = accepted layers in 0..K.
+                 All K accepted -> L - K passes (the verify pass also yields layer K);
+                 none accepted -> L passes (no saving; the K draft-conditioned positions were wasted).
+  With K=3, L=8 the ceiling is 8 - 3 = 5 passes of 8, which is the "5 of 8 passes" in the issue.
+  ``main_positions`` counts positions computed (a FLOP proxy): (K+1) + (L-a-1) = L + K - a,
+  i.e. L when all K are accepted and L + K when none are.
+
+Batches: acceptance is computed per sample (``SpecStats.accepted_layers``), but the KV cache is
+shared, so the batch continues from the minimum accepted prefix ``used_prefix``; a sample that
+accepted more layers then takes the main's greedy tokens for layers >= used_prefix (identical in
+exact mode, so still lossless; in relaxed mode it just replaces some draft tokens by main tokens).
+The evaluation runs batch 1, where the two coincide.
+
+``acceptance="relaxed", tolerance=t`` accepts a layer when every draft token is within t levels
+of the main's greedy token; accepted layers keep the DRAFT's tokens, so the result is lossy and
+``SpecStats.lossy`` is set (report it separately from exact mode).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from common.draft_model import DraftWithProjection
+from common.rfsq_head import RFSQHead
+
+
+class StageTimer:
+    """Accumulating wall-clock timer per named stage (time.perf_counter).
+
+    GPU work is asynchronous, so when CUDA is in use the stage boundaries call
+    ``torch.cuda.synchronize()``; ``cuda_sync=None`` decides automatically (CUDA initialised).
+    """
+
+    def __init__(self, *, cuda_sync: bool | None = None) -> None:
+        self.cuda_sync = cuda_sync
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        sync = self.cuda_sync
+        if sync is None:
+            sync = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if sync:
+            torch.cuda.synchronize()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            dt = time.perf_counter() - t0
+            self.totals[name] = self.totals.get(name, 0.0) + dt
+            self.counts[name] = self.counts.get(name, 0) + 1
+            self.last[name] = dt
+
+    def mean(self, name: str) -> float:
+        if not self.counts.get(name):
+            raise KeyError(f"StageTimer: no timings recorded for stage {name!r}; found {sorted(self.counts)}")
+        return self.totals[name] / self.counts[name]
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {
+            k: {"total_s": self.totals[k], "count": self.counts[k], "mean_s": self.totals[k] / self.counts[k]}
+            for k in self.totals
+        }
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.counts.clear()
+        self.last.clear()
+
+
+@dataclass
+class SpecStats:
+    num_layers: int
+    coarse_layers: int  # K (0 for main-only)
+    acceptance: str  # "exact" | "relaxed" | "main_only"
+    tolerance: int
+    accepted_layers: list[int] = field(default_factory=list)  # per sample, 0..K
+    used_prefix: int = 0  # prefix actually used for the (shared-cache) batch = min(accepted_layers)
+    main_passes: int = 0  # sequential main calls; the verify pass counts as one
+    main_positions: int = 0  # positions computed by the main model (FLOP proxy)
+    draft_passes: int = 0
+    draft_time_s: float = 0.0
+    main_time_s: float = 0.0
+    lossy: bool = False  # True for relaxed acceptance with tolerance > 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_pair(main: RFSQHead, draft: DraftWithProjection) -> None:
+    K, L = draft.coarse_layers, main.num_layers
+    if not 1 <= K <= L - 1:
+        raise ValueError(f"draft.coarse_layers: expected 1 <= K <= num_layers-1 = {L - 1}, found {K}")
+    if draft.tokens_per_layer != main.tokens_per_layer:
+        raise ValueError(
+            f"tokens_per_layer mismatch: main {main.tokens_per_layer}, draft {draft.tokens_per_layer}"
+        )
+    if draft.num_levels != main.num_levels:
+        raise ValueError(f"num_levels mismatch: main {main.num_levels}, draft {draft.num_levels}")
+    # dropout in train mode would make verification compare against a random main model
+    if main.training or draft.training:
+        raise RuntimeError(
+            f"speculative_decode: expected main and draft in eval() mode, found "
+            f"main.training={main.training}, draft.training={draft.training}"
+        )
+
+
+@torch.no_grad()
+def speculative_decode(
+    main: RFSQHead,
+    draft: DraftWithProjection,
+    features: torch.Tensor,
+    *,
+    acceptance: str = "exact",
+    tolerance: int = 0,
+    timer: StageTimer | None = None,
+    draft_features: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, SpecStats]:
+    """Draft K coarse layers, verify in one main pass, finish sequentially -> (codes [B,T,L], stats).
+
+    draft_features: optional separate input for the draft (defaults to ``features``).
+    """
+    if acceptance not in ("exact", "relaxed"):
+        raise ValueError(f"acceptance: expected 'exact' or 'relaxed', found {acceptance!r}")
+    if int(tolerance) != tolerance or tolerance < 0:
+        raise ValueError(f"tolerance: expected an integer >= 0, found {tolerance!r}")
+    if acceptance == "exact" and tolerance != 0:
+        raise ValueError(f"tolerance: exact acceptance needs tolerance=0, found {tolerance} (use acceptance='relaxed')")
+    _check_pair(main, draft)
+    timer = timer if timer is not None else StageTimer()
+    K, L = draft.coarse_layers, main.num_layers
+
+    with timer.stage("draft"):
+        proposed = draft.propose(features if draft_features is None else draft_features)  # [B, T, K]
+    draft_time = timer.last["draft"]
+
+    with timer.stage("main"):
+        logits, cache = main.verify(features, proposed)  # [B, K+1, T, V]
+        main_greedy = logits.argmax(dim=-1).transpose(1, 2)  # [B, T, K+1]
+        diff = (proposed.long() - main_greedy[..., :K]).abs()
+        layer_ok = (diff <= int(tolerance)).all(dim=1)  # [B, K]
+        accepted = torch.cumprod(layer_ok.long(), dim=1).sum(dim=1)  # longest all-true prefix
+        a = int(accepted.min())
+        # layers < a: the draft's tokens (== main greedy in exact mode); layer a: main's verify row a
+        layers = [proposed[..., i].long() for i in range(a)] + [main_greedy[..., a]]
+        cache = cache.truncate(a + 1)
+        passes, positions = 1, K + 1
+        while len(layers) < L:
+            cache, step_logits = main.extend(cache, layers[-1])
+            layers.append(step_logits.argmax(dim=-1))
+            passes += 1
+            positions += 1
+    main_time = timer.last["main"]
+
+    codes = torch.stack(layers, dim=2)
+    assert passes == L - a, (passes, L, a)  # the documented accounting
+    stats = SpecStats(
+        num_layers=L,
+        coarse_layers=K,
+        acceptance=acceptance,
+        tolerance=int(tolerance),
+        accepted_layers=[int(x) for x in accepted.tolist()],
+        used_prefix=a,
+        main_passes=passes,
+        main_positions=positions,
+        draft_passes=1,
+        draft_time_s=draft_time,
+        main_time_s=main_time,
+        lossy=acceptance == "relaxed" and tolerance > 0,
+    )
+    return codes, stats
+
+
+@torch.no_grad()
+def main_only_decode(
+    main: RFSQHead, features: torch.Tensor, timer: StageTimer | None = None
+) -> tuple[torch.Tensor, SpecStats]:
+    """Baseline: main-model greedy decoding, L sequential cached passes -> (codes [B,T,L], stats)."""
+    timer = timer if timer is not None else StageTimer()
+    with timer.stage("main"):
+        codes = main.greedy_decode(features)
+    L = main.num_layers
+    stats = SpecStats(
+        num_layers=L,
+        coarse_layers=0,
+        acceptance="main_only",
+        tolerance=0,
+        accepted_layers=[0] * features.shape[0],
+        used_prefix=0,
+        main_passes=L,
+        main_positions=L,
+        draft_passes=0,
+        draft_time_s=0.0,
+        main_time_s=timer.last["main"],
+    )
+    return codes, stats

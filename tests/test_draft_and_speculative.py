@@ -1,0 +1,201 @@
+"""Draft model + speculative decoding: pass accounting, losslessness, relaxed mode, timer."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from common.draft_model import DraftWithProjection
+from common.rfsq_head import RFSQHead
+from common.speculative import SpecStats, StageTimer, main_only_decode, speculative_decode
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # tiny models: thread start-up dominates and thrashes on a busy 2-core box (34 s -> 5 s)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+D, T, L, V, K = 10, 3, 6, 7, 3
+
+
+def make_main(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(feature_dim=D, num_layers=L, tokens_per_layer=T, num_levels=V, d_model=32, num_heads=2, num_blocks=2)
+    cfg.update(kw)
+    return RFSQHead(**cfg).eval()
+
+
+def make_draft(seed=0, k=K):
+    torch.manual_seed(seed + 1000)
+    return DraftWithProjection(feature_dim=D, width=16, coarse_layers=k, tokens_per_layer=T, num_levels=V).eval()
+
+
+class OracleDraft(nn.Module):
+    """Proposes the main model's own greedy codes, optionally corrupting one layer."""
+
+    def __init__(self, main, k=K, corrupt_layer=None, shift=3):
+        super().__init__()
+        self.main, self.coarse_layers, self.corrupt_layer, self.shift = main, k, corrupt_layer, shift
+        self.tokens_per_layer, self.num_levels = main.tokens_per_layer, main.num_levels
+        self.train(False)
+
+    def propose(self, features):
+        codes = self.main.greedy_decode(features)[..., : self.coarse_layers].clone()
+        if self.corrupt_layer is not None:
+            codes[:, 0, self.corrupt_layer] = (codes[:, 0, self.corrupt_layer] + self.shift) % self.num_levels
+        return codes
+
+
+def test_draft_shapes_propose_and_loss():
+    d = make_draft()
+    f = torch.randn(4, D)
+    assert d(f).shape == (4, K, T, V)
+    p = d.propose(f)
+    assert p.shape == (4, T, K) and int(p.min()) >= 0 and int(p.max()) < V
+    d.train()
+    d.loss(f, torch.randint(0, V, (4, T, L))).backward()
+    with pytest.raises(ValueError, match=r"expected \[B, 10\]"):
+        d(torch.randn(2, D + 1))
+
+
+def test_draft_state_dict_round_trip():
+    d = make_draft()
+    c = DraftWithProjection.from_config(d.to_config()).eval()
+    c.load_state_dict(d.state_dict())
+    f = torch.randn(3, D)
+    assert torch.equal(d(f), c(f))
+
+
+def test_draft_much_cheaper_than_main_pass():
+    main = RFSQHead(feature_dim=256, num_layers=8, tokens_per_layer=8)
+    draft = DraftWithProjection(feature_dim=256, coarse_layers=3, tokens_per_layer=8)
+    assert draft.count_flops()["draft_pass"] * 5 < main.count_flops()["per_pass_mean"]
+    assert draft.num_parameters() * 5 < main.num_parameters()
+
+
+def test_perfect_draft_accepts_all_and_counts_passes():
+    main = make_main()
+    f = torch.randn(1, D)
+    codes, st = speculative_decode(main, OracleDraft(main), f)
+    assert torch.equal(codes, main.greedy_decode(f))
+    assert st.accepted_layers == [K] and st.used_prefix == K
+    assert st.main_passes == L - K  # verify pass yields layers 0..K, then L-K-1 sequential passes
+    assert st.main_positions == L and st.draft_passes == 1 and not st.lossy
+
+
+@pytest.mark.parametrize("bad_layer", [0, 1, 2])
+def test_wrong_draft_costs_verify_plus_rest(bad_layer):
+    main = make_main()
+    f = torch.randn(1, D)
+    codes, st = speculative_decode(main, OracleDraft(main, corrupt_layer=bad_layer), f)
+    assert torch.equal(codes, main.greedy_decode(f))
+    assert st.accepted_layers == [bad_layer]
+    assert st.main_passes == 1 + (L - bad_layer - 1)
+    assert st.main_positions == (K + 1) + (L - bad_layer - 1)
+
+
+def test_main_only_accounting():
+    main = make_main()
+    f = torch.randn(2, D)
+    codes, st = main_only_decode(main, f)
+    assert torch.equal(codes, main.greedy_decode(f))
+    assert st.main_passes == L and st.draft_passes == 0 and st.main_time_s > 0
+
+
+def test_lossless_property_random_models():
+    """Exact mode == main-only greedy over random models, drafts, feature batches and K."""
+    for seed in range(12):
+        k = 1 + seed % (L - 1)
+        main = make_main(seed)
+        draft = make_draft(seed, k=k)
+        torch.manual_seed(10_000 + seed)
+        f = torch.randn(1 + seed % 3, D) * (1 + seed % 4)
+        ref, _ = main_only_decode(main, f)
+        out, st = speculative_decode(main, draft, f)
+        assert torch.equal(out, ref), seed
+        assert st.main_passes == L - st.used_prefix
+        assert st.used_prefix == min(st.accepted_layers)
+        # oracle drafts (all accepted) and partly wrong ones must stay lossless too
+        out2, st2 = speculative_decode(main, OracleDraft(main, k=k), f)
+        assert torch.equal(out2, ref) and st2.used_prefix == k
+        bad = seed % k
+        out3, st3 = speculative_decode(main, OracleDraft(main, k=k, corrupt_layer=bad), f)
+        assert torch.equal(out3, ref) and st3.used_prefix == bad and st3.main_passes == L - bad
+
+
+def test_batch_uses_min_prefix_and_stays_lossless():
+    main = make_main(3)
+    f = torch.randn(4, D)
+    greedy = main.greedy_decode(f)
+
+    class MixedDraft(OracleDraft):
+        def propose(self, features):
+            codes = super().propose(features)
+            codes[1, 0, 1] = (codes[1, 0, 1] + 2) % V  # sample 1 fails at layer 1
+            codes[2, 0, 2] = (codes[2, 0, 2] + 2) % V  # sample 2 fails at layer 2
+            return codes
+
+    out, st = speculative_decode(main, MixedDraft(main), f)
+    assert st.accepted_layers == [K, 1, 2, K] and st.used_prefix == 1
+    assert st.main_passes == L - 1
+    assert torch.equal(out, greedy)
+
+
+def test_relaxed_accepts_within_tolerance_only():
+    main = make_main(5)
+    f = torch.randn(1, D)
+    greedy = main.greedy_decode(f)
+    # shift layer 1 of a perfect proposal by +1 level (clamped into range so |diff| == 1)
+    class NearDraft(OracleDraft):
+        def propose(self, features):
+            c = super().propose(features)
+            c[:, :, 1] = torch.where(c[:, :, 1] < V - 1, c[:, :, 1] + 1, c[:, :, 1] - 1)
+            return c
+
+    draft = NearDraft(main)
+    codes, st = speculative_decode(main, draft, f, acceptance="relaxed", tolerance=1)
+    acc = st.accepted_layers[0]
+    assert acc >= 2 and st.lossy  # layer 1 is off by one level: accepted under tolerance 1
+    assert torch.equal(codes[..., :acc], draft.propose(f)[..., :acc])  # accepted layers are the draft's
+    assert (codes[..., 1] - greedy[..., 1]).abs().max() == 1
+    _, st0 = speculative_decode(main, draft, f, acceptance="relaxed", tolerance=0)
+    assert st0.accepted_layers == [1] and not st0.lossy
+    _, st_exact = speculative_decode(main, draft, f)
+    assert st_exact.accepted_layers == [1]
+    # a shift of 3 levels is outside tolerance 1
+    far = OracleDraft(main, corrupt_layer=0, shift=3)
+    _, st_far = speculative_decode(main, far, f, acceptance="relaxed", tolerance=1)
+    assert st_far.accepted_layers == [0]
+
+
+def test_argument_checks():
+    main = make_main()
+    f = torch.randn(1, D)
+    with pytest.raises(ValueError, match="acceptance"):
+        speculative_decode(main, make_draft(), f, acceptance="fuzzy")
+    with pytest.raises(ValueError, match="tolerance=0"):
+        speculative_decode(main, make_draft(), f, tolerance=1)
+    with pytest.raises(ValueError, match="1 <= K <= num_layers-1"):
+        speculative_decode(main, make_draft(k=L), f)
+    main.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        speculative_decode(main, make_draft(), f)
+
+
+def test_stage_timer_and_stats_times():
+    timer = StageTimer(cuda_sync=False)
+    main, draft = make_main(), make_draft()
+    f = torch.randn(1, D)
+    _, st = speculative_decode(main, draft, f, timer=timer)
+    _, st2 = speculative_decode(main, draft, f, timer=timer)
+    assert isinstance(st, SpecStats) and st.draft_time_s > 0 and st.main_time_s > 0
+    assert timer.counts == {"draft": 2, "main": 2}
+    assert abs(timer.totals["main"] - (st.main_time_s + st2.main_time_s)) < 1e-9
+    with timer.stage("backbone"):
+        pass
+    assert set(timer.summary()) == {"draft", "main", "backbone"}
+    with pytest.raises(KeyError, match="no timings"):
+        timer.mean("tokenizer_decode")
+    assert st.as_dict()["main_passes"] == st.main_passes
