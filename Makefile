@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export MUJOCO_GL ?= egl
 
-.PHONY: setup run test test-all clean
+.PHONY: setup run test test-all clean bench
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,8 @@ test-all: setup
 
 clean:
 	rm -rf artifacts .pytest_cache
+
+# Benchmarks (write JSON + markdown to results/). vector-quantize-pytorch is benchmark-only.
+bench: setup
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
+	$(PY) -m benchmarks.bench_tokenizers

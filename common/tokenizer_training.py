@@ -10,12 +10,13 @@ validation MSE is saved as ``rfsq_robust_best.pt`` / ``rfsq_best.pt`` and every 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -124,6 +125,56 @@ def prepare_chunks(cfg: TokenizerTrainConfig) -> dict[str, Any]:
     }
 
 
+def make_optimizer(model: ActionRFSQAE, cfg: TokenizerTrainConfig, num_train: int):
+    """AdamW with a per-step cosine decay over the whole run."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    total_steps = cfg.epochs * math.ceil(num_train / cfg.batch_size)
+    schedule = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def fit_epochs(
+    model: ActionRFSQAE, train: torch.Tensor, val: torch.Tensor, cfg: TokenizerTrainConfig, *,
+    optimizer, scheduler, start_epoch: int = 0, desc: str = "rfsq",
+) -> Iterator[dict[str, float]]:
+    """The training loop; yields one metrics record per epoch (after calibration and validation)."""
+    epochs = tqdm(range(start_epoch, cfg.epochs), desc=desc, disable=not cfg.progress, initial=start_epoch, total=cfg.epochs)
+    # Fixed subset of training chunks for the end-of-epoch statistics calibration (robust only).
+    calibration_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))[:CALIBRATION_CHUNKS]
+    for epoch in epochs:
+        model.train()
+        # Seeded per epoch, so a resumed run shuffles exactly as an uninterrupted one.
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        running = 0.0
+        for start in range(0, len(train), cfg.batch_size):
+            x = train[order[start : start + cfg.batch_size]]
+            if len(x) < 2:  # running statistics need >= 2 samples; a lone tail sample is skipped
+                continue
+            recon, _ = model(x)
+            loss = F.mse_loss(recon, x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running += loss.item() * len(x)
+        model.calibrate(train[calibration_idx])
+        record = {"epoch": epoch + 1, "train_mse": running / len(train), "val_mse": evaluate_mse(model, val), "lr": scheduler.get_last_lr()[0]}
+        epochs.set_postfix(train=f"{record['train_mse']:.2e}", val=f"{record['val_mse']:.2e}")
+        yield record
+
+
+def train_tokenizer_model(model: ActionRFSQAE, train: torch.Tensor, val: torch.Tensor, cfg: TokenizerTrainConfig, *, desc: str = "rfsq") -> ActionRFSQAE:
+    """Train in memory (no files) and return the model with its best-validation weights (benchmarks)."""
+    torch.manual_seed(cfg.seed)
+    optimizer, scheduler = make_optimizer(model, cfg, len(train))
+    best_val, best_state = float("inf"), None
+    for record in fit_epochs(model, train, val, cfg, optimizer=optimizer, scheduler=scheduler, desc=desc):
+        if record["val_mse"] < best_val:
+            best_val, best_state = record["val_mse"], copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return model.eval()
+
+
 def train_tokenizer(cfg: TokenizerTrainConfig, *, on_checkpoint: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train one tokenizer; returns a summary (paths, best validation MSE, wall time).
 
@@ -137,11 +188,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, *, on_checkpoint: Callable[[], No
     data = prepare_chunks(cfg)
     train, val, normalizer = data["train"], data["val"], data["normalizer"]
     model = build_tokenizer(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    schedule = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer, scheduler = make_optimizer(model, cfg, len(train))
     start_epoch, best_val = 0, float("inf")
 
     if cfg.resume and last_path.exists():
@@ -154,7 +201,6 @@ def train_tokenizer(cfg: TokenizerTrainConfig, *, on_checkpoint: Callable[[], No
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_val = int(state["epoch"]), float(state["best_val_mse"])
-        torch.set_rng_state(state["torch_rng"])
     elif not cfg.resume and metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh log
 
@@ -163,50 +209,27 @@ def train_tokenizer(cfg: TokenizerTrainConfig, *, on_checkpoint: Callable[[], No
         val_episodes=data["val_episodes"],
     )
     started = time.perf_counter()
-    epochs = tqdm(range(start_epoch, cfg.epochs), desc=f"rfsq[{cfg.resolved_conditioning}]", disable=not cfg.progress, initial=start_epoch, total=cfg.epochs)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    # Fixed subset of training chunks for the end-of-epoch statistics calibration (robust only).
-    calibration_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))[:CALIBRATION_CHUNKS]
-    for epoch in epochs:
-        model.train()
-        order = torch.randperm(len(train), generator=generator)
-        running = 0.0
-        for start in range(0, len(train), cfg.batch_size):
-            x = train[order[start : start + cfg.batch_size]]
-            if len(x) < 2:  # running statistics need >= 2 samples; a lone tail sample is skipped
-                continue
-            recon, _ = model(x)
-            loss = F.mse_loss(recon, x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running += loss.item() * len(x)
-        train_mse = running / len(train)
-        model.calibrate(train[calibration_idx])
-        val_mse = evaluate_mse(model, val)
-        improved = val_mse < best_val
-        record = {"epoch": epoch + 1, "train_mse": train_mse, "val_mse": val_mse, "lr": scheduler.get_last_lr()[0], "best": improved}
+    desc = f"rfsq[{cfg.resolved_conditioning}]"
+    for record in fit_epochs(model, train, val, cfg, optimizer=optimizer, scheduler=scheduler, start_epoch=start_epoch, desc=desc):
+        record["best"] = record["val_mse"] < best_val
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if improved:
-            best_val = val_mse
+        if record["best"]:
+            best_val = record["val_mse"]
             save_tokenizer(
                 best_path, model, normalizer,
-                metrics={"val_mse": val_mse, "epoch": epoch + 1, **meta},
+                metrics={"val_mse": best_val, "epoch": record["epoch"], **meta},
                 extra={"provenance": provenance(seed=cfg.seed), "train_config": asdict(cfg)},
             )
         atomic_torch_save(
             {
                 "kind": LAST_KIND, "config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_val_mse": best_val,
-                "torch_rng": torch.get_rng_state(),
+                "scheduler": scheduler.state_dict(), "epoch": record["epoch"], "best_val_mse": best_val,
             },
             last_path,
         )
         if on_checkpoint is not None:
             on_checkpoint()
-        epochs.set_postfix(train=f"{train_mse:.2e}", val=f"{val_mse:.2e}", best=f"{best_val:.2e}")
     return {
         "conditioning": cfg.resolved_conditioning, "best_checkpoint": str(best_path), "last_state": str(last_path),
         "metrics_jsonl": str(metrics_path), "best_val_mse": best_val, "wall_seconds": time.perf_counter() - started,
