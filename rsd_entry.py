@@ -119,26 +119,38 @@ def entrypoint_flags(entrypoint_fn: Callable[..., Any]) -> list[str]:
 
 
 # --- Modal image and volumes ------------------------------------------------------------------------
-def cloud_image(*, with_sim: bool = False, with_vla: bool = False):
-    """Pinned Debian image with this repo's code; ``with_sim`` adds LIBERO (+EGL libs), ``with_vla`` OpenVLA deps."""
+def cloud_image(*, with_sim: bool = False, with_vla: bool = False, extra_commands: tuple[str, ...] = (), extra_env: dict[str, str] | None = None):
+    """Pinned Debian image with this repo's code.
+
+    ``with_sim`` adds LIBERO (+ EGL/OSMesa libs), ``with_vla`` the OpenVLA dependencies;
+    ``extra_commands`` run after the pip installs. Modal refuses build steps after
+    ``add_local_python_source``, so every build step must go through this function.
+    """
     import modal
 
     from common.provenance import git_sha
 
     packages = list(CLOUD_BASE_PACKAGES)
-    image = modal.Image.debian_slim(python_version="3.11")
+    apt = ["git"] if with_vla or extra_commands else []
     if with_sim:
-        image = image.apt_install("libegl1", "libgl1", "libglib2.0-0", "libosmesa6")
+        apt += ["libegl1", "libgl1", "libglib2.0-0", "libosmesa6"]
         packages += CLOUD_SIM_PACKAGES
     if with_vla:
         packages += CLOUD_VLA_PACKAGES
-    image = image.pip_install(*packages).env(
+    image = modal.Image.debian_slim(python_version="3.11")
+    if apt:
+        image = image.apt_install(*apt)
+    image = image.pip_install(*packages)
+    if extra_commands:
+        image = image.run_commands(*extra_commands)
+    image = image.env(
         {
             "RSD_MODELS_DIR": MODELS_MOUNT,
             "RSD_DATA_DIR": DATA_MOUNT,
             "RSD_RESULTS_DIR": f"{DATA_MOUNT}/results",
             "RSD_GIT_SHA": git_sha(),
             "MUJOCO_GL": "egl",
+            **(extra_env or {}),
         }
     )
     # IMPORTANT: ship the repo's packages into the container; without this the function fails with

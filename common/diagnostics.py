@@ -154,3 +154,31 @@ def compare_tokenizers(naive: LoadedTokenizer, robust: LoadedTokenizer, *, data:
         },
         "diagnostics": diag,
     }
+
+
+# --- fine-motion segments -------------------------------------------------------------------------
+FINE_MOTION_QUANTILE = 0.3
+
+
+def fine_motion_mask(raw_chunks: np.ndarray, *, quantile: float = FINE_MOTION_QUANTILE) -> np.ndarray:
+    """Chunks of slow, precise motion: the slowest ``quantile`` by mean translation command (the
+    approach / grasp / release phases), plus every chunk in which the gripper toggles."""
+    speed = np.abs(raw_chunks[..., :3]).mean(axis=(1, 2))
+    slow = speed <= np.quantile(speed, quantile)
+    toggles = (np.sign(raw_chunks[..., 6]) != np.sign(raw_chunks[:, :1, 6])).any(axis=1)
+    return slow | toggles
+
+
+@torch.no_grad()
+def fine_motion_mse(tokenizer: LoadedTokenizer, raw_chunks: np.ndarray) -> dict[str, float]:
+    """Reconstruction MSE (normalized units) of a tokenizer on all vs fine-motion chunks."""
+    mask = fine_motion_mask(raw_chunks)
+    x = torch.from_numpy(tokenizer.normalizer.normalize(raw_chunks))
+    recon, _ = tokenizer.model.eval()(x)
+    per_chunk = ((recon - x) ** 2).mean(dim=(1, 2)).numpy()
+    return {
+        "all_mse": float(per_chunk.mean()),
+        "fine_motion_mse": float(per_chunk[mask].mean()),
+        "fine_motion_chunks": int(mask.sum()),
+        "chunks": int(mask.size),
+    }
