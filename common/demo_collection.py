@@ -1,0 +1,483 @@
+"""Scripted-expert demonstration collection into the official LIBERO HDF5 layout.
+
+Layout written by `collect_demos` (one file = one suite, any subset of its tasks):
+
+    data/                          attrs: suite, problem_info (json), language_instruction,
+                                          bddl_file_name, env_args (json), tasks (json list of
+                                          {task_id, task_name, language_instruction, bddl_file_name,
+                                          env_args}), versions (json), num_demos, total,
+                                          next_episode_index (json {task_id: int}, for resuming)
+      demo_N/                      attrs: task_id, language_instruction, init_state_index,
+                                          episode_index, seed, success, num_samples
+        actions  [T, 7] float64    OSC_POSE deltas in [-1, 1], gripper -1 open / +1 close
+        states   [T, S] float64    flattened MuJoCo state *before* actions[t] (LIBERO convention)
+        rewards  [T]    float64    env reward (1.0 on the success step)
+        dones    [T]    uint8      1 on the success step (and on the last step of a success)
+        obs/
+          ee_pos [T,3], ee_ori [T,3] (axis-angle), ee_states [T,6] (pos + axis-angle),
+          gripper_states [T,2], joint_states [T,7],
+          <object>_pos [T,3], <object>_quat [T,4] (x y z w) for every movable object,
+          low_dim [T, LOW_DIM_OBS_DIM] float32   (our addition: the wrapper's fixed layout,
+                                                  see common/libero_env.py)
+          agentview_rgb, eye_in_hand_rgb [T,H,W,3] uint8 (only with record_images; flipped 180°
+                                                  like reference evaluators)
+
+When the file holds one task, `language_instruction`, `bddl_file_name`, `problem_info` and
+`env_args` describe that task, as in the official files; with several tasks they describe the
+lowest task id and `tasks` plus the per-demo attrs are authoritative.
+
+Episodes: episode k of a task uses init state k % num_init_states and an expert seed derived from
+(seed, task_id, k). Only successful episodes are kept unless keep_failures. Re-running with the same
+file resumes: existing demos stay, each task is filled up to demos_per_task successful demos,
+and episode indices continue where the last run stopped (so retries are new episodes).
+
+Physics runs without cameras (fast); with record_images each kept episode is replayed from its
+recorded states in a second, camera-enabled env (rendering is the slow part, ~5 frames/s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.libero_env import SUITES, get_suite, library_versions, make_env_args
+
+_TMP_GROUP = "_incomplete_demo"
+_MAX_ATTEMPT_FACTOR = 3  # give a task up after 3x demos_per_task (+10) failed-or-not attempts
+_WORKER_POLL_S = 5.0
+
+
+def episode_seed(seed: int, task_id: int, episode_index: int) -> int:
+    """Deterministic per-episode expert seed."""
+    return (int(seed) * 1_000_003 + int(task_id) * 10_007 + int(episode_index)) % (2**31)
+
+
+# ---------------------------------------------------------------------------- worker side
+def _quat2axisangle(quat_xyzw: np.ndarray) -> np.ndarray:
+    """robosuite's quat2axisangle, vectorised: (x, y, z, w) -> axis * angle."""
+    q = np.array(quat_xyzw, dtype=np.float64)
+    q[..., 3] = np.clip(q[..., 3], -1.0, 1.0)
+    den = np.sqrt(np.maximum(1.0 - q[..., 3] ** 2, 0.0))
+    angle = 2.0 * np.arccos(q[..., 3])
+    safe = den > 1e-8
+    out = np.zeros(q.shape[:-1] + (3,))
+    out[safe] = q[safe, :3] * (angle[safe] / den[safe])[..., None]
+    return out
+
+
+def _run_episode(env, expert, job: dict[str, Any]) -> dict[str, Any]:
+    """Physics-only rollout; returns arrays for one demo."""
+    init_index = job["episode_index"] % env.num_init_states
+    obs = env.reset_to_trial(init_index)
+    expert.reseed(job["seed"])
+    expert.reset()
+    objects = sorted(env.env.env.objects_dict)
+    rec: dict[str, list] = {k: [] for k in ("actions", "states", "rewards", "dones", "low_dim", "eef_pos", "eef_quat", "gripper", "joints")}
+    obj_rec: dict[str, list] = {f"{n}_{s}": [] for n in objects for s in ("pos", "quat")}
+    done = False
+    for _ in range(env.max_steps):
+        rec["states"].append(env.get_state())
+        rec["low_dim"].append(env.low_dim_obs(obs))
+        rec["eef_pos"].append(obs["robot0_eef_pos"])
+        rec["eef_quat"].append(obs["robot0_eef_quat"])
+        rec["gripper"].append(obs["robot0_gripper_qpos"])
+        rec["joints"].append(obs["robot0_joint_pos"])
+        for name in objects:
+            obj_rec[f"{name}_pos"].append(obs[f"{name}_pos"])
+            obj_rec[f"{name}_quat"].append(obs[f"{name}_quat"])
+        action = expert.act(obs)
+        obs, reward, done, _ = env.step(action)
+        rec["actions"].append(action)
+        rec["rewards"].append(reward)
+        rec["dones"].append(done)
+        if done:
+            break
+    eef_ori = _quat2axisangle(np.asarray(rec["eef_quat"]))
+    eef_pos = np.asarray(rec["eef_pos"], dtype=np.float64)
+    obs_out = {
+        "ee_pos": eef_pos,
+        "ee_ori": eef_ori,
+        "ee_states": np.concatenate([eef_pos, eef_ori], axis=1),
+        "gripper_states": np.asarray(rec["gripper"], dtype=np.float64),
+        "joint_states": np.asarray(rec["joints"], dtype=np.float64),
+        "low_dim": np.asarray(rec["low_dim"], dtype=np.float32),
+        **{k: np.asarray(v, dtype=np.float64) for k, v in obj_rec.items()},
+    }
+    return {
+        **job,
+        "init_state_index": init_index,
+        "success": bool(done),
+        "actions": np.asarray(rec["actions"], dtype=np.float64),
+        "states": np.asarray(rec["states"], dtype=np.float64),
+        "rewards": np.asarray(rec["rewards"], dtype=np.float64),
+        "dones": np.asarray(rec["dones"], dtype=np.uint8),
+        "obs": obs_out,
+    }
+
+
+def _render_images(camera_env, demo: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Replay recorded states in a camera env (same seed -> same fixture placement)."""
+    camera_env.reset_to_trial(demo["init_state_index"])
+    frames: dict[str, list] = {"agentview_rgb": [], "eye_in_hand_rgb": []}
+    for i, state in enumerate(demo["states"]):
+        obs = camera_env.set_state(state)
+        # The replay must reproduce the rollout; a mismatch means the two envs differ.
+        if not np.allclose(obs["robot0_eef_pos"], demo["obs"]["ee_pos"][i], atol=1e-5):
+            raise RuntimeError(f"image replay diverged from the rollout at step {i} (task {demo['task_id']})")
+        for key in frames:
+            frames[key].append(obs[key])
+    return {k: np.stack(v) for k, v in frames.items()}
+
+
+def _worker_main(job_queue, result_queue, expert_config: dict[str, Any]) -> None:
+    """One process: keeps one physics env (and one camera env) for the current task."""
+    from common.libero_env import LiberoTaskEnv
+    from common.scripted_expert import ExpertConfig, ScriptedExpert
+
+    current: tuple | None = None
+    env = camera_env = expert = None
+    try:
+        while True:
+            job = job_queue.get()
+            if job is None:
+                break
+            key = (job["suite"], job["task_id"], job["record_images"], job["camera_size"])
+            if key != current:
+                for old in (env, camera_env):
+                    if old is not None:
+                        old.close()
+                env = LiberoTaskEnv(suite=job["suite"], task_id=job["task_id"])
+                expert = ScriptedExpert(env, ExpertConfig(**expert_config))
+                camera_env = None
+                if job["record_images"]:
+                    camera_env = LiberoTaskEnv(
+                        suite=job["suite"], task_id=job["task_id"],
+                        cameras=("agentview", "wrist"), camera_size=job["camera_size"],
+                    )
+                current = key
+            demo = _run_episode(env, expert, job)
+            if camera_env is not None and (demo["success"] or job["keep_failures"]):
+                demo["obs"].update(_render_images(camera_env, demo))
+            result_queue.put(("demo", demo))
+    except BaseException:  # report to the parent, which raises: never a silent worker death
+        result_queue.put(("error", traceback.format_exc()))
+        raise
+    finally:
+        for old in (env, camera_env):
+            if old is not None:
+                old.close()
+
+
+# ---------------------------------------------------------------------------- parent side
+def _task_info(suite: str, task_id: int) -> dict[str, Any]:
+    bench = get_suite(suite)
+    task = bench.get_task(task_id)
+    return {
+        "task_id": task_id,
+        "task_name": task.name,
+        "language_instruction": task.language,
+        "bddl_file_name": bench.get_task_bddl_file_path(task_id),
+        "problem_name": task.problem,
+    }
+
+
+def _existing_counts(data, task_ids: list[int]) -> tuple[dict[int, int], dict[int, int], int]:
+    """(successful demos per task, next episode index per task, next demo number)."""
+    kept = {t: 0 for t in task_ids}
+    next_ep = {int(k): int(v) for k, v in json.loads(data.attrs.get("next_episode_index", "{}")).items()}
+    next_demo = 0
+    for name, group in data.items():
+        if not name.startswith("demo_"):
+            continue
+        next_demo = max(next_demo, int(name.split("_")[1]) + 1)
+        t = int(group.attrs["task_id"])
+        if t in kept and bool(group.attrs["success"]):
+            kept[t] += 1
+        next_ep[t] = max(next_ep.get(t, 0), int(group.attrs["episode_index"]) + 1)
+    return kept, {t: next_ep.get(t, 0) for t in task_ids}, next_demo
+
+
+def _write_demo(data, number: int, demo: dict[str, Any], instruction: str) -> None:
+    """Write into a temporary group, then rename: an interrupted write never looks like a demo."""
+    if _TMP_GROUP in data:
+        del data[_TMP_GROUP]
+    group = data.create_group(_TMP_GROUP)
+    for key in ("actions", "states", "rewards", "dones"):
+        group.create_dataset(key, data=demo[key])
+    obs_group = group.create_group("obs")
+    for key, value in demo["obs"].items():
+        if value.dtype == np.uint8 and value.ndim == 4:
+            obs_group.create_dataset(key, data=value, chunks=(1,) + value.shape[1:], compression="gzip", compression_opts=4)
+        else:
+            obs_group.create_dataset(key, data=value)
+    group.attrs.update({
+        "task_id": demo["task_id"],
+        "language_instruction": instruction,
+        "init_state_index": demo["init_state_index"],
+        "episode_index": demo["episode_index"],
+        "seed": demo["seed"],
+        "success": demo["success"],
+        "num_samples": int(demo["actions"].shape[0]),
+    })
+    data.move(_TMP_GROUP, f"demo_{number}")
+
+
+def _write_file_attrs(data, suite: str, infos: dict[int, dict], env_args: dict[int, dict]) -> None:
+    tasks = json.loads(data.attrs.get("tasks", "[]"))
+    known = {t["task_id"] for t in tasks}
+    for t, info in infos.items():
+        if t not in known:
+            tasks.append({**info, "env_args": env_args[t]})
+    tasks.sort(key=lambda t: t["task_id"])
+    first = tasks[0]
+    data.attrs.update({
+        "suite": suite,
+        "tasks": json.dumps(tasks),
+        "problem_info": json.dumps({
+            "problem_name": first["problem_name"],
+            "domain_name": "robosuite",
+            "language_instruction": first["language_instruction"],
+        }),
+        "language_instruction": first["language_instruction"],
+        "bddl_file_name": first["bddl_file_name"],
+        "env_args": json.dumps(first["env_args"]),
+        "versions": json.dumps(library_versions()),
+    })
+
+
+def collect_demos(
+    suite: str,
+    task_ids: list[int],
+    demos_per_task: int,
+    out_path: str | os.PathLike,
+    *,
+    workers: int = 2,
+    seed: int = 0,
+    keep_failures: bool = False,
+    record_images: bool = False,
+    camera_size: int = 128,
+    expert_config=None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Collect scripted-expert demos (layout and resume rules in the module docstring).
+
+    Returns a summary: per-task kept/attempted/new counts, success rate of this run's episodes,
+    tasks given up (too many failures), output path and versions.
+    """
+    import h5py
+    from tqdm import tqdm
+
+    from common.scripted_expert import ExpertConfig
+
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
+    if demos_per_task <= 0:
+        raise ValueError(f"demos_per_task must be > 0, got {demos_per_task}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    num_tasks = get_suite(suite).get_num_tasks()
+    bad = [t for t in task_ids if not 0 <= t < num_tasks]
+    if not task_ids or bad:
+        raise ValueError(f"task ids {bad or task_ids} invalid for {suite}: valid ids are 0..{num_tasks - 1}")
+    config = expert_config if expert_config is not None else ExpertConfig()
+    config_dict = dataclasses.asdict(config)
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    infos = {t: _task_info(suite, t) for t in task_ids}
+
+    with h5py.File(out_path, "a") as f:
+        data = f.require_group("data")
+        if data.attrs.get("suite", suite) != suite:
+            raise ValueError(f"{out_path} holds {data.attrs['suite']} demos; cannot add {suite} demos")
+        if _TMP_GROUP in data:  # left by an interrupted run
+            del data[_TMP_GROUP]
+        has_demos = any(k.startswith("demo_") for k in data)
+        file_size = data.attrs.get("camera_size")  # present iff the file's demos carry images
+        if has_demos and (file_size is not None) != record_images or (record_images and file_size not in (None, camera_size)):
+            raise ValueError(
+                f"{out_path} was collected with record_images={file_size is not None}"
+                f"{f', camera_size={file_size}' if file_size is not None else ''}; resume with the same settings"
+            )
+        # File-level attrs first, so an interrupted run still leaves a self-describing file.
+        _write_file_attrs(data, suite, infos, {t: _env_args(suite, t, infos[t]) for t in task_ids})
+        if record_images:
+            # Images come from replaying `states` in a camera env of this size (flipped 180°).
+            data.attrs["camera_size"] = camera_size
+        f.flush()
+        kept, next_ep, next_demo = _existing_counts(data, task_ids)
+        existing = dict(kept)
+        needed = {t: max(demos_per_task - kept[t], 0) for t in task_ids}
+        attempts = {t: 0 for t in task_ids}
+        max_attempts = {t: _MAX_ATTEMPT_FACTOR * needed[t] + 10 for t in task_ids}
+        in_flight = {t: 0 for t in task_ids}
+        new_success = {t: 0 for t in task_ids}
+        given_up: list[int] = []
+
+        def next_job() -> dict[str, Any] | None:
+            # Lowest task id first, so workers stay on one task (one env build per task).
+            for t in task_ids:
+                if new_success[t] + in_flight[t] < needed[t] and attempts[t] < max_attempts[t]:
+                    episode = next_ep[t]
+                    next_ep[t] += 1
+                    attempts[t] += 1
+                    in_flight[t] += 1
+                    return {
+                        "suite": suite, "task_id": t, "episode_index": episode,
+                        "seed": episode_seed(seed, t, episode), "record_images": record_images,
+                        "camera_size": camera_size, "keep_failures": keep_failures,
+                    }
+            return None
+
+        total_needed = sum(needed.values())
+        if total_needed == 0:
+            return _summary(out_path, suite, task_ids, existing, kept, attempts, new_success, given_up)
+
+        ctx = mp.get_context("spawn")  # forked MuJoCo/GL state is unsafe in children
+        job_queue, result_queue = ctx.Queue(), ctx.Queue()
+        procs = [ctx.Process(target=_worker_main, args=(job_queue, result_queue, config_dict), daemon=True) for _ in range(workers)]
+        for p in procs:
+            p.start()
+        try:
+            outstanding = 0
+            for _ in range(2 * workers):  # keep every worker busy with one job queued behind
+                job = next_job()
+                if job is None:
+                    break
+                job_queue.put(job)
+                outstanding += 1
+            bar = tqdm(total=total_needed, desc=f"{suite} demos", disable=not progress)
+            while outstanding:
+                try:
+                    kind, payload = result_queue.get(timeout=_WORKER_POLL_S)
+                except queue.Empty:
+                    dead = {p.pid: p.exitcode for p in procs if not p.is_alive()}
+                    if dead:
+                        raise RuntimeError(
+                            f"collection worker(s) died without reporting (pid: exit code {dead}); killed for "
+                            "memory, or the calling script lacks the `if __name__ == '__main__':` guard spawn needs"
+                        ) from None
+                    continue
+                if kind == "error":
+                    raise RuntimeError(f"collection worker failed:\n{payload}")
+                outstanding -= 1
+                t = payload["task_id"]
+                in_flight[t] -= 1
+                if payload["success"] or keep_failures:
+                    _write_demo(data, next_demo, payload, infos[t]["language_instruction"])
+                    next_demo += 1
+                if payload["success"]:
+                    new_success[t] += 1
+                    kept[t] += 1
+                    bar.update(1)
+                data.attrs["next_episode_index"] = json.dumps({str(k): v for k, v in next_ep.items()})
+                data.attrs["num_demos"] = sum(1 for k in data if k.startswith("demo_"))
+                data.attrs["total"] = int(sum(data[k].attrs["num_samples"] for k in data if k.startswith("demo_")))
+                f.flush()
+                job = next_job()
+                if job is not None:
+                    job_queue.put(job)
+                    outstanding += 1
+            bar.close()
+        finally:
+            for _ in procs:
+                job_queue.put(None)
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.terminate()
+        given_up = [t for t in task_ids if new_success[t] < needed[t]]
+    return _summary(out_path, suite, task_ids, existing, kept, attempts, new_success, given_up)
+
+
+def _env_args(suite: str, task_id: int, info: dict[str, Any]) -> dict[str, Any]:
+    """The physics env's args, without building an env (same keys as LiberoTaskEnv.env_args)."""
+    return {
+        "type": "ControlEnv", "suite": suite, "task_id": task_id, "controller": "OSC_POSE",
+        "control_freq": 20, **make_env_args(info["bddl_file_name"]),
+    }
+
+
+def _summary(out_path, suite, task_ids, existing, kept, attempts, new_success, given_up) -> dict[str, Any]:
+    ran = sum(attempts.values())
+    return {
+        "out_path": str(out_path),
+        "suite": suite,
+        "tasks": {
+            t: {"existing": existing[t], "new": new_success[t], "kept": kept[t], "attempts": attempts[t]}
+            for t in task_ids
+        },
+        "episodes_run": ran,
+        "success_rate": (sum(new_success.values()) / ran) if ran else None,
+        "given_up_tasks": given_up,
+        "versions": library_versions(),
+    }
+
+
+# ---------------------------------------------------------------------------- official datasets
+OFFICIAL_DATASET_URLS = {
+    # Published by the LIBERO authors (the Box links in LIBERO's README / download script).
+    # libero_10 and libero_90 share the LIBERO-100 archive.
+    "libero_spatial": "https://utexas.box.com/shared/static/04k94hyizn4huhbv5sz4ev9p2h1p6s7f.zip",
+    "libero_object": "https://utexas.box.com/shared/static/avkklgeq0e1dgzxz52x488whpu8mgspk.zip",
+    "libero_goal": "https://utexas.box.com/shared/static/iv5e4dos8yy2b212pkzkpxu9wbdgjfeg.zip",
+    "libero_10": "https://utexas.box.com/shared/static/cv73j8zschq8auh9npzt876fdc1akvmk.zip",
+    "libero_90": "https://utexas.box.com/shared/static/cv73j8zschq8auh9npzt876fdc1akvmk.zip",
+}
+
+
+def _download(url: str, dest: Path, attempts: int = 3) -> None:
+    """Stream `url` to `dest`; retries transient errors, raises RuntimeError after the last."""
+    import urllib.error
+    import urllib.request
+
+    for attempt in range(1, attempts + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response, open(dest, "wb") as out:
+                shutil.copyfileobj(response, out, length=16 << 20)
+            return
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            if attempt == attempts:
+                raise RuntimeError(f"download of {url} failed after {attempts} attempts: {err}") from err
+
+
+def collect_official_libero_datasets(dest_dir: str | os.PathLike, suites: list[str]) -> dict[str, list[str]]:
+    """Download and unpack the official LIBERO demonstration datasets into dest_dir/<suite>/.
+
+    Runs on Modal only (needs internet and ~10-35 GB per suite); never exercised locally.
+    libero_10 and libero_90 come in one archive (LIBERO-100). Raises RuntimeError on any failed
+    download or an archive without HDF5 files. Returns {suite: [hdf5 paths]}.
+    """
+    unknown = [s for s in suites if s not in OFFICIAL_DATASET_URLS]
+    if unknown:
+        raise ValueError(f"unknown suites {unknown}; valid suites: {', '.join(OFFICIAL_DATASET_URLS)}")
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    found: dict[str, list[str]] = {}
+    for suite in suites:
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            archive = Path(tmp) / f"{suite}.zip"
+            _download(OFFICIAL_DATASET_URLS[suite], archive)
+            shutil.unpack_archive(str(archive), tmp)
+            files = sorted(Path(tmp).rglob("*.hdf5"))
+            if suite in ("libero_10", "libero_90"):
+                # The LIBERO-100 archive unpacks to libero_10/ and libero_90/ folders.
+                files = [p for p in files if p.parent.name == suite]
+            if not files:
+                raise RuntimeError(f"archive for {suite} holds no .hdf5 files")
+            suite_dir = dest / suite
+            suite_dir.mkdir(exist_ok=True)
+            for p in files:
+                shutil.move(str(p), suite_dir / p.name)
+            found[suite] = [str(suite_dir / p.name) for p in files]
+    return found

@@ -1,0 +1,103 @@
+"""Demo collection: HDF5 layout, resume without duplicates, CLI == Modal entrypoint flags."""
+
+import dataclasses
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.libero_env import LOW_DIM_OBS_DIM
+
+
+@pytest.mark.slow
+def test_collect_layout_and_resume(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    from common.demo_collection import collect_demos
+
+    out = tmp_path / "demos.hdf5"
+    summary = collect_demos("libero_object", [0], 2, out, workers=1, progress=False)
+    assert summary["tasks"][0]["kept"] == 2 and summary["given_up_tasks"] == []
+
+    with h5py.File(out, "r") as f:
+        data = f["data"]
+        assert sorted(data) == ["demo_0", "demo_1"]
+        assert data.attrs["suite"] == "libero_object"
+        assert data.attrs["language_instruction"] == "pick up the alphabet soup and place it in the basket"
+        assert data.attrs["bddl_file_name"].endswith(".bddl")
+        assert json.loads(data.attrs["env_args"])["task_id"] == 0
+        assert [t["task_id"] for t in json.loads(data.attrs["tasks"])] == [0]
+        assert "mujoco" in json.loads(data.attrs["versions"])
+        assert "problem_name" in json.loads(data.attrs["problem_info"])
+        demo = data["demo_0"]
+        T = demo.attrs["num_samples"]
+        assert demo["actions"].shape == (T, 7) and demo["states"].shape[0] == T
+        assert demo["rewards"].shape == (T,) and demo["dones"].shape == (T,)
+        assert demo["dones"][-1] == 1 and demo["rewards"][-1] == 1.0
+        assert np.all(np.abs(demo["actions"][:]) <= 1.0)
+        for key, width in [("ee_pos", 3), ("ee_ori", 3), ("ee_states", 6), ("gripper_states", 2),
+                           ("joint_states", 7), ("alphabet_soup_1_pos", 3), ("alphabet_soup_1_quat", 4),
+                           ("low_dim", LOW_DIM_OBS_DIM)]:
+            assert demo["obs"][key].shape == (T, width), key
+        assert demo.attrs["task_id"] == 0 and bool(demo.attrs["success"])
+        assert demo.attrs["language_instruction"] == data.attrs["language_instruction"]
+        assert {demo.attrs["init_state_index"], data["demo_1"].attrs["init_state_index"]} == {0, 1}
+        seeds = {demo.attrs["seed"], data["demo_1"].attrs["seed"]}
+        assert len(seeds) == 2
+
+    # Resume: ask for 3, get exactly one more, with a new episode index.
+    summary = collect_demos("libero_object", [0], 3, out, workers=1, progress=False)
+    assert summary["tasks"][0] == {"existing": 2, "new": 1, "kept": 3, "attempts": 1}
+    with h5py.File(out, "r") as f:
+        data = f["data"]
+        assert sorted(data) == ["demo_0", "demo_1", "demo_2"]
+        assert sorted(data[d].attrs["episode_index"] for d in data) == [0, 1, 2]
+        assert data.attrs["num_demos"] == 3
+
+
+def test_cli_flags_match_modal_entrypoint():
+    from phase1_improved.collect_demos import CollectConfig, build_parser, main
+
+    cli_flags = {
+        opt for action in build_parser()._actions for opt in action.option_strings
+        if opt.startswith("--") and opt != "--help" and not opt.startswith("--no-")
+    }
+    # modal 1.6 keeps the decorated function at `.info.raw_f`; `modal run` builds flags from it.
+    entry_params = inspect.signature(main.info.raw_f).parameters
+    assert cli_flags == {"--" + name.replace("_", "-") for name in entry_params}
+    assert set(entry_params) == {f.name for f in dataclasses.fields(CollectConfig)}
+    for field in dataclasses.fields(CollectConfig):
+        assert entry_params[field.name].default == field.default, field.name
+
+
+def test_out_path_resolves_against_data_dir(monkeypatch, tmp_path):
+    from phase1_improved.collect_demos import CollectConfig
+
+    monkeypatch.setenv("RSD_DATA_DIR", str(tmp_path))
+    assert CollectConfig(out="demos.hdf5").out_path() == tmp_path / "demos.hdf5"
+    assert CollectConfig(out="/abs/demos.hdf5").out_path() == Path("/abs/demos.hdf5")
+
+
+def test_cli_bool_flags():
+    from phase1_improved.collect_demos import build_parser
+
+    args = build_parser().parse_args(["--record-images", "--no-keep-failures", "--tasks", "0,3"])
+    assert args.record_images is True and args.keep_failures is False and args.tasks == "0,3"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"suite": "libero_nope"}, "unknown suite 'libero_nope'"),
+        ({"demos_per_task": 0}, "demos_per_task must be > 0"),
+        ({"workers": 0}, "workers must be >= 1"),
+        ({"out": "demos.txt"}, "must be an .hdf5 file"),
+        ({"action_noise": -0.1}, "action_noise must be >= 0"),
+    ],
+)
+def test_collect_config_rejects_bad_values(kwargs, message):
+    from phase1_improved.collect_demos import CollectConfig
+
+    with pytest.raises(ValueError, match=message):
+        CollectConfig(**kwargs)
