@@ -1,0 +1,122 @@
+"""One comparison command for Phase 3: naive vs robust (Strategy A) vs robust decoder with
+naive-token models (Strategy B), each decoded speculatively AND main-only on the same chunks.
+
+    python -m phase3.compare --task-suite libero_object --tasks 0-9 --num-trials 10
+
+Every variant runs the same tasks and init states (trial i = init state i). With exact acceptance
+each chunk is decoded both ways and the tokens must be identical (the run stops with
+``LosslessViolation`` otherwise), so main-only and speculative share actions and therefore
+success; their latencies are measured on the same inputs in the same run. Writes
+``comparison.json`` and ``comparison.md`` (every cell from this run) to ``--out``
+(default ``$RSD_RESULTS_DIR/phase3/compare_<suite>``), next to each variant's own eval folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import rsd_entry
+from common.evaluation import EvalConfig, evaluate
+from common.paths import results_dir
+from common.provenance import provenance, write_json
+
+VARIANTS = {  # name -> (tokenizer, strategy)
+    "naive": ("naive", "A"),
+    "robust-A": ("robust", "A"),
+    "robust-B": ("robust", "B"),
+}
+
+
+@dataclass
+class CompareConfig:
+    task_suite: str = "libero_object"
+    tasks: str = "0-9"
+    num_trials: int = 10
+    variants: str = "naive,robust-A,robust-B"
+    replan_steps: int = 4
+    workers: int = 0
+    seed: int = 0
+    models_dir: str = ""
+    out: str = ""
+    expert_results: str = ""  # "" = $RSD_RESULTS_DIR/expert_success.json when present
+
+    def __post_init__(self):
+        unknown = [v for v in self.variant_list if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+
+    @property
+    def variant_list(self) -> list[str]:
+        return [v.strip() for v in self.variants.split(",") if v.strip()]
+
+
+def _pct(v):
+    return "—" if v is None or v != v else f"{100 * v:.1f}%"
+
+
+def _num(v, fmt="{:.2f}"):
+    return "—" if v is None or v != v else fmt.format(v)
+
+
+def expert_rate(path: Path, suite: str, tasks: list[int]) -> float | None:
+    """The scripted expert's success on the same tasks (from benchmarks/expert_success.py)."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    rows = [r for r in data.get("rows", []) if r.get("suite") == suite and int(r.get("task")) in tasks]
+    if not rows:
+        return None
+    return sum(r["successes"] for r in rows) / sum(r["trials"] for r in rows)
+
+
+def run(cfg: CompareConfig) -> dict:
+    out = Path(cfg.out) if cfg.out else results_dir() / "phase3" / f"compare_{cfg.task_suite}"
+    infos = {}
+    for name in cfg.variant_list:
+        tokenizer, strategy = VARIANTS[name]
+        ecfg = EvalConfig(
+            task_suite=cfg.task_suite, tasks=cfg.tasks, num_trials=cfg.num_trials, use_speculative_decoding=True,
+            tokenizer=tokenizer, strategy=strategy, replan_steps=cfg.replan_steps, workers=cfg.workers, seed=cfg.seed,
+            compare_main_only=True, models_dir=cfg.models_dir, out=str(out / name),
+        )
+        infos[name] = evaluate(ecfg)
+    tasks = sorted(int(t) for t in next(iter(infos.values()))["per_task"])
+    expert = expert_rate(Path(cfg.expert_results) if cfg.expert_results else results_dir() / "expert_success.json", cfg.task_suite, tasks)
+    lines = [
+        f"Suite `{cfg.task_suite}`, tasks {cfg.tasks}, {cfg.num_trials} trials per task (trial i = init state i), replan every {cfg.replan_steps} steps.",
+        f"Scripted expert on the same tasks: {_pct(expert)}.",
+        "",
+        "| variant | success | fine-grained | policy ms / env step (spec) | (main-only) | token decode ms / chunk (spec) | (main-only) | token-decode speedup | main passes / chunk (spec / main-only) | mean accepted layers | lossless identical | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, info in infos.items():
+        lat, step = info["latency_ms"], info["step_latency"] or {}
+        spec_tok = lat.get("main_ms", {}).get("mean", float("nan")) + lat.get("draft_ms", {}).get("mean", 0.0)
+        lines.append(
+            f"| {name} | {_pct(info['success_rate'])} | {_pct(info['fine_grained_success_rate'])} | "
+            f"{_num(step.get('policy_ms_per_env_step'))} | {_num(step.get('main_only_policy_ms_per_env_step'))} | "
+            f"{_num(spec_tok)} | {_num(lat.get('ref_main_ms', {}).get('mean'))} | {_num(info['token_decode_speedup'])}x | "
+            f"{_num(info['main_passes_per_chunk'])} / {_num(info['main_only_passes_per_chunk'])} | {_num(info['mean_accepted_layers'])} | "
+            f"{_pct(info['lossless_identical_fraction'])} | {info['errors']} |"
+        )
+    result = {
+        "config": asdict(cfg),
+        "expert_success_rate": expert,
+        "variants": {name: {k: info[k] for k in (
+            "success_rate", "fine_grained_success_rate", "success_episodes", "errors", "latency_ms", "step_latency",
+            "acceptance_per_layer", "mean_accepted_layers", "main_passes_per_chunk", "main_only_passes_per_chunk",
+            "main_pass_ratio", "token_decode_speedup", "lossless_identical_fraction", "per_task", "wall_seconds",
+            "episodes_per_minute")} for name, info in infos.items()},
+        "provenance": provenance(seed=cfg.seed),
+    }
+    write_json(out / "comparison.json", result)
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    run(rsd_entry.parse_config(CompareConfig, sys.argv[1:], prog="python -m phase3.compare"))

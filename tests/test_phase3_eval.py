@@ -1,0 +1,137 @@
+"""Phase 3 evaluation: real LIBERO episodes with tiny models, resume, error accounting, the
+--num-trials contract, strategies, and the Modal module."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import rsd_entry
+from common.action_data import synthetic_episodes
+from common.checkpoints import CheckpointError
+from common.evaluation import EvalConfig, evaluate, planned_jobs, read_rows, run_trial_job, summarize
+from common.libero_env import LOW_DIM_OBS_DIM, get_suite
+from common.policy_training import PolicyTrainConfig, train_policy
+from common.tokenizer_training import TokenizerTrainConfig, train_tokenizer
+
+SUITE = "libero_object"
+TINY_POLICY = dict(epochs=1, batch_size=64, d_model=32, num_blocks=1, num_heads=2, draft_width=16, timing_repeats=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny robust + naive tokenizers and policies trained on demos labelled as libero_object task 0."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("phase3")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RSD_RESULTS_DIR", str(root / "results"))
+    instruction = get_suite(SUITE).get_task(0).language
+    demos = root / "demos.hdf5"
+    rng = np.random.default_rng(0)
+    with h5py.File(demos, "w") as f:
+        data = f.create_group("data")
+        for i, ep in enumerate(synthetic_episodes(6, seed=2, length=(40, 60))):
+            g = data.create_group(f"demo_{i}")
+            g.create_dataset("actions", data=ep.actions)
+            g.create_dataset("obs/low_dim", data=rng.normal(size=(len(ep), LOW_DIM_OBS_DIM)).astype(np.float32))
+            g.attrs["task_id"] = 0
+            g.attrs["language_instruction"] = instruction
+    models = root / "models"
+    for layernorm in (True, False):
+        train_tokenizer(TokenizerTrainConfig(data=str(demos), epochs=1, num_episodes=6, latent_dim=4, batch_size=256,
+                                             models_dir=str(models), progress=False, use_layernorm=layernorm))
+    train_policy(PolicyTrainConfig(data=str(demos), models_dir=str(models), **TINY_POLICY))
+    train_policy(PolicyTrainConfig(data=str(demos), models_dir=str(models), rfsq_checkpoint=str(models / "rfsq_best.pt"), **TINY_POLICY))
+    yield {"root": root, "models": models}
+    mp.undo()
+
+
+def _cfg(models, out, **kw):
+    base = dict(task_suite=SUITE, tasks="0", num_trials=2, max_steps=12, workers=1, models_dir=str(models["models"]), out=str(out))
+    return EvalConfig(**{**base, **kw})
+
+
+def test_real_episodes_end_to_end_lossless_and_resumable(models, tmp_path):
+    cfg = _cfg(models, tmp_path / "run")
+    info = evaluate(cfg, progress=False)
+    rows = read_rows(tmp_path / "run" / "episodes.jsonl")
+    assert [(r["task"], r["trial"]) for r in rows] == [(0, 0), (0, 1)]
+    assert all(r["status"] in ("success", "failure") and 0 < r["steps"] <= 12 for r in rows)
+    assert info["episodes"] == 2 and info["errors"] == 0
+    assert info["lossless_identical_fraction"] == 1.0  # speculative == main-only on every chunk
+    assert info["main_only_passes_per_chunk"] == 8
+    assert 5 <= info["main_passes_per_chunk"] <= 8
+    assert set(info["latency_ms"]) >= {"backbone_ms", "draft_ms", "main_ms", "tokenizer_decode_ms", "ref_main_ms"}
+    assert (tmp_path / "run" / "eval_plots.png").exists() and (tmp_path / "run" / "eval_table.md").exists()
+    assert info["libraries"]["mujoco"] and info["provenance"]["git_sha"]
+    # resume: one more trial runs only the missing episode
+    info3 = evaluate(_cfg(models, tmp_path / "run", num_trials=3), progress=False)
+    assert info3["episodes_run_this_call"] == 1 and info3["episodes"] == 3
+    assert len(read_rows(tmp_path / "run" / "episodes.jsonl")) == 3
+    with pytest.raises(ValueError, match="different configuration"):
+        evaluate(_cfg(models, tmp_path / "run", replan_steps=2), progress=False)
+
+
+def test_strategy_b_pairs_naive_models_with_robust_decoder_explicitly(models, tmp_path):
+    info = evaluate(_cfg(models, tmp_path / "b", strategy="B", num_trials=1, max_steps=4), progress=False)
+    assert info["episodes"] == 1 and info["errors"] == 0
+    # Strategy A's robust path must refuse naive-token models (swap the files to simulate the mistake)
+    m = models["models"]
+    bad = tmp_path / "bad_models"
+    bad.mkdir()
+    for name in ("rfsq_robust_best.pt",):
+        (bad / name).write_bytes((m / name).read_bytes())
+    for src, dst in (("best_rfsq_head_naive.pt", "best_rfsq_head.pt"), ("best_draft_with_projection_naive.pt", "best_draft_with_projection.pt")):
+        (bad / dst).write_bytes((m / src).read_bytes())
+    from common.evaluation import TokenPolicy
+
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        TokenPolicy(_cfg({"models": bad}, tmp_path / "x"))
+
+
+def test_episode_exception_is_an_error_row_not_a_failure(models, tmp_path, monkeypatch):
+    import common.evaluation as ev
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated controller fault")
+
+    monkeypatch.setattr(ev, "run_episode", broken)
+    row = run_trial_job(_cfg(models, tmp_path / "err"), 0, 0)
+    assert row["status"] == "error" and "simulated controller fault" in row["error"]
+    ok = {"suite": SUITE, "task": 0, "trial": 1, "instruction": "x", "status": "failure", "success": False, "steps": 5, "chunks": []}
+    info = summarize(_cfg(models, tmp_path / "err"), [row, ok], wall_seconds=1.0, episodes_run=2, workers=1)
+    assert info["errors"] == 1 and info["success_episodes"] == 1 and info["success_rate"] == 0.0
+
+
+def test_num_trials_is_honoured_exactly(models, tmp_path):
+    cfg = _cfg(models, tmp_path / "n", tasks="0-2", num_trials=7)
+    jobs = planned_jobs(cfg)
+    assert len(jobs) == 21 and jobs[:8] == [(0, t) for t in range(7)] + [(1, 0)]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="strategy B"):
+        EvalConfig(tokenizer="naive", strategy="B")
+    with pytest.raises(ValueError, match="--tolerance needs --acceptance relaxed"):
+        EvalConfig(tolerance=1)
+    with pytest.raises(ValueError, match="--task-suite"):
+        EvalConfig(task_suite="libero_100")
+
+
+@pytest.mark.filterwarnings("ignore:The run_shard function is executing locally")
+def test_modal_module_imports_without_token_flags_match_and_shard_runs(models, tmp_path, monkeypatch):
+    monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
+    from modal.cli.run import _get_click_command_for_local_entrypoint
+
+    import phase3.modal_phase3_libero_eval as mod
+
+    click_cmd = _get_click_command_for_local_entrypoint(mod.app, mod.main)
+    assert {o for p in click_cmd.params for o in p.opts} == set(rsd_entry.cli_flags(EvalConfig))
+    assert "--no-use-speculative-decoding" in {o for p in click_cmd.params for o in p.secondary_opts}
+    cfg = _cfg(models, tmp_path / "shard", max_steps=4)
+    shards = mod.shard_jobs(_cfg(models, tmp_path / "shard", tasks="0-1", num_trials=25))
+    assert sorted((t, tr) for t, trials in shards for tr in trials) == planned_jobs(_cfg(models, tmp_path / "s", tasks="0-1", num_trials=25))
+    rows = mod.run_shard.local(cfg.__dict__, 0, [1])
+    assert len(rows) == 1 and rows[0]["trial"] == 1 and rows[0]["status"] in ("success", "failure")
