@@ -66,10 +66,10 @@ def expert_rate(path: Path, suite: str, tasks: list[int]) -> float | None:
     if not path.exists():
         return None
     data = json.loads(path.read_text())
-    rows = [r for r in data.get("rows", []) if r.get("suite") == suite and int(r.get("task")) in tasks]
+    rows = [r for r in data.get("rows", []) if r.get("suite") == suite and int(r["task_id"]) in tasks]
     if not rows:
         return None
-    return sum(r["successes"] for r in rows) / sum(r["trials"] for r in rows)
+    return sum(r["successes"] for r in rows) / sum(r["n"] for r in rows)
 
 
 def run(cfg: CompareConfig) -> dict:
