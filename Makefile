@@ -18,11 +18,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
-# Local pipeline (CPU). Phase 1 on synthetic actions: naive + robust tokenizers, then the comparison.
+# Local pipeline (CPU): demos -> Phase 1 -> Phase 2 -> Phase 3 -> report/REPORT.md.
+# `make run QUICK=1` runs the ~10-minute profile. Reruns reuse unchanged stages.
+PROFILE := $(if $(QUICK),quick,default)
 run: setup
-	$(PY) -m phase1_improved.train_rfsq_robust --no-use-layernorm --num-episodes 50 --epochs 100 --batch-size 64
-	$(PY) -m phase1_improved.train_rfsq_robust --use-layernorm --num-episodes 50 --epochs 100 --batch-size 64
-	$(PY) -m phase1_improved.test_layernorm_improvement
+	$(PY) -m rsd_pipeline run --profile $(PROFILE)
 
 # Default suite: everything not marked slow (a few minutes on 2 cores).
 test: setup
@@ -31,6 +31,7 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q
 
+# Removes generated artifacts (demos, checkpoints, pipeline results). Committed results/ and report/ stay.
 clean:
 	rm -rf artifacts .pytest_cache
 

@@ -37,6 +37,7 @@ class CompareConfig:
     num_trials: int = 10
     variants: str = "naive,robust-A,robust-B"
     replan_steps: int = 4
+    max_steps: int = 0  # 0 = the suite's standard limit
     workers: int = 0
     seed: int = 0
     models_dir: str = ""
@@ -79,7 +80,7 @@ def run(cfg: CompareConfig) -> dict:
         tokenizer, strategy = VARIANTS[name]
         ecfg = EvalConfig(
             task_suite=cfg.task_suite, tasks=cfg.tasks, num_trials=cfg.num_trials, use_speculative_decoding=True,
-            tokenizer=tokenizer, strategy=strategy, replan_steps=cfg.replan_steps, workers=cfg.workers, seed=cfg.seed,
+            tokenizer=tokenizer, strategy=strategy, replan_steps=cfg.replan_steps, max_steps=cfg.max_steps, workers=cfg.workers, seed=cfg.seed,
             compare_main_only=True, models_dir=cfg.models_dir, out=str(out / name),
         )
         infos[name] = evaluate(ecfg)

@@ -1,0 +1,113 @@
+"""Generated documentation: results tables go into marked sections of the docs, never by hand.
+
+A doc marks a generated section like this::
+
+    <!-- results:phase1_synthetic -->
+    (generated: do not edit)
+    <!-- /results:phase1_synthetic -->
+
+``render_section(name)`` builds the body from the results files a command in this repository wrote
+(the markdown table that command produced plus a provenance line from its JSON). ``update_docs``
+rewrites every marked section; ``stale_sections`` lists those that differ from what the generator
+would write now (the test suite fails on any).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from common.provenance import REPO_ROOT
+
+# section name -> (markdown written by the producing command, its JSON, the command)
+SECTIONS: dict[str, tuple[str, str, str]] = {
+    "phase1_synthetic": ("phase1/comparison.md", "phase1/comparison.json",
+                         "make run-phase1-synthetic"),
+    "phase1_real": ("phase1_real/comparison.md", "phase1_real/comparison.json",
+                    "python -m phase1_improved.test_layernorm_improvement --out results/phase1_real (after training on the demos)"),
+    "bench_tokenizers": ("bench_tokenizers.md", "bench_tokenizers.json", "make bench"),
+    "bench_tokenizers_real": ("bench_tokenizers_real/bench_tokenizers.md", "bench_tokenizers_real/bench_tokenizers.json",
+                              "python -m benchmarks.bench_tokenizers --data <demos> --out results/bench_tokenizers_real"),
+    "expert_success": ("expert_success.md", "expert_success.json", "python -m benchmarks.expert_success"),
+    "bench_collection": ("bench_collection.md", "bench_collection.json", "python -m benchmarks.bench_collection"),
+    "phase2": ("phase2/train_summary.md", "phase2/train_summary.json",
+               "python -m phase2_draft_retrain.modal_train_draft_with_projection --data <demos>"),
+    "phase2_naive": ("phase2/train_summary_naive.md", "phase2/train_summary_naive.json",
+                     "python -m phase2_draft_retrain.modal_train_draft_with_projection --data <demos> --rfsq-checkpoint <models>/rfsq_best.pt"),
+    "phase3_libero_object": ("phase3/compare_libero_object/comparison.md", "phase3/compare_libero_object/comparison.json",
+                             "python -m phase3.compare --task-suite libero_object"),
+    "phase3_libero_spatial": ("phase3/compare_libero_spatial/comparison.md", "phase3/compare_libero_spatial/comparison.json",
+                              "python -m phase3.compare --task-suite libero_spatial"),
+    "pipeline": ("pipeline/pipeline_summary.md", "pipeline/pipeline_summary.json", "make run"),
+}
+
+MARKER = re.compile(r"(<!-- results:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+DOCS = (
+    "README.md",
+    "MIGRATION_TO_ROBUST_RFSQ.md",
+    "phase1_improved/AGENT_GUIDE.md",
+    "phase2_draft_retrain/README.md",
+    "phase3/QUICK_START.md",
+)
+
+
+def _provenance_line(json_path: Path, rel: str) -> str:
+    data = json.loads(json_path.read_text())
+    prov = data.get("provenance") or {k: data[k] for k in ("git_sha", "versions") if data.get(k)}
+    bits = [f"source `results/{rel}`"]
+    if prov.get("git_sha"):
+        bits.append(f"git `{prov['git_sha']}`")
+    if prov.get("created_utc"):
+        bits.append(prov["created_utc"])
+    if prov.get("device"):
+        bits.append(prov["device"])
+    versions = prov.get("versions") or data.get("libraries") or {}
+    if versions.get("mujoco"):
+        bits.append(f"mujoco {versions['mujoco']}")
+    return "<sub>" + " · ".join(bits) + "</sub>"
+
+
+def render_section(name: str, results_root: Path) -> str:
+    """The generated body of one section (ends with a newline)."""
+    if name not in SECTIONS:
+        raise KeyError(f"unknown results section {name!r}; known: {sorted(SECTIONS)}")
+    md_rel, json_rel, command = SECTIONS[name]
+    md, js = results_root / md_rel, results_root / json_rel
+    if not md.exists() or not js.exists():
+        return f"_Not produced yet: run `{command}`._\n"
+    return md.read_text().rstrip() + "\n\n" + _provenance_line(js, json_rel) + "\n"
+
+
+def render_doc(text: str, results_root: Path) -> str:
+    return MARKER.sub(lambda m: m.group(1) + render_section(m.group("name"), results_root) + m.group(4), text)
+
+
+def update_docs(*, repo_root: Path = REPO_ROOT, results_root: Path | None = None, docs=DOCS) -> list[str]:
+    """Rewrite the generated sections of every doc; returns the docs that changed."""
+    results_root = results_root or repo_root / "results"
+    changed = []
+    for rel in docs:
+        path = repo_root / rel
+        if not path.exists():
+            continue
+        text = path.read_text()
+        new = render_doc(text, results_root)
+        if new != text:
+            path.write_text(new)
+            changed.append(rel)
+    return changed
+
+
+def stale_sections(*, repo_root: Path = REPO_ROOT, results_root: Path | None = None, docs=DOCS) -> list[str]:
+    """``doc:section`` for every generated section that differs from the generator's output."""
+    results_root = results_root or repo_root / "results"
+    stale = []
+    for rel in docs:
+        path = repo_root / rel
+        if not path.exists():
+            continue
+        for m in MARKER.finditer(path.read_text()):
+            if m.group("body") != render_section(m.group("name"), results_root):
+                stale.append(f"{rel}:{m.group('name')}")
+    return stale

@@ -1,0 +1,53 @@
+"""The local pipeline and the docs generator.
+
+    python -m rsd_pipeline run [--profile default|quick|tiny]   # what `make run` / `make run QUICK=1` call
+    python -m rsd_pipeline report                               # regenerate the results sections of the docs
+    python -m rsd_pipeline check-docs                           # exit 1 if a generated section is stale
+
+``run`` keeps its data, models and results under ``artifacts/pipeline/<profile>/`` (reused on a
+rerun when unchanged) and writes ``report/REPORT.md`` with the plots and the JSON behind every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.pipeline import PROFILES, run_pipeline
+from common.provenance import REPO_ROOT
+from common.report import stale_sections, update_docs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rsd_pipeline", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the local pipeline")
+    run.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    run.add_argument("--root", default="", help="artifacts folder (default artifacts/pipeline/<profile>)")
+    run.add_argument("--report-dir", default="", help="report folder (default report/)")
+    sub.add_parser("report", help="regenerate the results sections of README / MIGRATION / guides")
+    sub.add_parser("check-docs", help="fail if a generated docs section differs from the results")
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        profile = PROFILES[args.profile]
+        root = Path(args.root) if args.root else REPO_ROOT / "artifacts" / "pipeline" / profile.name
+        report_dir = Path(args.report_dir) if args.report_dir else REPO_ROOT / "report"
+        summary = run_pipeline(profile, root=root, report_dir=report_dir)
+        print(f"pipeline ({profile.name}) finished in {summary['wall_seconds'] / 60:.1f} min; report: {report_dir / 'REPORT.md'}")
+        return 0
+    if args.command == "report":
+        changed = update_docs()
+        print("updated: " + (", ".join(changed) if changed else "nothing (docs already current)"))
+        return 0
+    stale = stale_sections()
+    if stale:
+        print("stale generated sections (run `python -m rsd_pipeline report`): " + ", ".join(stale))
+        return 1
+    print("docs current")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

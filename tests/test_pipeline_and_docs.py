@@ -1,0 +1,50 @@
+"""The local pipeline end to end on the tiny profile (real simulator), its idempotence, and the
+generated docs sections."""
+
+import json
+
+import pytest
+
+from common.pipeline import PROFILES, headline_markdown, run_pipeline
+from common.report import SECTIONS, render_doc, stale_sections
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    logs: list[str] = []
+    summary = run_pipeline(PROFILES["tiny"], root=root / "artifacts", report_dir=root / "report", log=logs.append)
+    return {"root": root, "summary": summary, "logs": logs}
+
+
+def test_tiny_pipeline_produces_a_report_whose_numbers_match_the_json(tiny_run):
+    report = (tiny_run["root"] / "report" / "REPORT.md").read_text()
+    data = tiny_run["root"] / "report" / "data"
+    phase1 = json.loads((data / "phase1" / "comparison.json").read_text())
+    phase3 = json.loads((data / "phase3" / "compare_libero_object" / "comparison.json").read_text())
+    assert f"{phase1['naive_mse']:.3e}" in report and f"{phase1['robust_mse']:.3e}" in report
+    for name, v in phase3["variants"].items():
+        assert f"| {name} | {100 * v['success_rate']:.1f}% |" in report
+        assert v["lossless_identical_fraction"] == 1.0
+    assert headline_markdown(json.loads((data / "pipeline" / "pipeline_summary.json").read_text())) in report
+    assert list((tiny_run["root"] / "report" / "data").rglob("*.png"))
+    assert set(tiny_run["summary"]["stages"]) == {
+        "demos", "tokenizer_none", "tokenizer_layernorm", "phase1_compare", "policy_layernorm", "policy_none", "phase3_compare"
+    }
+
+
+def test_rerun_reuses_every_finished_stage(tiny_run):
+    logs: list[str] = []
+    summary = run_pipeline(PROFILES["tiny"], root=tiny_run["root"] / "artifacts", report_dir=tiny_run["root"] / "report2", log=logs.append)
+    assert all(t["skipped"] for t in summary["stages"].values()), logs
+    assert (tiny_run["root"] / "report2" / "REPORT.md").exists()
+
+
+def test_committed_docs_match_the_generator():
+    assert stale_sections() == []
+
+
+def test_generated_section_shows_missing_results_instead_of_numbers(tmp_path):
+    text = "intro\n<!-- results:phase2 -->\nold\n<!-- /results:phase2 -->\n"
+    out = render_doc(text, tmp_path)
+    assert "Not produced yet" in out and "old" not in out and SECTIONS["phase2"][2] in out
