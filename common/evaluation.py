@@ -152,6 +152,11 @@ class TokenPolicy:
         self.tokenizer = load_tokenizer(paths["tokenizer"], require_conditioning="layernorm" if cfg.tokenizer == "robust" else "none")
         # Strategy B deliberately pairs naive-token models with the robust decoder (explicit opt-in).
         self.policy = load_policy(paths["head"], paths["draft"], self.tokenizer, allow_tokenizer_mismatch=cfg.strategy == "B")
+        if self.policy.backbone_kind != "state":
+            # The OpenVLA-OFT closed loop needs camera images + the 7B extractor per chunk; not wired yet.
+            raise NotImplementedError(
+                f"{paths['head']}: closed-loop evaluation supports the 'state' backbone; found {self.policy.backbone_kind!r}"
+            )
         self.checkpoints = {
             "tokenizer": {"path": str(paths["tokenizer"]), "content_hash": self.tokenizer.content_hash},
             "head": {"path": str(paths["head"]), "content_hash": self.policy.head_hash},
