@@ -8,6 +8,7 @@ split leaks the validation set into training.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -153,10 +154,20 @@ def synthetic_episodes(num_episodes: int, *, seed: int = 0, length: tuple[int, i
 
 
 def load_episodes(data: str | Path, *, num_episodes: int | None = None, seed: int = 0) -> list[Episode]:
-    """``data`` is an HDF5 path or ``"synthetic"`` (then ``num_episodes`` episodes are generated)."""
+    """``data``: ``"synthetic"`` (``num_episodes`` generated episodes), an HDF5 path, or several
+    comma-separated paths — then episodes are taken round-robin across the files, so the first
+    ``num_episodes`` cover every file (e.g. libero_object + libero_spatial demos)."""
     if str(data) == SYNTHETIC:
         return synthetic_episodes(num_episodes or 50, seed=seed)
-    return load_hdf5_episodes(data, num_episodes=num_episodes)
+    paths = [p.strip() for p in str(data).split(",") if p.strip()]
+    if len(paths) == 1:
+        return load_hdf5_episodes(paths[0], num_episodes=num_episodes)
+    per_file = [load_hdf5_episodes(p) for p in paths]
+    for path, eps in zip(paths, per_file):
+        for e in eps:
+            e.name = f"{Path(path).stem}/{e.name}"
+    interleaved = [e for group in itertools.zip_longest(*per_file) for e in group if e is not None]
+    return interleaved[:num_episodes] if num_episodes else interleaved
 
 
 # --- splitting and chunking ----------------------------------------------------------------------

@@ -175,3 +175,10 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
         load_tokenizer(tmp_path / "junk.pt")
+
+
+def test_several_files_are_interleaved(tmp_path):
+    _write_demos(tmp_path / "a.hdf5", [np.zeros((5, 7), np.float32)] * 3)
+    _write_demos(tmp_path / "b.hdf5", [np.ones((6, 7), np.float32)] * 2)
+    eps = load_episodes(f"{tmp_path / 'a.hdf5'},{tmp_path / 'b.hdf5'}", num_episodes=4)
+    assert [e.name for e in eps] == ["a/demo_0", "b/demo_0", "a/demo_1", "b/demo_1"]
