@@ -67,7 +67,7 @@ class ActionRFSQAE(nn.Module):
         conditioning: str | None = None,
         layout: str = "chunk",
         latent_dim: int | None = None,
-        mlp_width: int = 256,
+        mlp_width: int = 512,
         mlp_depth: int = 2,
         reach_margin: float = 1.05,
         stats_momentum: float = 0.05,
