@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export MUJOCO_GL ?= egl
 
-.PHONY: setup run test test-all clean bench
+.PHONY: setup run test test-all clean bench evidence
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,24 @@ clean:
 bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
 	$(PY) -m benchmarks.bench_tokenizers
+
+# The larger runs behind the docs' results sections (hours of CPU; each step resumes/reuses):
+# demos for libero_object + libero_spatial, Phase 1 at the seed's settings and on all demos,
+# Phase 2 on robust and naive tokens, Phase 3 comparisons, then the docs regenerated.
+DEMOS := data/libero_object_demos.hdf5,data/libero_spatial_demos.hdf5
+SEED50 := artifacts/models_seed50
+PHASE2_FLAGS := --data $(DEMOS) --num-episodes 0 --epochs 12 --batch-size 256 --lr 1e-3 --d-model 128 --num-blocks 2
+evidence: setup
+	$(PY) -m phase1_improved.collect_demos --suite libero_object --tasks 0-9 --demos-per-task 30 --workers 2 --out libero_object_demos.hdf5
+	$(PY) -m phase1_improved.collect_demos --suite libero_spatial --tasks 0-3,5-9 --demos-per-task 30 --workers 2 --out libero_spatial_demos.hdf5
+	$(PY) -m phase1_improved.train_rfsq_robust --no-use-layernorm --data $(DEMOS) --num-episodes 50 --epochs 100 --batch-size 64 --models-dir $(SEED50)
+	$(PY) -m phase1_improved.train_rfsq_robust --use-layernorm --data $(DEMOS) --num-episodes 50 --epochs 100 --batch-size 64 --models-dir $(SEED50)
+	$(PY) -m phase1_improved.test_layernorm_improvement --naive $(SEED50)/rfsq_best.pt --robust $(SEED50)/rfsq_robust_best.pt --out results/phase1_real
+	$(PY) -m phase1_improved.train_rfsq_robust --no-use-layernorm --data $(DEMOS) --num-episodes 1000 --epochs 40 --batch-size 256
+	$(PY) -m phase1_improved.train_rfsq_robust --use-layernorm --data $(DEMOS) --num-episodes 1000 --epochs 40 --batch-size 256
+	$(PY) -m phase1_improved.test_layernorm_improvement --out results/phase1_real_all
+	$(PY) -m phase2_draft_retrain.modal_train_draft_with_projection $(PHASE2_FLAGS)
+	$(PY) -m phase2_draft_retrain.modal_train_draft_with_projection $(PHASE2_FLAGS) --rfsq-checkpoint artifacts/models/rfsq_best.pt
+	$(PY) -m phase3.compare --task-suite libero_object --tasks 0-9 --num-trials 10
+	$(PY) -m phase3.compare --task-suite libero_spatial --tasks 0-9 --num-trials 10
+	$(PY) -m rsd_pipeline report
