@@ -105,9 +105,9 @@ SEED_CRITERIA = {"robust_mse_below": 0.012, "improvement_above_pct": 30.0}
 RSD_GOALS = {"robust_mse_at_most": 1e-4, "improvement_at_least_pct": 90.0, "min_ratio_per_added_layer": 1.5}
 
 
-def heldout_chunks(tokenizer: LoadedTokenizer, *, data: str | None = None) -> tuple[torch.Tensor, dict]:
-    """Normalized held-out chunks for a trained tokenizer: the validation episodes of its own
-    training run (same data source, episode count and split seed, read from the checkpoint)."""
+def heldout_raw_chunks(tokenizer: LoadedTokenizer, *, data: str | None = None) -> tuple[np.ndarray, dict]:
+    """Raw held-out chunks for a trained tokenizer: the validation episodes of its own training run
+    (same data source, episode count and split seed, read from the checkpoint)."""
     from common.action_data import load_episodes, make_chunks, split_episodes
 
     train_cfg = tokenizer.extra.get("train_config")
@@ -117,7 +117,12 @@ def heldout_chunks(tokenizer: LoadedTokenizer, *, data: str | None = None) -> tu
     episodes = load_episodes(source, num_episodes=train_cfg["num_episodes"], seed=train_cfg["seed"])
     _, val = split_episodes(episodes, val_fraction=train_cfg["val_fraction"], seed=train_cfg["seed"])
     raw = make_chunks(val, chunk_len=tokenizer.model.chunk_len, stride=1)
-    info = {"data": source, "val_episodes": [e.name for e in val], "num_chunks": int(raw.shape[0])}
+    return raw, {"data": source, "val_episodes": [e.name for e in val], "num_chunks": int(raw.shape[0])}
+
+
+def heldout_chunks(tokenizer: LoadedTokenizer, *, data: str | None = None) -> tuple[torch.Tensor, dict]:
+    """Normalized held-out chunks (see ``heldout_raw_chunks``)."""
+    raw, info = heldout_raw_chunks(tokenizer, data=data)
     return torch.from_numpy(tokenizer.normalizer.normalize(raw)), info
 
 

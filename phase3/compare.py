@@ -73,6 +73,21 @@ def expert_rate(path: Path, suite: str, tasks: list[int]) -> float | None:
     return sum(r["successes"] for r in rows) / sum(r["n"] for r in rows)
 
 
+def fine_motion_rows(models_dir: str) -> dict:
+    """Tokenizer reconstruction MSE on all vs fine-motion held-out chunks (slow approach / grasp /
+    release segments and gripper toggles: ``common.diagnostics.fine_motion_mask``), naive and robust,
+    each on the held-out episodes of the robust tokenizer's training run."""
+    from common.action_tokenizer import load_tokenizer
+    from common.diagnostics import fine_motion_mse, heldout_raw_chunks
+    from common.paths import NAIVE_TOKENIZER, ROBUST_TOKENIZER, models_dir as default_models_dir
+
+    root = Path(models_dir) if models_dir else default_models_dir()
+    robust = load_tokenizer(root / ROBUST_TOKENIZER, require_conditioning="layernorm")
+    naive = load_tokenizer(root / NAIVE_TOKENIZER, require_conditioning="none")
+    raw, info = heldout_raw_chunks(robust)
+    return {"heldout": {k: v for k, v in info.items() if k != "val_episodes"}, "naive": fine_motion_mse(naive, raw), "robust": fine_motion_mse(robust, raw)}
+
+
 def run(cfg: CompareConfig) -> dict:
     out = Path(cfg.out) if cfg.out else results_dir() / "phase3" / f"compare_{cfg.task_suite}"
     infos = {}
@@ -103,8 +118,19 @@ def run(cfg: CompareConfig) -> dict:
             f"{_num(info['main_passes_per_chunk'])} / {_num(info['main_only_passes_per_chunk'])} | {_num(info['mean_accepted_layers'])} | "
             f"{_pct(info['lossless_identical_fraction'])} | {info['errors']} |"
         )
+    fine = fine_motion_rows(cfg.models_dir)
+    lines += [
+        "",
+        f"Tokenizer reconstruction MSE on held-out demo chunks ({fine['heldout']['num_chunks']} chunks; fine-motion = "
+        f"{fine['robust']['fine_motion_chunks']} slow / gripper-toggle chunks):",
+        "",
+        "| tokenizer | all chunks | fine-motion chunks |",
+        "|---|---|---|",
+        *[f"| {n} | {fine[n]['all_mse']:.3e} | {fine[n]['fine_motion_mse']:.3e} |" for n in ("naive", "robust")],
+    ]
     result = {
         "config": asdict(cfg),
+        "tokenizer_fine_motion": fine,
         "expert_success_rate": expert,
         "variants": {name: {k: info[k] for k in (
             "success_rate", "fine_grained_success_rate", "success_episodes", "errors", "latency_ms", "step_latency",
