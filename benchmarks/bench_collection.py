@@ -62,7 +62,21 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(render_markdown(result))
     print(json.dumps(result, indent=2))
+
+
+def render_markdown(result: dict) -> str:
+    """Episodes per minute and sim steps/s per worker count (no cameras)."""
+    lines = [
+        f"Scripted-expert collection, `{result['suite']}` task {result['task_id']}, cameras {'on' if result['cameras'] else 'off'}, "
+        f"{result['cpu_count']} CPU cores (start-up included):",
+        "",
+        "| workers | episodes | wall s | episodes / min | sim steps / s |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['workers']} | {r['episodes']} | {r['wall_s']:.1f} | {r['episodes_per_min']:.1f} | {r['sim_steps_per_s']:.1f} |" for r in result["runs"]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
