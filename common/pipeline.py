@@ -42,10 +42,10 @@ class Profile:
 
 
 PROFILES = {
-    # ~30 min on 2 cores: all 10 libero_object tasks
+    # target <= 30 min on 2 cores: all 10 libero_object tasks
     "default": Profile("default", "libero_object", "0-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=10,
                        policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2),
-    # ~10 min: 5 tasks, fewer demos/epochs/trials
+    # target <= 10 min: 5 tasks, fewer demos/epochs/trials
     "quick": Profile("quick", "libero_object", "0-4", demos_per_task=8, tokenizer_epochs=15, policy_epochs=6,
                      policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=2, eval_max_steps=0, workers=2),
     # test-suite smoke run: one task, a few demos/epochs, short episodes
