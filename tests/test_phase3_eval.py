@@ -54,7 +54,7 @@ def _cfg(models, out, **kw):
 
 
 def test_real_episodes_end_to_end_lossless_and_resumable(models, tmp_path):
-    cfg = _cfg(models, tmp_path / "run")
+    cfg = _cfg(models, tmp_path / "run", assert_lossless=True)
     info = evaluate(cfg, progress=False)
     rows = read_rows(tmp_path / "run" / "episodes.jsonl")
     assert [(r["task"], r["trial"]) for r in rows] == [(0, 0), (0, 1)]
@@ -67,7 +67,7 @@ def test_real_episodes_end_to_end_lossless_and_resumable(models, tmp_path):
     assert (tmp_path / "run" / "eval_plots.png").exists() and (tmp_path / "run" / "eval_table.md").exists()
     assert info["libraries"]["mujoco"] and info["provenance"]["git_sha"]
     # resume: one more trial runs only the missing episode
-    info3 = evaluate(_cfg(models, tmp_path / "run", num_trials=3), progress=False)
+    info3 = evaluate(_cfg(models, tmp_path / "run", num_trials=3, assert_lossless=True), progress=False)
     assert info3["episodes_run_this_call"] == 1 and info3["episodes"] == 3
     assert len(read_rows(tmp_path / "run" / "episodes.jsonl")) == 3
     with pytest.raises(ValueError, match="different configuration"):
@@ -109,6 +109,11 @@ def test_num_trials_is_honoured_exactly(models, tmp_path):
     cfg = _cfg(models, tmp_path / "n", tasks="0-2", num_trials=7)
     jobs = planned_jobs(cfg)
     assert len(jobs) == 21 and jobs[:8] == [(0, t) for t in range(7)] + [(1, 0)]
+
+
+def test_float32_decoding_option_runs(models, tmp_path):
+    info = evaluate(_cfg(models, tmp_path / "f32", decode_dtype="float32", num_trials=1, max_steps=4), progress=False)
+    assert info["episodes"] == 1 and info["lossless_identical_fraction"] is not None
 
 
 def test_config_validation():
