@@ -20,15 +20,6 @@ from common.backbones import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny models: thread start-up dominates and thrashes on a busy 2-core box (34 s -> 5 s)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- state backbone
 
 def test_state_backbone_normalizer_shapes_and_round_trip():

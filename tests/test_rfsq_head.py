@@ -6,15 +6,6 @@ import torch
 from common.rfsq_head import RFSQHead
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny models: thread start-up dominates and thrashes on a busy 2-core box (34 s -> 5 s)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw):
     cfg = dict(feature_dim=12, num_layers=5, tokens_per_layer=3, num_levels=7, d_model=32, num_heads=4, num_blocks=2)
     cfg.update(kw)
