@@ -9,14 +9,6 @@ from common.rfsq_head import RFSQHead
 from common.speculative import SpecStats, StageTimer, main_only_decode, speculative_decode
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny models: thread start-up dominates and thrashes on a busy 2-core box (34 s -> 5 s)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 D, T, L, V, K = 10, 3, 6, 7, 3
 
 
