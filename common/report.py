@@ -42,7 +42,8 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                              "python -m phase3.compare --task-suite libero_object"),
     "phase3_libero_spatial": ("phase3/compare_libero_spatial/comparison.md", "phase3/compare_libero_spatial/comparison.json",
                               "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9"),
-    "pipeline": ("pipeline/pipeline_summary.md", "pipeline/pipeline_summary.json", "make run"),
+    # the local pipeline's report folder (report/ beside results/), written by `make run`
+    "pipeline": ("../report/data/pipeline/pipeline_summary.md", "../report/data/pipeline/pipeline_summary.json", "make run"),
 }
 
 MARKER = re.compile(r"(<!-- results:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
@@ -58,7 +59,8 @@ DOCS = (
 def _provenance_line(json_path: Path, rel: str) -> str:
     data = json.loads(json_path.read_text())
     prov = data.get("provenance") or {k: data[k] for k in ("git_sha", "versions") if data.get(k)}
-    bits = [f"source `results/{rel}`"]
+    shown = rel[3:] if rel.startswith("../") else f"results/{rel}"
+    bits = [f"source `{shown}`"]
     if prov.get("git_sha"):
         bits.append(f"git `{prov['git_sha']}`")
     if prov.get("created_utc"):
