@@ -526,6 +526,7 @@ def measure_costs(head: RFSQHead, draft: DraftWithProjection, *, repeats: int = 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        # timing input only: the cost of a pass does not depend on the feature values
         f = torch.randn(1, head.feature_dim, generator=torch.Generator().manual_seed(seed))
         for _ in range(min(10, repeats)):  # warm-up
             draft(f)
