@@ -88,14 +88,15 @@ def render_doc(text: str, results_root: Path) -> str:
     return MARKER.sub(lambda m: m.group(1) + render_section(m.group("name"), results_root) + m.group(4), text)
 
 
+def _existing_docs(repo_root: Path, docs) -> list[tuple[str, Path]]:
+    return [(rel, repo_root / rel) for rel in docs if (repo_root / rel).exists()]
+
+
 def update_docs(*, repo_root: Path = REPO_ROOT, results_root: Path | None = None, docs=DOCS) -> list[str]:
     """Rewrite the generated sections of every doc; returns the docs that changed."""
     results_root = results_root or repo_root / "results"
     changed = []
-    for rel in docs:
-        path = repo_root / rel
-        if not path.exists():
-            continue
+    for rel, path in _existing_docs(repo_root, docs):
         text = path.read_text()
         new = render_doc(text, results_root)
         if new != text:
@@ -107,12 +108,9 @@ def update_docs(*, repo_root: Path = REPO_ROOT, results_root: Path | None = None
 def stale_sections(*, repo_root: Path = REPO_ROOT, results_root: Path | None = None, docs=DOCS) -> list[str]:
     """``doc:section`` for every generated section that differs from the generator's output."""
     results_root = results_root or repo_root / "results"
-    stale = []
-    for rel in docs:
-        path = repo_root / rel
-        if not path.exists():
-            continue
-        for m in MARKER.finditer(path.read_text()):
-            if m.group("body") != render_section(m.group("name"), results_root):
-                stale.append(f"{rel}:{m.group('name')}")
-    return stale
+    return [
+        f"{rel}:{m.group('name')}"
+        for rel, path in _existing_docs(repo_root, docs)
+        for m in MARKER.finditer(path.read_text())
+        if m.group("body") != render_section(m.group("name"), results_root)
+    ]
