@@ -1,11 +1,17 @@
 """Draft model: cheap one-pass predictor of the K coarsest RFSQ layers.
 
-features [B, feature_dim] --LayerNorm+Linear--> width --(hidden_layers residual MLP blocks)-->
-Linear(width, K*T*V) --> logits [B, K, T, V].
+features [B, feature_dim] --LayerNorm+Linear--> width --(hidden_layers residual MLP blocks)--> h
 
-The draft is deliberately non-autoregressive: all K coarse layers come out of ONE pass, so its
-cost is a few small matmuls (see ``count_flops``), far below one pass of the main model.  Its
-errors are caught by the main model's verification pass (``common/speculative.py``).
+mode="parallel": Linear(h) -> logits [B, K, T, V] for all K layers at once (independent layers).
+mode="chained":  layer l's logits come from h_l; its greedy tokens are embedded (one vector per
+                 (slot, level), summed like the main model's layer embedding) and added to h_l
+                 through one residual MLP block to give h_{l+1}.  The main model predicts layer l
+                 GIVEN layers < l, so a draft that also sees its own coarser tokens can match the
+                 main's choice on layer 1 and 2, which an independent head can only guess.
+
+Either way the draft is ONE call of a few small matmuls (see ``count_flops``), far below one pass
+of the main model.  Its errors are caught by the main model's verification pass
+(``common/speculative.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+DRAFT_MODES = ("parallel", "chained")
 
 
 class _ResidualMLP(nn.Module):
@@ -41,8 +50,11 @@ class DraftWithProjection(nn.Module):
         num_levels: int = 7,
         hidden_layers: int = 2,
         dropout: float = 0.0,
+        mode: str = "parallel",
     ) -> None:
         super().__init__()
+        if mode not in DRAFT_MODES:
+            raise ValueError(f"DraftWithProjection: expected mode in {DRAFT_MODES}, found {mode!r}")
         for name, val in (("feature_dim", feature_dim), ("width", width), ("coarse_layers", coarse_layers),
                           ("tokens_per_layer", tokens_per_layer), ("num_levels", num_levels)):
             if int(val) < 1:
@@ -56,6 +68,7 @@ class DraftWithProjection(nn.Module):
         self.num_levels = int(num_levels)
         self.hidden_layers = int(hidden_layers)
         self.dropout = float(dropout)
+        self.mode = mode
 
         # The projection is what lets one draft architecture sit on any backbone (4096-d OpenVLA or a
         # 256-d state MLP); LayerNorm first because VLA hidden states have large, uneven scales.
@@ -64,7 +77,17 @@ class DraftWithProjection(nn.Module):
             *[_ResidualMLP(width=self.width, dropout=self.dropout) for _ in range(self.hidden_layers)]
         )
         self.ln_out = nn.LayerNorm(self.width)
-        self.out = nn.Linear(self.width, self.coarse_layers * self.tokens_per_layer * self.num_levels)
+        T, V, K = self.tokens_per_layer, self.num_levels, self.coarse_layers
+        if mode == "parallel":
+            self.out = nn.Linear(self.width, K * T * V)
+        else:
+            self.out = nn.Linear(self.width, T * V)  # shared across layers; h_l carries the layer
+            self.layer_embed = nn.Embedding(K, self.width)
+            self.code_embed = nn.Embedding(T * V, self.width)  # index slot*V + level, summed over slots
+            self.chain_blocks = nn.ModuleList([_ResidualMLP(width=self.width, dropout=self.dropout) for _ in range(K - 1)])
+            self.register_buffer("_slot_offsets", torch.arange(T) * V, persistent=False)
+            nn.init.normal_(self.code_embed.weight, std=0.02)
+            nn.init.normal_(self.layer_embed.weight, std=0.02)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -76,6 +99,7 @@ class DraftWithProjection(nn.Module):
             "num_levels": self.num_levels,
             "hidden_layers": self.hidden_layers,
             "dropout": self.dropout,
+            "mode": self.mode,
         }
 
     def to_config(self) -> dict[str, Any]:
@@ -83,28 +107,47 @@ class DraftWithProjection(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "DraftWithProjection":
-        return cls(**config)
+        return cls(**{"mode": "parallel", **config})  # checkpoints from before modes existed
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def count_flops(self, batch: int = 1) -> dict[str, int]:
         """Analytic FLOPs of one draft pass (1 multiply-add = 2 FLOPs; norms/GELU ignored)."""
-        D, W, h = self.feature_dim, self.width, self.hidden_layers
-        out = self.coarse_layers * self.tokens_per_layer * self.num_levels
-        return {"draft_pass": batch * (2 * D * W + h * 2 * W * W + 2 * W * out)}
+        D, W, h, K = self.feature_dim, self.width, self.hidden_layers, self.coarse_layers
+        TV = self.tokens_per_layer * self.num_levels
+        trunk = 2 * D * W + h * 2 * W * W
+        if self.mode == "parallel":
+            return {"draft_pass": batch * (trunk + 2 * W * K * TV)}
+        return {"draft_pass": batch * (trunk + K * 2 * W * TV + (K - 1) * 2 * W * W)}
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features [B, feature_dim] -> logits [B, K, T, V] for layers 0..K-1 (one pass)."""
+    def forward(self, features: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """features [B, feature_dim] -> logits [B, K, T, V] for layers 0..K-1 (one call).
+
+        codes [B, T, >=K-1] (chained mode only, training): teacher-forced coarser layers; without
+        them each layer is conditioned on the draft's own greedy tokens (what ``propose`` uses).
+        """
         if features.dim() != 2 or features.shape[1] != self.feature_dim:
             raise ValueError(f"features: expected [B, {self.feature_dim}], found {list(features.shape)}")
-        h = self.out(self.ln_out(self.blocks(self.projection(features))))
-        return h.view(features.shape[0], self.coarse_layers, self.tokens_per_layer, self.num_levels)
+        B, K, T, V = features.shape[0], self.coarse_layers, self.tokens_per_layer, self.num_levels
+        h = self.blocks(self.projection(features))
+        if self.mode == "parallel":
+            return self.out(self.ln_out(h)).view(B, K, T, V)
+        logits = []
+        for layer in range(K):
+            h = h + self.layer_embed.weight[layer]
+            layer_logits = self.out(self.ln_out(h)).view(B, T, V)
+            logits.append(layer_logits)
+            if layer + 1 < K:
+                tokens = layer_logits.argmax(dim=-1) if codes is None else codes[:, :, layer].long()
+                h = self.chain_blocks[layer](h + self.code_embed(tokens + self._slot_offsets).sum(dim=1))
+        return torch.stack(logits, dim=1)
 
     def loss(self, features: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Token cross-entropy against the K coarsest layers of codes [B, T, >=K]."""
+        """Token cross-entropy against the K coarsest layers of codes [B, T, >=K] (teacher-forced)."""
         target = codes[:, :, : self.coarse_layers].transpose(1, 2).long()  # [B, K, T]
-        return F.cross_entropy(self(features).reshape(-1, self.num_levels), target.reshape(-1))
+        logits = self(features, codes if self.mode == "chained" else None)
+        return F.cross_entropy(logits.reshape(-1, self.num_levels), target.reshape(-1))
 
     @torch.no_grad()
     def propose(self, features: torch.Tensor) -> torch.Tensor:

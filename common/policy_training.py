@@ -61,7 +61,7 @@ from common.action_data import future_chunks, load_hdf5_episodes, split_episodes
 from common.action_tokenizer import LoadedTokenizer, load_tokenizer
 from common.backbones import StateBackbone
 from common.checkpoints import CheckpointError, atomic_torch_save, load_state_strict, read_checkpoint, save_checkpoint
-from common.draft_model import DraftWithProjection
+from common.draft_model import DRAFT_MODES, DraftWithProjection
 from common.normalization import ActionNormalizer
 from common.paths import ROBUST_TOKENIZER, data_dir, results_dir
 from common.paths import models_dir as default_models_dir
@@ -105,9 +105,18 @@ class PolicyTrainConfig:
     num_heads: int = 4
     draft_width: int = 128
     draft_hidden_layers: int = 2
+    # parallel = all K layers from one linear head; chained = layer l conditioned on the draft's own
+    # tokens of layers < l, as the main model is (still one draft call; see common/draft_model.py)
+    draft_mode: str = "parallel"
     # What the draft learns: "main" = the main model's own greedy coarse tokens (distillation: what
     # speculative decoding accepts), "labels" = the tokenizer's tokens of the demo actions.
     draft_targets: str = "main"
+    # Distillation targets are free to compute on ANY input, so the draft can also learn the main
+    # model's choices on perturbed inputs: copy c adds Gaussian noise of (c+1)/copies * noise * (each
+    # input dimension's std over the training steps). In closed loop the robot drifts off the demo
+    # states, where a draft fit only to demo states agrees with the main model much less often.
+    draft_augment_copies: int = 0
+    draft_augment_noise: float = 0.1
     feature_cache: str = ""  # openvla-oft: cache file(s) parallel to --data; "" = <data dir>/features/<stem>.openvla_oft_features.h5
     weight_decay: float = 0.01
     timing_repeats: int = 200  # batch-1 calls per model for the measured cost ratio
@@ -122,8 +131,18 @@ class PolicyTrainConfig:
                 "--data is required: pass a LIBERO-format HDF5 demo file (or a comma-separated list); "
                 "generate demos with `python -m phase1_improved.collect_demos`"
             )
+        if self.draft_mode not in DRAFT_MODES:
+            raise ValueError(f"--draft-mode must be one of {DRAFT_MODES}; got {self.draft_mode!r}")
         if self.draft_targets not in ("main", "labels"):
             raise ValueError(f"--draft-targets must be main or labels; got {self.draft_targets!r}")
+        if self.draft_augment_copies < 0 or self.draft_augment_noise < 0:
+            raise ValueError(
+                f"--draft-augment-copies and --draft-augment-noise must be >= 0; got {self.draft_augment_copies}, {self.draft_augment_noise}"
+            )
+        if self.draft_augment_copies and self.draft_targets != "main":
+            raise ValueError("--draft-augment-copies needs --draft-targets main (perturbed inputs have no demo tokens)")
+        if self.draft_augment_copies and self.draft_augment_noise == 0:
+            raise ValueError("--draft-augment-copies > 0 needs --draft-augment-noise > 0")
         if self.backbone not in BACKBONES:
             raise ValueError(f"--backbone must be one of {BACKBONES}; got {self.backbone!r}")
         stages = self.stages
@@ -737,6 +756,31 @@ def greedy_codes(head: RFSQHead, feats: torch.Tensor, *, device: torch.device, b
     return torch.cat(out)
 
 
+@torch.no_grad()
+def perturbed_distillation_set(
+    policy: PolicyModel, data: PolicyData, *, noise: float, copies: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of ``copies`` noisy versions of ``data.inputs`` and the main model's greedy codes on them.
+
+    Copy c (0-based) adds N(0, ((c+1)/copies * noise * std_d)^2) to input dimension d, std over
+    ``data``'s steps (task ids untouched). Returns CPU tensors [copies*N, F] and [copies*N, T, L].
+    """
+    was = policy.training
+    policy.eval()
+    std = data.inputs.std(dim=0)
+    gen = torch.Generator().manual_seed(seed)
+    feats, codes = [], []
+    for c in range(copies):
+        scale = (c + 1) / copies * noise
+        for sl in _batches(len(data), 2048):
+            x = data.inputs[sl] + scale * std * torch.randn(data.inputs[sl].shape, generator=gen)
+            f = policy.features(x.to(device), data.task_ids[sl].to(device)).float()
+            feats.append(f.cpu())
+            codes.append(policy.head.greedy_decode(f).cpu())
+    policy.train(was)
+    return torch.cat(feats), torch.cat(codes)
+
+
 def _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_codes, val_codes, device, meta, on_checkpoint) -> dict:
     m = tok.model
     if not 1 <= cfg.coarse_layers <= m.num_layers - 1:
@@ -744,7 +788,7 @@ def _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_codes
     torch.manual_seed(cfg.seed + 1)
     draft = DraftWithProjection(
         feature_dim=policy.feature_dim, width=cfg.draft_width, coarse_layers=cfg.coarse_layers,
-        tokens_per_layer=m.tokens_per_layer, num_levels=m.num_levels, hidden_layers=cfg.draft_hidden_layers,
+        tokens_per_layer=m.tokens_per_layer, num_levels=m.num_levels, hidden_layers=cfg.draft_hidden_layers, mode=cfg.draft_mode,
     ).to(device)
     optimizer, scheduler = _make_optimizer(draft, cfg, len(train_f))
     start_epoch, best_key = 0, None
@@ -866,6 +910,12 @@ def train_policy(cfg: PolicyTrainConfig, *, on_checkpoint: Callable[[], None] | 
         if cfg.draft_targets == "main":
             # Distillation: the draft learns to propose what the main model will accept.
             train_targets = greedy_codes(policy.head, train_f, device=device)
+            if cfg.draft_augment_copies:
+                extra_f, extra_codes = perturbed_distillation_set(
+                    policy, train, noise=cfg.draft_augment_noise, copies=cfg.draft_augment_copies, seed=cfg.seed + 7, device=device
+                )
+                train_f = torch.cat([train_f, extra_f])
+                train_targets = torch.cat([train_targets, extra_codes])
         draft_metrics = _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_targets, val.codes, device, meta, on_checkpoint)
         summary["draft_seconds"] = time.perf_counter() - t_draft
         summary["draft_checkpoint"] = str(paths["draft"])
@@ -1041,7 +1091,7 @@ def load_policy(
                 f"not {ckpt['content_hash']} ({head_path}); retrain it with --train draft"
             )
         _check_tokenizer(draft_path, "draft", dckpt["extra"].get("tokenizer_hash"), dckpt["config"].get("tokenizer", {}), tokenizer, allow_tokenizer_mismatch)
-        dcfg = {k: dckpt["config"][k] for k in ("feature_dim", "width", "coarse_layers", "tokens_per_layer", "num_levels", "hidden_layers", "dropout")}
+        dcfg = {k: dckpt["config"][k] for k in ("feature_dim", "width", "coarse_layers", "tokens_per_layer", "num_levels", "hidden_layers", "dropout", "mode") if k in dckpt["config"]}
         draft = DraftWithProjection.from_config(dcfg)
         load_state_strict(draft, dckpt, draft_path)
         draft.eval()

@@ -19,9 +19,9 @@ def make_main(seed=0, **kw):
     return RFSQHead(**cfg).eval()
 
 
-def make_draft(seed=0, k=K):
+def make_draft(seed=0, k=K, mode="parallel"):
     torch.manual_seed(seed + 1000)
-    return DraftWithProjection(feature_dim=D, width=16, coarse_layers=k, tokens_per_layer=T, num_levels=V).eval()
+    return DraftWithProjection(feature_dim=D, width=16, coarse_layers=k, tokens_per_layer=T, num_levels=V, mode=mode).eval()
 
 
 class OracleDraft(nn.Module):
@@ -52,12 +52,50 @@ def test_draft_shapes_propose_and_loss():
         d(torch.randn(2, D + 1))
 
 
-def test_draft_state_dict_round_trip():
-    d = make_draft()
+@pytest.mark.parametrize("mode", ["parallel", "chained"])
+def test_draft_state_dict_round_trip(mode):
+    d = make_draft(mode=mode)
     c = DraftWithProjection.from_config(d.to_config()).eval()
     c.load_state_dict(d.state_dict())
     f = torch.randn(3, D)
     assert torch.equal(d(f), c(f))
+
+
+def test_old_draft_config_without_mode_loads_as_parallel():
+    cfg = make_draft().to_config()
+    del cfg["mode"]
+    assert DraftWithProjection.from_config(cfg).mode == "parallel"
+    with pytest.raises(ValueError, match="expected mode in"):
+        DraftWithProjection(feature_dim=D, coarse_layers=K, tokens_per_layer=T, mode="tree")
+
+
+def test_chained_draft_conditions_each_layer_on_its_own_coarser_tokens():
+    d = make_draft(mode="chained")
+    f = torch.randn(5, D)
+    free = d(f)
+    proposed = d.propose(f)  # [B, T, K]
+    # teacher-forcing the draft's own greedy tokens reproduces the free-running logits exactly
+    assert torch.equal(d(f, proposed), free)
+    # layer 0 never depends on the forced tokens; layer 1 does
+    other = (proposed + 1) % V
+    forced = d(f, other)
+    assert torch.equal(forced[:, 0], free[:, 0])
+    assert not torch.allclose(forced[:, 1], free[:, 1])
+    # the loss trains through the chain; FLOPs count the chain blocks
+    d.train()
+    d.loss(f, torch.randint(0, V, (5, T, L))).backward()
+    assert d.chain_blocks[0].fc.weight.grad is not None
+    assert d.count_flops()["draft_pass"] > 0
+
+
+def test_chained_draft_is_lossless_under_speculative_decoding():
+    main = make_main(seed=3)
+    d = make_draft(seed=3, mode="chained")
+    f = torch.randn(16, D)
+    for i in range(16):
+        codes, st = speculative_decode(main, d, f[i : i + 1])
+        assert torch.equal(codes, main.greedy_decode(f[i : i + 1]))
+        assert st.main_passes == L - st.accepted_layers[0]
 
 
 def test_draft_much_cheaper_than_main_pass():

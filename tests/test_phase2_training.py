@@ -22,6 +22,7 @@ from common.policy_training import (
     compute_features,
     load_policy,
     load_policy_episodes,
+    perturbed_distillation_set,
     split_episodes,
 )
 from common.tokenizer_training import TokenizerTrainConfig, train_tokenizer
@@ -238,7 +239,42 @@ def test_modal_function_body_runs_locally_draft_only(env):
     models = env["models"]
     head_hash = torch.load(models / "best_rfsq_head.pt", weights_only=True)["content_hash"]
     cfg = PolicyTrainConfig(data=str(env["demos"]), models_dir=str(models), train="draft", epochs=1, batch_size=64,
-                            d_model=32, num_blocks=1, num_heads=2, draft_width=16, timing_repeats=5, progress=False)
+                            d_model=32, num_blocks=1, num_heads=2, draft_width=16, timing_repeats=5, progress=False,
+                            draft_mode="chained", draft_augment_copies=2)
     out = train_remote.local(dataclasses.asdict(cfg))
     assert out["head_hash"] == head_hash and out["main_seconds"] == 0.0
-    assert torch.load(models / "best_draft_with_projection.pt", weights_only=True)["extra"]["head_hash"] == head_hash
+    ckpt = torch.load(models / "best_draft_with_projection.pt", weights_only=True)
+    assert ckpt["extra"]["head_hash"] == head_hash and ckpt["config"]["mode"] == "chained"
+    # the chained draft is rebuilt from its checkpoint and decodes losslessly with the head
+    policy = load_policy(models / "best_rfsq_head.pt", models / "best_draft_with_projection.pt", load_tokenizer(models / "rfsq_robust_best.pt"))
+    assert policy.draft.mode == "chained"
+
+
+def test_perturbed_distillation_set_labels_noisy_inputs_with_the_main_models_choice(env):
+    models = env["models"]
+    tok = load_tokenizer(models / "rfsq_robust_best.pt")
+    cfg = PolicyTrainConfig(data=str(env["demos"]), num_episodes=NUM_EPS)
+    chosen, _ = load_policy_episodes(cfg.data_paths, num_episodes=NUM_EPS)
+    data = build_split(cfg, tok, chosen[:2])
+    policy = load_policy(models / "best_rfsq_head.pt", None, tok).policy
+    feats, codes = perturbed_distillation_set(policy, data, noise=0.5, copies=2, seed=0, device=torch.device("cpu"))
+    clean = compute_features(policy, data, device=torch.device("cpu"))
+    n = len(data)
+    assert feats.shape == (2 * n, clean.shape[1]) and codes.shape == (2 * n, *data.codes.shape[1:])
+    assert not torch.allclose(feats[:n], clean) and not torch.allclose(feats[n:], clean)
+    # copy 1 has twice the noise of copy 0
+    assert (feats[n:] - clean).norm() > (feats[:n] - clean).norm()
+    assert torch.equal(codes, policy.head.greedy_decode(feats))
+    again, _ = perturbed_distillation_set(policy, data, noise=0.5, copies=2, seed=0, device=torch.device("cpu"))
+    assert torch.equal(again, feats)  # seeded
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(draft_augment_copies=2, draft_targets="labels"), "needs --draft-targets main"),
+    (dict(draft_augment_copies=2, draft_augment_noise=0.0), "needs --draft-augment-noise > 0"),
+    (dict(draft_augment_copies=-1), "must be >= 0"),
+    (dict(draft_mode="tree"), "--draft-mode must be one of"),
+])
+def test_draft_flag_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        PolicyTrainConfig(data="x.hdf5", **kw)
