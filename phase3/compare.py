@@ -37,6 +37,9 @@ class CompareConfig:
     tasks: str = "0-9"
     num_trials: int = 10
     variants: str = "naive,robust-A,robust-B"
+    # per-variant trial counts, e.g. "robust-B=10": a variant already conclusive at fewer trials
+    # need not spend the full budget (the table states each variant's trials); "" = --num-trials for all
+    variant_trials: str = ""
     replan_steps: int = 4
     max_steps: int = 0  # 0 = the suite's standard limit
     workers: int = 0
@@ -49,6 +52,21 @@ class CompareConfig:
         unknown = [v for v in self.variant_list if v not in VARIANTS]
         if unknown:
             raise ValueError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+        if self.num_trials < 1:
+            raise ValueError(f"--num-trials must be >= 1; got {self.num_trials}")
+        self.trials_for_variant  # validates --variant-trials
+
+    @property
+    def trials_for_variant(self) -> dict[str, int]:
+        out = {v: self.num_trials for v in self.variant_list}
+        for item in filter(None, (x.strip() for x in self.variant_trials.split(","))):
+            name, sep, value = item.partition("=")
+            if not sep or name.strip() not in out or not value.strip().isdigit() or int(value) < 1:
+                raise ValueError(
+                    f"--variant-trials: expected comma-separated VARIANT=N with VARIANT in {self.variant_list} and N >= 1; got {item!r}"
+                )
+            out[name.strip()] = int(value)
+        return out
 
     @property
     def variant_list(self) -> list[str]:
@@ -95,7 +113,7 @@ def run(cfg: CompareConfig) -> dict:
     for name in cfg.variant_list:
         tokenizer, strategy = VARIANTS[name]
         ecfg = EvalConfig(
-            task_suite=cfg.task_suite, tasks=cfg.tasks, num_trials=cfg.num_trials, use_speculative_decoding=True,
+            task_suite=cfg.task_suite, tasks=cfg.tasks, num_trials=cfg.trials_for_variant[name], use_speculative_decoding=True,
             tokenizer=tokenizer, strategy=strategy, replan_steps=cfg.replan_steps, max_steps=cfg.max_steps, workers=cfg.workers, seed=cfg.seed,
             compare_main_only=True, models_dir=cfg.models_dir, out=str(out / name),
         )
@@ -103,17 +121,17 @@ def run(cfg: CompareConfig) -> dict:
     tasks = sorted(int(t) for t in next(iter(infos.values()))["per_task"])
     expert = expert_rate(Path(cfg.expert_results) if cfg.expert_results else results_dir() / "expert_success.json", cfg.task_suite, tasks)
     lines = [
-        f"Suite `{cfg.task_suite}`, tasks {cfg.tasks}, {cfg.num_trials} trials per task (trial i = init state i), replan every {cfg.replan_steps} steps.",
+        f"Suite `{cfg.task_suite}`, tasks {cfg.tasks}, trial i = init state i (trials per task in the table), replan every {cfg.replan_steps} steps.",
         f"Scripted expert on the same tasks: {_pct(expert)}.",
         "",
-        "| variant | success | fine-grained | policy ms / env step (spec) | (main-only) | token decode ms / chunk (spec) | (main-only) | token-decode speedup | main passes / chunk (spec / main-only) | mean accepted layers | lossless identical | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | trials / task | success | fine-grained | policy ms / env step (spec) | (main-only) | token decode ms / chunk (spec) | (main-only) | token-decode speedup | main passes / chunk (spec / main-only) | mean accepted layers | lossless identical | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, info in infos.items():
         lat, step = info["latency_ms"], info["step_latency"] or {}
         spec_tok = lat.get("main_ms", {}).get("mean", float("nan")) + lat.get("draft_ms", {}).get("mean", 0.0)
         lines.append(
-            f"| {name} | {_pct(info['success_rate'])} | {_pct(info['fine_grained_success_rate'])} | "
+            f"| {name} | {cfg.trials_for_variant[name]} | {_pct(info['success_rate'])} | {_pct(info['fine_grained_success_rate'])} | "
             f"{_num(step.get('policy_ms_per_env_step'))} | {_num(step.get('main_only_policy_ms_per_env_step'))} | "
             f"{_num(spec_tok)} | {_num(lat.get('ref_main_ms', {}).get('mean'))} | {_num(info['token_decode_speedup'])}x | "
             f"{_num(info['main_passes_per_chunk'])} / {_num(info['main_only_passes_per_chunk'])} | {_num(info['mean_accepted_layers'])} | "
@@ -137,7 +155,7 @@ def run(cfg: CompareConfig) -> dict:
             "success_rate", "fine_grained_success_rate", "success_episodes", "errors", "latency_ms", "step_latency",
             "acceptance_per_layer", "mean_accepted_layers", "main_passes_per_chunk", "main_only_passes_per_chunk",
             "main_pass_ratio", "token_decode_speedup", "lossless_identical_fraction", "per_task", "wall_seconds",
-            "episodes_per_minute")} for name, info in infos.items()},
+            "episodes_per_minute")} | {"trials_per_task": cfg.trials_for_variant[name]} for name, info in infos.items()},
         "provenance": provenance(seed=cfg.seed),
     }
     write_json(out / "comparison.json", result)

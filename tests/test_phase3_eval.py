@@ -140,3 +140,16 @@ def test_modal_module_imports_without_token_flags_match_and_shard_runs(models, t
     assert sorted((t, tr) for t, trials in shards for tr in trials) == planned_jobs(_cfg(models, tmp_path / "s", tasks="0-1", num_trials=25))
     rows = mod.run_shard.local(cfg.__dict__, 0, [1])
     assert len(rows) == 1 and rows[0]["trial"] == 1 and rows[0]["status"] in ("success", "failure")
+
+
+def test_compare_variant_trials_override_and_validation():
+    from phase3.compare import CompareConfig
+
+    cfg = CompareConfig(num_trials=50, variant_trials="robust-B=10")
+    assert cfg.trials_for_variant == {"naive": 50, "robust-A": 50, "robust-B": 10}
+    assert CompareConfig(num_trials=7).trials_for_variant == {"naive": 7, "robust-A": 7, "robust-B": 7}
+    for bad in ("robust-C=3", "robust-B", "robust-B=0", "naive=x"):
+        with pytest.raises(ValueError, match="--variant-trials: expected"):
+            CompareConfig(variant_trials=bad)
+    with pytest.raises(ValueError, match="--variant-trials"):
+        CompareConfig(variants="naive", variant_trials="robust-B=10")  # not among --variants
