@@ -633,6 +633,63 @@ def _tokenizer_info(tok: LoadedTokenizer) -> dict[str, Any]:
     }
 
 
+def _fit_epochs(
+    model: nn.Module, cfg: PolicyTrainConfig, *, stage: str, num_train: int, salt: int,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor], evaluate: Callable[[], tuple[dict, tuple]],
+    save_best: Callable[[dict, int], None], state_path: Path, state_kind: str, state_checks: dict,
+    metrics_path: Path, on_checkpoint: Callable[[], None] | None,
+) -> None:
+    """The epoch loop both stages share: resume, shuffled AdamW steps, held-out metrics, JSONL log,
+    best checkpoint (``save_best(metrics, epoch)`` when ``evaluate``'s key improves), training state.
+
+    ``state_checks`` (hashes of what the stage was trained against) are stored in the training
+    state and must match on ``--resume``.
+    """
+    optimizer, scheduler = _make_optimizer(model, cfg, num_train)
+    start_epoch, best_key = 0, None
+    state = _load_training_state(state_path, state_kind, cfg, state_checks)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        best_key = tuple(state["best_key"]) if state.get("best_key") is not None else None
+    elif metrics_path.exists():
+        metrics_path.unlink()  # a fresh run starts a fresh log
+    epochs = tqdm(range(start_epoch, cfg.epochs), desc=stage, disable=not cfg.progress, initial=start_epoch, total=cfg.epochs)
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        model.train()
+        order = _epoch_order(num_train, cfg, epoch, salt=salt)
+        running, count = 0.0, 0
+        for s in range(0, num_train, cfg.batch_size):
+            idx = order[s : s + cfg.batch_size]
+            loss = batch_loss(idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            running += loss.item() * len(idx)
+            count += len(idx)
+        ev, key = evaluate()
+        record = {"stage": stage, "epoch": epoch + 1, "train_loss": running / max(count, 1), **ev,
+                  "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
+        record["best"] = best_key is None or key > best_key
+        _append_jsonl(metrics_path, record)
+        epochs.set_postfix(loss=f"{record['train_loss']:.3f}", score=f"{key[0]:.3f}")
+        if record["best"]:
+            best_key = key
+            save_best(ev, epoch + 1)
+        atomic_torch_save(
+            {"kind": state_kind, "config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_key": list(best_key), **state_checks},
+            state_path,
+        )
+        if on_checkpoint is not None:
+            on_checkpoint()
+
+
 # ==================================================================================== stages
 def _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkpoint) -> tuple[PolicyModel, dict, str]:
     """Train backbone + head; returns (best policy on device, best metrics, head checkpoint hash)."""
@@ -652,18 +709,6 @@ def _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkp
     if policy.backbone is not None:
         policy.backbone.fit_normalizer(train.inputs)
     policy.to(device)
-    optimizer, scheduler = _make_optimizer(policy, cfg, len(train))
-    start_epoch, best_key = 0, None
-    state = _load_training_state(paths["head_last"], MAIN_STATE_KIND, cfg, {"tokenizer_hash": tok.content_hash})
-    if state is not None:
-        policy.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
-        best_key = tuple(state["best_key"]) if state.get("best_key") is not None else None
-    elif paths["head_metrics"].exists():
-        paths["head_metrics"].unlink()  # a fresh run starts a fresh log
-
     ckpt_config = {
         **policy.model_config, "task_table": task_table, "tokenizer": _tokenizer_info(tok),
         "label_convention": "codes of the chunk starting at each step; episode end padded by repeating the last action",
@@ -673,43 +718,26 @@ def _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkp
         "train_config": asdict(cfg), "provenance": provenance(seed=cfg.seed),
     }
     normalizer = tok.normalizer.to_dict()
-    epochs = tqdm(range(start_epoch, cfg.epochs), desc="main", disable=not cfg.progress, initial=start_epoch, total=cfg.epochs)
-    for epoch in epochs:
-        t0 = time.perf_counter()
-        policy.train()
-        order = _epoch_order(len(train), cfg, epoch, salt=1)
-        running, count = 0.0, 0
-        for s in range(0, len(train), cfg.batch_size):
-            idx = order[s : s + cfg.batch_size]
-            x, t, c = train.inputs[idx].to(device), train.task_ids[idx].to(device), train.codes[idx].to(device).long()
-            loss = policy.head.loss(policy.features(x, t), c)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            running += loss.item() * len(idx)
-            count += len(idx)
+
+    def batch_loss(idx):
+        x, t, c = train.inputs[idx].to(device), train.task_ids[idx].to(device), train.codes[idx].to(device).long()
+        return policy.head.loss(policy.features(x, t), c)
+
+    def evaluate():
         ev = evaluate_main(policy, val, device=device)
-        key = (ev["val_mean_token_acc"], -ev["val_ce"])
-        record = {"stage": "main", "epoch": epoch + 1, "train_loss": running / max(count, 1), **ev,
-                  "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
-        record["best"] = best_key is None or key > best_key
-        _append_jsonl(paths["head_metrics"], record)
-        epochs.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{ev['val_mean_token_acc']:.3f}")
-        if record["best"]:
-            best_key = key
-            save_checkpoint(
-                paths["head"], kind=HEAD_KIND, model=policy, config=ckpt_config, normalizer=normalizer,
-                metrics={**ev, "epoch": epoch + 1, **meta}, extra=extra_base,
-            )
-        atomic_torch_save(
-            {"kind": MAIN_STATE_KIND, "config": asdict(cfg), "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_key": list(best_key), "tokenizer_hash": tok.content_hash},
-            paths["head_last"],
+        return ev, (ev["val_mean_token_acc"], -ev["val_ce"])
+
+    def save_best(ev, epoch):
+        save_checkpoint(
+            paths["head"], kind=HEAD_KIND, model=policy, config=ckpt_config, normalizer=normalizer,
+            metrics={**ev, "epoch": epoch, **meta}, extra=extra_base,
         )
-        if on_checkpoint is not None:
-            on_checkpoint()
+
+    _fit_epochs(
+        policy, cfg, stage="main", num_train=len(train), salt=1, batch_loss=batch_loss, evaluate=evaluate, save_best=save_best,
+        state_path=paths["head_last"], state_kind=MAIN_STATE_KIND, state_checks={"tokenizer_hash": tok.content_hash},
+        metrics_path=paths["head_metrics"], on_checkpoint=on_checkpoint,
+    )
 
     # Reload the best weights, add greedy-decode metrics to the checkpoint's metrics.
     ckpt = read_checkpoint(paths["head"], kind=HEAD_KIND)
@@ -790,18 +818,6 @@ def _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_codes
         feature_dim=policy.feature_dim, width=cfg.draft_width, coarse_layers=cfg.coarse_layers,
         tokens_per_layer=m.tokens_per_layer, num_levels=m.num_levels, hidden_layers=cfg.draft_hidden_layers, mode=cfg.draft_mode,
     ).to(device)
-    optimizer, scheduler = _make_optimizer(draft, cfg, len(train_f))
-    start_epoch, best_key = 0, None
-    state = _load_training_state(paths["draft_last"], DRAFT_STATE_KIND, cfg, {"tokenizer_hash": tok.content_hash, "head_hash": head_hash})
-    if state is not None:
-        draft.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
-        best_key = tuple(state["best_key"]) if state.get("best_key") is not None else None
-    elif paths["draft_metrics"].exists():
-        paths["draft_metrics"].unlink()
-
     costs = measure_costs(policy.head, draft, repeats=cfg.timing_repeats, seed=cfg.seed)
     ckpt_config = {
         **draft.to_config(), "backbone_kind": cfg.backbone, "tokenizer": _tokenizer_info(tok), "head_hash": head_hash,
@@ -810,45 +826,29 @@ def _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_codes
         "tokenizer_hash": tok.content_hash, "tokenizer_path": str(tok.path), "head_hash": head_hash,
         "head_path": str(paths["head"]), "train_config": asdict(cfg), "provenance": provenance(seed=cfg.seed),
     }
-    epochs = tqdm(range(start_epoch, cfg.epochs), desc="draft", disable=not cfg.progress, initial=start_epoch, total=cfg.epochs)
-    for epoch in epochs:
-        t0 = time.perf_counter()
-        draft.train()
-        order = _epoch_order(len(train_f), cfg, epoch, salt=2)
-        running, count = 0.0, 0
-        for s in range(0, len(train_f), cfg.batch_size):
-            idx = order[s : s + cfg.batch_size]
-            loss = draft.loss(train_f[idx].to(device), train_codes[idx].to(device).long())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            running += loss.item() * len(idx)
-            count += len(idx)
+
+    def batch_loss(idx):
+        return draft.loss(train_f[idx].to(device), train_codes[idx].to(device).long())
+
+    def evaluate():
         ev = evaluate_draft(draft, val_f, val_codes, device=device)
         ev.update(draft_main_agreement(policy.head, draft, val_f, device=device))
         # best draft: most accepted layers when distilled (the speedup), else coarse accuracy
         key = (ev["mean_accepted_layers"], ev["val_coarse_acc"]) if cfg.draft_targets == "main" else (ev["val_coarse_acc"], -ev["val_ce"])
-        record = {"stage": "draft", "epoch": epoch + 1, "train_loss": running / max(count, 1), **ev,
-                  "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
-        record["best"] = best_key is None or key > best_key
-        _append_jsonl(paths["draft_metrics"], record)
-        epochs.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{ev['val_coarse_acc']:.3f}")
-        if record["best"]:
-            best_key = key
-            save_checkpoint(
-                paths["draft"], kind=DRAFT_KIND, model=draft, config=ckpt_config, normalizer=tok.normalizer.to_dict(),
-                metrics={**ev, "epoch": epoch + 1, "costs": costs, **meta}, extra=extra,
-            )
-        atomic_torch_save(
-            {"kind": DRAFT_STATE_KIND, "config": asdict(cfg), "model": draft.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_key": list(best_key),
-             "tokenizer_hash": tok.content_hash, "head_hash": head_hash},
-            paths["draft_last"],
+        return ev, key
+
+    def save_best(ev, epoch):
+        save_checkpoint(
+            paths["draft"], kind=DRAFT_KIND, model=draft, config=ckpt_config, normalizer=tok.normalizer.to_dict(),
+            metrics={**ev, "epoch": epoch, "costs": costs, **meta}, extra=extra,
         )
-        if on_checkpoint is not None:
-            on_checkpoint()
+
+    _fit_epochs(
+        draft, cfg, stage="draft", num_train=len(train_f), salt=2, batch_loss=batch_loss, evaluate=evaluate, save_best=save_best,
+        state_path=paths["draft_last"], state_kind=DRAFT_STATE_KIND,
+        state_checks={"tokenizer_hash": tok.content_hash, "head_hash": head_hash},
+        metrics_path=paths["draft_metrics"], on_checkpoint=on_checkpoint,
+    )
     ckpt = read_checkpoint(paths["draft"], kind=DRAFT_KIND)
     if ckpt["extra"].get("head_hash") != head_hash:
         raise CheckpointError(f"{paths['draft']}: best draft belongs to head {ckpt['extra'].get('head_hash')}, not {head_hash}")
