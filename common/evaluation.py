@@ -331,15 +331,35 @@ def planned_jobs(cfg: EvalConfig) -> list[tuple[int, int]]:
     return [(task, trial) for task in parse_task_spec(cfg.tasks, num_tasks) for trial in range(cfg.num_trials)]
 
 
+def checkpoint_hashes(cfg: EvalConfig) -> dict[str, str]:
+    """Content hashes of the tokenizer/head/draft files this run loads (missing files are left out:
+    the policy loader reports them with the full message)."""
+    out = {}
+    for name, path in cfg.checkpoint_paths().items():
+        if path.exists():
+            out[name] = str(torch.load(path, map_location="cpu", weights_only=True).get("content_hash"))
+    return out
+
+
 def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     """Run (or resume) the evaluation; returns the eval_info dict (also written to ``out``)."""
     out = cfg.out_dir()
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "episodes.jsonl"
     key_path = out / "eval_config.json"
-    if key_path.exists() and json.loads(key_path.read_text())["resume_key"] != cfg.resume_key():
-        raise ValueError(f"{out}: holds results of a different configuration ({key_path}); choose another --out")
-    write_json(key_path, {"resume_key": cfg.resume_key(), "config": asdict(cfg)})
+    checkpoints = checkpoint_hashes(cfg)
+    if key_path.exists():
+        saved = json.loads(key_path.read_text())
+        if saved["resume_key"] != cfg.resume_key():
+            raise ValueError(f"{out}: holds results of a different configuration ({key_path}); choose another --out")
+        # finished episodes are only reusable when they were run with the very same models
+        changed = sorted(k for k, h in saved.get("checkpoints", checkpoints).items() if checkpoints.get(k) != h)
+        if changed:
+            raise ValueError(
+                f"{out}: finished episodes were run with other {', '.join(changed)} checkpoints than "
+                f"{', '.join(str(cfg.checkpoint_paths()[k]) for k in changed)} now hold; choose another --out or delete {out}"
+            )
+    write_json(key_path, {"resume_key": cfg.resume_key(), "config": asdict(cfg), "checkpoints": checkpoints})
 
     jobs = planned_jobs(cfg)
     done = {(r["task"], r["trial"]) for r in read_rows(rows_path)}

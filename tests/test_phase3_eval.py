@@ -74,6 +74,21 @@ def test_real_episodes_end_to_end_lossless_and_resumable(models, tmp_path):
         evaluate(_cfg(models, tmp_path / "run", replan_steps=2), progress=False)
 
 
+def test_resume_refuses_episodes_run_with_other_checkpoints(models, tmp_path):
+    import shutil
+
+    copy = {**models, "models": tmp_path / "models"}
+    shutil.copytree(models["models"], copy["models"])
+    evaluate(_cfg(copy, tmp_path / "run", num_trials=1), progress=False)
+    # a retrained draft (other seed) changes the draft checkpoint's content hash
+    train_policy(PolicyTrainConfig(data=str(models["root"] / "demos.hdf5"), models_dir=str(copy["models"]), train="draft",
+                                   **{**TINY_POLICY, "seed": 5}))
+    with pytest.raises(ValueError, match=r"finished episodes were run with other draft checkpoints than .*best_draft_with_projection\.pt"):
+        evaluate(_cfg(copy, tmp_path / "run", num_trials=2), progress=False)
+    # a fresh --out is fine
+    assert evaluate(_cfg(copy, tmp_path / "run2", num_trials=1), progress=False)["episodes"] == 1
+
+
 def test_strategy_b_pairs_naive_models_with_robust_decoder_explicitly(models, tmp_path):
     info = evaluate(_cfg(models, tmp_path / "b", strategy="B", num_trials=1, max_steps=4), progress=False)
     assert info["episodes"] == 1 and info["errors"] == 0
