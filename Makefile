@@ -46,6 +46,11 @@ bench: setup
 DEMOS := data/libero_object_demos.hdf5,data/libero_spatial_demos.hdf5
 SEED50 := artifacts/models_seed50
 PHASE2_FLAGS := --data $(DEMOS) --num-episodes 0 --epochs 12 --batch-size 256 --lr 1e-3 --d-model 128 --num-blocks 2
+# the Phase 3 drafts: retrained on the frozen heads, chained, wider, distilled on perturbed states too
+DRAFT_FLAGS := --data $(DEMOS) --num-episodes 0 --epochs 30 --batch-size 256 --lr 1e-3 --d-model 128 --num-blocks 2 \
+	--train draft --draft-mode chained --draft-width 512 --draft-hidden-layers 3 --draft-augment-copies 2 --draft-augment-noise 0.1
+# robust-B (naive-token models + robust decoder) fails at 10 trials per task; it gets 10, the others 50
+PHASE3_FLAGS := --num-trials 50 --variant-trials robust-B=10
 evidence: setup
 	$(PY) -m phase1_improved.collect_demos --suite libero_object --tasks 0-9 --demos-per-task 30 --workers 2 --out libero_object_demos.hdf5
 	$(PY) -m phase1_improved.collect_demos --suite libero_spatial --tasks 0-3,5-9 --demos-per-task 30 --workers 2 --out libero_spatial_demos.hdf5
@@ -57,6 +62,8 @@ evidence: setup
 	$(PY) -m phase1_improved.test_layernorm_improvement --out results/phase1_real_all
 	$(PY) -m phase2_draft_retrain.modal_train_draft_with_projection $(PHASE2_FLAGS)
 	$(PY) -m phase2_draft_retrain.modal_train_draft_with_projection $(PHASE2_FLAGS) --rfsq-checkpoint artifacts/models/rfsq_best.pt
-	$(PY) -m phase3.compare --task-suite libero_object --tasks 0-9 --num-trials 10
-	$(PY) -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 10
+	$(PY) -m phase2_draft_retrain.modal_train_draft_with_projection $(DRAFT_FLAGS)
+	$(PY) -m phase2_draft_retrain.modal_train_draft_with_projection $(DRAFT_FLAGS) --rfsq-checkpoint artifacts/models/rfsq_best.pt
+	$(PY) -m phase3.compare --task-suite libero_object --tasks 0-9 $(PHASE3_FLAGS)
+	$(PY) -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 $(PHASE3_FLAGS)
 	$(PY) -m rsd_pipeline report

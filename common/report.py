@@ -35,13 +35,13 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "phase1_real_all": ("phase1_real_all/comparison.md", "phase1_real_all/comparison.json",
                         "python -m phase1_improved.test_layernorm_improvement --out results/phase1_real_all"),
     "phase2": ("phase2/train_summary.md", "phase2/train_summary.json",
-               "python -m phase2_draft_retrain.modal_train_draft_with_projection --data <demos>"),
+               "make evidence (Phase 2 lines: main + draft, then the draft retrained with $(DRAFT_FLAGS))"),
     "phase2_naive": ("phase2/train_summary_naive.md", "phase2/train_summary_naive.json",
-                     "python -m phase2_draft_retrain.modal_train_draft_with_projection --data <demos> --rfsq-checkpoint <models>/rfsq_best.pt"),
+                     "make evidence (Phase 2 lines with --rfsq-checkpoint artifacts/models/rfsq_best.pt)"),
     "phase3_libero_object": ("phase3/compare_libero_object/comparison.md", "phase3/compare_libero_object/comparison.json",
-                             "python -m phase3.compare --task-suite libero_object"),
+                             "python -m phase3.compare --task-suite libero_object --tasks 0-9 --num-trials 50 --variant-trials robust-B=10"),
     "phase3_libero_spatial": ("phase3/compare_libero_spatial/comparison.md", "phase3/compare_libero_spatial/comparison.json",
-                              "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9"),
+                              "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 50 --variant-trials robust-B=10"),
     # the local pipeline's report folder (report/ beside results/), written by `make run`
     "pipeline": ("../report/data/pipeline/pipeline_summary.md", "../report/data/pipeline/pipeline_summary.json", "make run"),
 }
