@@ -944,7 +944,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"Data: `{s['data']}` — {s['num_episodes']} demos ({s['train_episodes']} train / {s['val_episodes']} held-out episodes, "
         f"{s['train_steps']} / {s['val_steps']} steps), {s['num_tasks']} tasks, backbone `{s['backbone']}`, device {s['device']}. "
         f"Tokenizer `{tok['path']}` ({tok['content_hash']}): {tok['num_layers']} layers x {tok['tokens_per_layer']} tokens x {tok['num_levels']} levels. "
-        f"Wall time {s['wall_seconds']:.1f} s.",
+        f"Wall time {s['wall_seconds']:.1f} s (main {s.get('main_seconds', 0.0):.1f} s{', loaded from its checkpoint' if 'main' not in s.get('stages', ['main']) else ''}, "
+        f"draft {s.get('draft_seconds', 0.0):.1f} s).",
         "",
     ]
     main = s.get("main", {})
@@ -963,7 +964,11 @@ def summary_markdown(s: dict[str, Any]) -> str:
     if d:
         K = len(d["val_token_acc"])
         c = d["costs"]
+        tc = s.get("train_config", {})
+        copies = tc.get("draft_augment_copies", 0)
         lines += [
+            f"Draft: mode `{tc.get('draft_mode', 'parallel')}`, width {tc.get('draft_width')}, {tc.get('draft_hidden_layers')} hidden layers, "
+            f"{tc.get('epochs')} epochs" + (f", {copies} perturbed copies of the training inputs (noise {tc.get('draft_augment_noise')} x std)" if copies else "") + ".",
             f"Draft trained on {'the main model’s greedy tokens (distillation)' if s.get('train_config', {}).get('draft_targets', 'labels') == 'main' else 'the tokenizer’s tokens of the demos'}; accuracy below is against the demo tokens.",
             "",
             "| draft (held-out, %) | " + " | ".join(f"L{i}" for i in range(K)) + " | mean |",
