@@ -9,9 +9,10 @@ mode="chained":  layer l's logits come from h_l; its greedy tokens are embedded 
                  GIVEN layers < l, so a draft that also sees its own coarser tokens can match the
                  main's choice on layer 1 and 2, which an independent head can only guess.
 
-Either way the draft is ONE call of a few small matmuls (see ``count_flops``), far below one pass
-of the main model.  Its errors are caught by the main model's verification pass
-(``common/speculative.py``).
+Either way the draft is ONE call; what it costs next to one main pass depends on its width and
+mode (``count_flops``; Phase 2 also measures the batch-1 time ratio: at small sizes on a CPU the
+per-op overhead, not the arithmetic, dominates, so a chained draft of any width costs about a main
+pass).  Its errors are caught by the main model's verification pass (``common/speculative.py``).
 """
 
 from __future__ import annotations
@@ -129,6 +130,8 @@ class DraftWithProjection(nn.Module):
         """
         if features.dim() != 2 or features.shape[1] != self.feature_dim:
             raise ValueError(f"features: expected [B, {self.feature_dim}], found {list(features.shape)}")
+        if codes is not None and self.mode != "chained":
+            raise ValueError(f"codes: only a chained draft takes teacher-forced codes; this draft is {self.mode!r}")
         B, K, T, V = features.shape[0], self.coarse_layers, self.tokens_per_layer, self.num_levels
         h = self.blocks(self.projection(features))
         if self.mode == "parallel":
