@@ -47,6 +47,8 @@ class CompareConfig:
     models_dir: str = ""
     out: str = ""
     expert_results: str = ""  # "" = $RSD_RESULTS_DIR/expert_success.json when present
+    # rebuild comparison.{json,md} from the variants' finished eval_info.json, running nothing
+    tables_only: bool = False
 
     def __post_init__(self):
         unknown = [v for v in self.variant_list if v not in VARIANTS]
@@ -107,10 +109,20 @@ def fine_motion_rows(models_dir: str) -> dict:
     return {"heldout": {k: v for k, v in info.items() if k != "val_episodes"}, "naive": fine_motion_mse(naive, raw), "robust": fine_motion_mse(robust, raw)}
 
 
-def run(cfg: CompareConfig) -> dict:
-    out = Path(cfg.out) if cfg.out else results_dir() / "phase3" / f"compare_{cfg.task_suite}"
+def _variant_infos(cfg: CompareConfig, out: Path) -> dict[str, dict]:
     infos = {}
     for name in cfg.variant_list:
+        if cfg.tables_only:
+            path = out / name / "eval_info.json"
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: --tables-only needs the finished evaluation of variant {name!r}; run without --tables-only first")
+            infos[name] = json.loads(path.read_text())
+            if infos[name]["config"]["num_trials"] != cfg.trials_for_variant[name]:
+                raise ValueError(
+                    f"{path}: variant {name!r} was run with {infos[name]['config']['num_trials']} trials per task, "
+                    f"expected {cfg.trials_for_variant[name]} (--num-trials / --variant-trials)"
+                )
+            continue
         tokenizer, strategy = VARIANTS[name]
         ecfg = EvalConfig(
             task_suite=cfg.task_suite, tasks=cfg.tasks, num_trials=cfg.trials_for_variant[name], use_speculative_decoding=True,
@@ -118,14 +130,31 @@ def run(cfg: CompareConfig) -> dict:
             compare_main_only=True, models_dir=cfg.models_dir, out=str(out / name),
         )
         infos[name] = evaluate(ecfg)
+    return infos
+
+
+def draft_cost_in_main_passes(info: dict) -> float | None:
+    """Mean draft time over the mean time of one main-only pass, from the same run's chunks.
+
+    Speculative decoding saves time only when the mean accepted layers exceed this (plus the small
+    cost of the acceptance check)."""
+    lat = info["latency_ms"]
+    if "draft_ms" not in lat or "ref_main_ms" not in lat or not info.get("main_only_passes_per_chunk"):
+        return None
+    return lat["draft_ms"]["mean"] / (lat["ref_main_ms"]["mean"] / info["main_only_passes_per_chunk"])
+
+
+def run(cfg: CompareConfig) -> dict:
+    out = Path(cfg.out) if cfg.out else results_dir() / "phase3" / f"compare_{cfg.task_suite}"
+    infos = _variant_infos(cfg, out)
     tasks = sorted(int(t) for t in next(iter(infos.values()))["per_task"])
     expert = expert_rate(Path(cfg.expert_results) if cfg.expert_results else results_dir() / "expert_success.json", cfg.task_suite, tasks)
     lines = [
         f"Suite `{cfg.task_suite}`, tasks {cfg.tasks}, trial i = init state i (trials per task in the table), replan every {cfg.replan_steps} steps.",
         f"Scripted expert on the same tasks: {_pct(expert)}.",
         "",
-        "| variant | trials / task | success | fine-grained | policy ms / env step (spec) | (main-only) | token decode ms / chunk (spec) | (main-only) | token-decode speedup | main passes / chunk (spec / main-only) | mean accepted layers | lossless identical | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | trials / task | success | fine-grained | policy ms / env step (spec) | (main-only) | token decode ms / chunk (spec) | (main-only) | token-decode speedup | main passes / chunk (spec / main-only) | mean accepted layers | draft cost (main passes) | lossless identical | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, info in infos.items():
         lat, step = info["latency_ms"], info["step_latency"] or {}
@@ -135,10 +164,14 @@ def run(cfg: CompareConfig) -> dict:
             f"{_num(step.get('policy_ms_per_env_step'))} | {_num(step.get('main_only_policy_ms_per_env_step'))} | "
             f"{_num(spec_tok)} | {_num(lat.get('ref_main_ms', {}).get('mean'))} | {_num(info['token_decode_speedup'])}x | "
             f"{_num(info['main_passes_per_chunk'])} / {_num(info['main_only_passes_per_chunk'])} | {_num(info['mean_accepted_layers'])} | "
+            f"{_num(draft_cost_in_main_passes(info))} | "
             f"{_pct(info['lossless_identical_fraction'])} | {info['errors']} |"
         )
     fine = fine_motion_rows(cfg.models_dir)
     lines += [
+        "",
+        "Draft cost = mean draft time / mean time of one main-only pass, same chunks: the speculative path "
+        "is faster only when the mean accepted layers exceed it.",
         "",
         f"Tokenizer reconstruction MSE on held-out demo chunks ({fine['heldout']['num_chunks']} chunks; fine-motion = "
         f"{fine['robust']['fine_motion_chunks']} slow / gripper-toggle chunks):",
@@ -155,7 +188,8 @@ def run(cfg: CompareConfig) -> dict:
             "success_rate", "fine_grained_success_rate", "success_episodes", "errors", "latency_ms", "step_latency",
             "acceptance_per_layer", "mean_accepted_layers", "main_passes_per_chunk", "main_only_passes_per_chunk",
             "main_pass_ratio", "token_decode_speedup", "lossless_identical_fraction", "per_task", "wall_seconds",
-            "episodes_per_minute")} | {"trials_per_task": cfg.trials_for_variant[name]} for name, info in infos.items()},
+            "episodes_per_minute")} | {"trials_per_task": cfg.trials_for_variant[name],
+                                         "draft_cost_in_main_passes": draft_cost_in_main_passes(info)} for name, info in infos.items()},
         "provenance": provenance(seed=cfg.seed),
     }
     write_json(out / "comparison.json", result)

@@ -168,3 +168,25 @@ def test_compare_variant_trials_override_and_validation():
             CompareConfig(variant_trials=bad)
     with pytest.raises(ValueError, match="--variant-trials"):
         CompareConfig(variants="naive", variant_trials="robust-B=10")  # not among --variants
+
+
+def test_compare_tables_only_rebuilds_from_finished_runs_and_checks_trials(models, tmp_path, monkeypatch):
+    from phase3.compare import CompareConfig, run as compare
+
+    monkeypatch.setattr("phase3.compare.fine_motion_rows", lambda models_dir: {
+        "heldout": {"num_chunks": 3}, "naive": {"all_mse": 1.0, "fine_motion_mse": 2.0, "fine_motion_chunks": 1},
+        "robust": {"all_mse": 0.5, "fine_motion_mse": 1.0, "fine_motion_chunks": 1}})
+    base = dict(task_suite=SUITE, tasks="0", variants="robust-A", max_steps=12, workers=1, models_dir=str(models["models"]), out=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="--tables-only needs the finished evaluation of variant 'robust-A'"):
+        compare(CompareConfig(num_trials=1, tables_only=True, **base))
+    first = compare(CompareConfig(num_trials=1, **base))
+    again = compare(CompareConfig(num_trials=1, tables_only=True, **base))
+    # same numbers (compared as JSON: per-task keys become strings and NaN stays NaN on disk)
+    assert json.dumps(again["variants"], sort_keys=True) == json.dumps(first["variants"], sort_keys=True)
+    v = first["variants"]["robust-A"]
+    assert v["trials_per_task"] == 1 and v["draft_cost_in_main_passes"] > 0
+    lat = v["latency_ms"]
+    assert v["draft_cost_in_main_passes"] == pytest.approx(lat["draft_ms"]["mean"] / (lat["ref_main_ms"]["mean"] / 8))
+    assert "| robust-A | 1 |" in (tmp_path / "comparison.md").read_text()
+    with pytest.raises(ValueError, match="was run with 1 trials per task, expected 2"):
+        compare(CompareConfig(num_trials=2, tables_only=True, **base))
