@@ -154,5 +154,9 @@ class DraftWithProjection(nn.Module):
 
     @torch.no_grad()
     def propose(self, features: torch.Tensor) -> torch.Tensor:
-        """Greedy proposal codes [B, T, K] (same layout as the tokenizer's codes[..., :K])."""
+        """Greedy proposal codes [B, T, K] (same layout as the tokenizer's codes[..., :K]).
+
+        Features are cast to the draft's own precision (it may run in float32 next to a float64 main
+        model: its tokens are verified, so its precision never changes the decoded result)."""
+        features = features.to(self.projection[1].weight.dtype)
         return self(features).argmax(dim=-1).transpose(1, 2)

@@ -80,6 +80,9 @@ class EvalConfig:
     compare_main_only: bool = True  # decode every chunk both ways: lossless check + same-run latency
     assert_lossless: bool = False  # stop with LosslessViolation on the first differing chunk (else count it)
     decode_dtype: str = "float64"  # float64 | float32: precision of the main/draft token models
+    # The draft's precision does not touch losslessness (the main model verifies its integer tokens),
+    # so it may run cheaper: "" = same as --decode-dtype.
+    draft_dtype: str = ""
     models_dir: str = ""
     out: str = ""  # "" = $RSD_RESULTS_DIR/phase3/<run name>
     torch_threads: int = 1
@@ -97,6 +100,8 @@ class EvalConfig:
             raise ValueError("--strategy B means: robust decoder + naive-token models; use it with --tokenizer robust")
         if self.decode_dtype not in ("float64", "float32"):
             raise ValueError(f"--decode-dtype must be float64 or float32; got {self.decode_dtype!r}")
+        if self.draft_dtype not in ("", "float64", "float32"):
+            raise ValueError(f"--draft-dtype must be float64, float32 or empty (= --decode-dtype); got {self.draft_dtype!r}")
         if self.acceptance not in ("exact", "relaxed"):
             raise ValueError(f"--acceptance must be exact or relaxed; got {self.acceptance!r}")
         if self.acceptance == "exact" and self.tolerance != 0:
@@ -166,8 +171,9 @@ class TokenPolicy:
         # distribution can flip an argmax: we saw one chunk in a few thousand differ. In float64 both
         # paths agree; speculative and main-only are timed in the same precision.
         self.dtype = torch.float64 if cfg.decode_dtype == "float64" else torch.float32
+        self.draft_dtype = {"float64": torch.float64, "float32": torch.float32}.get(cfg.draft_dtype, self.dtype)
         self.policy.head.to(self.dtype)
-        self.policy.draft.to(self.dtype)
+        self.policy.draft.to(self.draft_dtype)
         self._plans = 0  # plan() calls so far (alternates the timing order of the two decodes)
         self.checkpoints = {
             "tokenizer": {"path": str(paths["tokenizer"]), "content_hash": self.tokenizer.content_hash},

@@ -38,6 +38,8 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                "make evidence (Phase 2 lines: main + draft, then the draft retrained with $(DRAFT_FLAGS))"),
     "phase2_naive": ("phase2/train_summary_naive.md", "phase2/train_summary_naive.json",
                      "make evidence (Phase 2 lines with --rfsq-checkpoint artifacts/models/rfsq_best.pt)"),
+    "phase2_draft_w256": ("phase2/ablation_draft_chained_w256/train_summary.md", "phase2/ablation_draft_chained_w256/train_summary.json",
+                          "make evidence's robust draft line with --draft-width 256 --draft-hidden-layers 2 --epochs 15 --models-dir <copy of the models>"),
     "phase3_libero_object": ("phase3/compare_libero_object/comparison.md", "phase3/compare_libero_object/comparison.json",
                              "python -m phase3.compare --task-suite libero_object --tasks 0-9 --num-trials 50 --variant-trials robust-B=10"),
     "phase3_libero_spatial": ("phase3/compare_libero_spatial/comparison.md", "phase3/compare_libero_spatial/comparison.json",

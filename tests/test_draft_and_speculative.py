@@ -88,6 +88,16 @@ def test_chained_draft_conditions_each_layer_on_its_own_coarser_tokens():
     assert d.count_flops()["draft_pass"] > 0
 
 
+def test_float32_draft_proposes_for_float64_main_losslessly():
+    main = make_main(seed=4).double()
+    d = make_draft(seed=4, mode="chained")  # stays float32
+    f = torch.randn(8, D, dtype=torch.float64)
+    assert torch.equal(d.propose(f), d.propose(f.float()))
+    for i in range(8):
+        codes, _ = speculative_decode(main, d, f[i : i + 1])
+        assert torch.equal(codes, main.greedy_decode(f[i : i + 1]))
+
+
 def test_chained_draft_is_lossless_under_speculative_decoding():
     main = make_main(seed=3)
     d = make_draft(seed=3, mode="chained")

@@ -131,6 +131,13 @@ def test_float32_decoding_option_runs(models, tmp_path):
     assert info["episodes"] == 1 and info["lossless_identical_fraction"] is not None
 
 
+def test_float32_draft_next_to_float64_main_stays_lossless(models, tmp_path):
+    info = evaluate(_cfg(models, tmp_path / "d32", draft_dtype="float32", num_trials=1, max_steps=8, assert_lossless=True), progress=False)
+    assert info["episodes"] == 1 and info["lossless_identical_fraction"] == 1.0
+    with pytest.raises(ValueError, match="--draft-dtype must be"):
+        EvalConfig(draft_dtype="float16")
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="strategy B"):
         EvalConfig(tokenizer="naive", strategy="B")
