@@ -42,6 +42,9 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                           "make evidence's robust draft line with --draft-width 256 --draft-hidden-layers 2 --epochs 15 --models-dir <copy of the models>"),
     "phase3_libero_object": ("phase3/compare_libero_object/comparison.md", "phase3/compare_libero_object/comparison.json",
                              "python -m phase3.compare --task-suite libero_object --tasks 0-9 --num-trials 50 --variant-trials robust-B=10"),
+    "phase3_draft_float32": ("phase3/draft_float32_libero_object/eval_table.md", "phase3/draft_float32_libero_object/eval_info.json",
+                             "python -m phase3.modal_phase3_libero_eval --task-suite libero_object --tasks 0-9 --num-trials 10 "
+                             "--tokenizer robust --strategy A --draft-dtype float32 --out results/phase3/draft_float32_libero_object"),
     "phase3_libero_spatial": ("phase3/compare_libero_spatial/comparison.md", "phase3/compare_libero_spatial/comparison.json",
                               "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 50 --variant-trials robust-B=10"),
     # the local pipeline's report folder (report/ beside results/), written by `make run`
