@@ -1,7 +1,11 @@
 """Helpers shared by the thin phase entry files: one config dataclass gives both front ends.
 
 - ``parse_config(Config, argv)``: the local CLI (argparse), flags ``--kebab-case`` from the fields,
-  bools as ``--flag/--no-flag`` (the spelling ``modal run`` uses for bool parameters).
+  bools as ``--flag/--no-flag`` (the spelling ``modal run`` uses for bool parameters); empty folder
+  fields are resolved from ``RSD_*_DIR`` here, once (``resolve``), and the process is set up
+  (``setup_process``: thread count, headless plotting and rendering).
+- ``main(cli, argv)``: runs a CLI; an error prints one ``error: ...`` line and exits 1
+  (``--debug`` or ``RSD_DEBUG=1`` shows the traceback).
 - ``modal_entrypoint_signature(Config)``: a function signature with the same fields, for
   ``@app.local_entrypoint()``, so ``modal run phase1_improved/train_rfsq_robust.py --epochs 100`` and
   ``python -m phase1_improved.train_rfsq_robust --epochs 100`` accept exactly the same flags.
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
+import sys
 import typing
 from typing import Any, Callable, TypeVar
 
@@ -80,14 +86,56 @@ def build_parser(cls: type, *, prog: str | None = None, description: str | None 
 
 
 def parse_config(cls: type[C], argv: list[str] | None = None, *, prog: str | None = None) -> C:
-    """Parse ``argv`` into ``cls``; a validation error from ``__post_init__`` exits with its message."""
+    """Parse ``argv`` into ``cls`` (folders resolved, process set up); a validation error from
+    ``__post_init__`` exits with its message."""
     parser = build_parser(cls, prog=prog)
     args = parser.parse_args(argv)
     try:
-        return cls(**vars(args))
+        cfg = cls(**vars(args))
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
+    cfg = resolve(cfg)
+    setup_process(getattr(cfg, "torch_threads", 0))
+    return cfg
+
+
+# --- the process edge: folders, threads, backends, errors ------------------------------------------
+def resolve(cfg: C) -> C:
+    """Empty folder fields of ``cfg`` from ``RSD_MODELS_DIR`` / ``RSD_DATA_DIR`` / ``RSD_RESULTS_DIR``
+    (the only place the environment is read for them; Modal images set ``/models``, ``/data``)."""
+    from common.artifacts import ArtifactDirs, with_dirs
+
+    return with_dirs(cfg, ArtifactDirs.from_env(os.environ))
+
+
+def setup_process(torch_threads: int = 0) -> None:
+    """Once per process, before any work: headless rendering and plotting, and the thread count."""
+    os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the first mujoco import
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+
+
+def main(cli: Callable[[list[str]], Any], argv: list[str]) -> None:
+    """Run ``cli(argv)``: errors print as one ``error:`` line (exit 1), Ctrl-C exits 130."""
+    debug = "--debug" in argv or os.environ.get("RSD_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        cli(argv)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun the same command (with --resume where it has one) to continue", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, KeyError) as exc:
+        if debug:
+            raise
+        message = str(exc) if not isinstance(exc, KeyError) else str(exc.args[0] if exc.args else exc)
+        print(f"error: {message} ({type(exc).__name__}; --debug shows the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 # --- config dataclass -> Modal local_entrypoint ---------------------------------------------------
@@ -111,11 +159,6 @@ def modal_entrypoint(cls: type[C], body: Callable[[C], Any], *, name: str = "mai
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = body.__module__
     return entrypoint
-
-
-def entrypoint_flags(entrypoint_fn: Callable[..., Any]) -> list[str]:
-    """Flag names of a plain function's signature (for the CLI-vs-Modal parity tests)."""
-    return ["--" + p.replace("_", "-") for p in inspect.signature(entrypoint_fn).parameters]
 
 
 # --- Modal image and volumes ------------------------------------------------------------------------

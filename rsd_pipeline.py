@@ -5,7 +5,9 @@
     python -m rsd_pipeline check-docs                           # exit 1 if a generated section is stale
 
 ``run`` keeps its data, models and results under ``artifacts/pipeline/<profile>/`` (reused on a
-rerun when unchanged) and writes ``report/REPORT.md`` with the plots and the JSON behind every number.
+rerun when unchanged) and writes ``REPORT.md`` with the plots and the JSON behind every number:
+``report/`` for the default profile (committed), ``report/<profile>/`` for the others, so a quick
+run never overwrites the committed default report.
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.pipeline import PROFILES, run_pipeline
+import rsd_entry
+from common.pipeline.docs import stale_sections, update_docs
+from common.pipeline.run import PROFILES, run_pipeline
 from common.provenance import REPO_ROOT
-from common.report import stale_sections, update_docs
+
+
+def default_report_dir(profile: str) -> Path:
+    return REPO_ROOT / "report" if profile == "default" else REPO_ROOT / "report" / profile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the local pipeline")
     run.add_argument("--profile", choices=sorted(PROFILES), default="default")
     run.add_argument("--root", default="", help="artifacts folder (default artifacts/pipeline/<profile>)")
-    run.add_argument("--report-dir", default="", help="report folder (default report/)")
+    run.add_argument("--report-dir", default="", help="report folder (default: report/ for the default profile, report/<profile>/ otherwise)")
     sub.add_parser("report", help="regenerate the results sections of README / MIGRATION / guides")
     sub.add_parser("check-docs", help="fail if a generated docs section differs from the results")
     args = parser.parse_args(argv)
@@ -33,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         profile = PROFILES[args.profile]
         root = Path(args.root) if args.root else REPO_ROOT / "artifacts" / "pipeline" / profile.name
-        report_dir = Path(args.report_dir) if args.report_dir else REPO_ROOT / "report"
+        report_dir = Path(args.report_dir) if args.report_dir else default_report_dir(profile.name)
+        rsd_entry.setup_process(torch_threads=1)  # tiny models: one thread is fastest (and what every stage assumes)
         summary = run_pipeline(profile, root=root, report_dir=report_dir)
         print(f"pipeline ({profile.name}) finished in {summary['wall_seconds'] / 60:.1f} min; report: {report_dir / 'REPORT.md'}")
         return 0
@@ -49,5 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cli(argv: list[str]) -> None:
+    code = main(argv)
+    if code:
+        sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    rsd_entry.main(_cli, sys.argv[1:])

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import h5py
 
-from common.demo_collection import collect_demos
-from common.libero_env import library_versions
+from common.sim.demo_collection import collect_demos
+from common.sim.libero_env import library_versions
 from common.provenance import git_sha
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import rsd_entry
-from common.evaluation import EvalConfig, evaluate
-from common.paths import results_dir
+from common.eval.closed_loop import EvalConfig, evaluate
+from common.artifacts import results_dir
 from common.provenance import provenance, write_json
 
 

@@ -5,7 +5,7 @@ OpenVLA-style uniform 256-bin tokenizer — MSE, bits per chunk, encode+decode t
     python -m benchmarks.bench_tokenizers --epochs 100 --data synthetic
 
 Every RFSQ variant (ours and lucidrains') sits in the same autoencoder, with the same levels, layers
-and latent size, trained with the same recipe (``common.tokenizer_training``). lucidrains'
+and latent size, trained with the same recipe (``common.tokenizer.train``). lucidrains'
 ``ResidualFSQ`` quantizes each latent number as its own 1-d vector (``dim=1, levels=[L]``) so its
 tokens per layer equal ours. The 256-bin tokenizer has no training: each action number is one of
 256 uniform bins on [-1, 1] (OpenVLA's scheme), at its own bit rate. Writes
@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 import rsd_entry
-from common.action_tokenizer import ActionRFSQAE
+from common.tokenizer.model import ActionRFSQAE
 from common.provenance import provenance, write_json
-from common.paths import results_dir
-from common.tokenizer_training import TokenizerTrainConfig, evaluate_mse, prepare_chunks, train_tokenizer_model
+from common.artifacts import results_dir
+from common.tokenizer.train import TokenizerTrainConfig, evaluate_mse, prepare_chunks, train_tokenizer_model
 
 
 @dataclass

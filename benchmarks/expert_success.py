@@ -18,15 +18,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.libero_env import get_suite, library_versions, parse_task_spec
+from common.sim.libero_env import get_suite, library_versions, parse_task_spec
 from common.provenance import git_sha
 
 
 def run_task(job: tuple[str, int, int, float]) -> dict:
     """Worker: one env for one task, `trials` episodes. Returns the task's row."""
     suite, task_id, trials, noise = job
-    from common.libero_env import LiberoTaskEnv
-    from common.scripted_expert import ExpertConfig, ScriptedExpert, UnsupportedGoalError
+    from common.sim.libero_env import LiberoTaskEnv
+    from common.sim.scripted_expert import ExpertConfig, ScriptedExpert, UnsupportedGoalError
 
     with LiberoTaskEnv(suite=suite, task_id=task_id) as env:
         row = {"suite": suite, "task_id": task_id, "instruction": env.instruction, "n": trials}

@@ -127,3 +127,30 @@ def load_state_strict(model: torch.nn.Module, ckpt: dict, path: str | Path) -> N
             parts.append("shape mismatch " + "; ".join(shapes[:3]))
         raise CheckpointError(f"{path}: weights do not fit the model built from its config ({', '.join(parts)})")
     model.load_state_dict(theirs)
+
+
+def read_training_state(path: str | Path, *, kind: str) -> dict[str, Any]:
+    """A trainer's ``*_last.pt`` (what ``--resume`` continues), with the same one-line errors."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt/foreign files; re-raise as one clear error
+        raise CheckpointError(
+            f"{path}: not a readable training state ({type(exc).__name__}: {exc}); delete it and rerun without --resume"
+        ) from exc
+    found = state.get("kind") if isinstance(state, dict) else type(state).__name__
+    if found != kind or "epoch" not in state:
+        raise CheckpointError(f"{path}: expected a {kind} training state, found {found!r}; rerun without --resume")
+    return state
+
+
+def checkpoint_content_hash(path: str | Path) -> str:
+    """The ``content_hash`` a checkpoint of any kind records (to pin which models produced a result)."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt/foreign files; re-raise as one clear error
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or "content_hash" not in ckpt:
+        raise CheckpointError(f"{path}: expected an RSD checkpoint with a content_hash; found {type(ckpt).__name__} without one")
+    return str(ckpt["content_hash"])

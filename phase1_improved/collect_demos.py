@@ -1,4 +1,4 @@
-"""Collect scripted-expert LIBERO demonstrations (official HDF5 layout; see common/demo_collection.py).
+"""Collect scripted-expert LIBERO demonstrations (official HDF5 layout; see common/sim/demo_collection.py).
 
 Local:
     python -m phase1_improved.collect_demos --suite libero_object --tasks 0-9 \
@@ -19,72 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
-from pathlib import Path
 
 import modal
 
 import rsd_entry
-from common.libero_env import SUITES
-
-
-@dataclasses.dataclass
-class CollectConfig:
-    """Scripted-expert demo collection."""
-
-    suite: str = "libero_object"
-    tasks: str = "0-9"  # 'all', '0-9' or '0,3,5'
-    demos_per_task: int = 50
-    workers: int = 2
-    out: str = "libero_object_demos.hdf5"  # relative to the data dir
-    seed: int = 0
-    keep_failures: bool = False
-    record_images: bool = False
-    camera_size: int = 128
-    action_noise: float = 0.0  # std of Gaussian noise on the expert's arm actions
-
-    def __post_init__(self) -> None:
-        if self.suite not in SUITES:
-            raise ValueError(f"unknown suite {self.suite!r}; valid suites: {', '.join(SUITES)}")
-        if self.demos_per_task <= 0:
-            raise ValueError(f"demos_per_task must be > 0, got {self.demos_per_task}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.camera_size < 16:
-            raise ValueError(f"camera_size must be >= 16 pixels, got {self.camera_size}")
-        if self.action_noise < 0:
-            raise ValueError(f"action_noise must be >= 0, got {self.action_noise}")
-        if not self.out.endswith((".hdf5", ".h5")):
-            raise ValueError(f"out must be an .hdf5 file path, got {self.out!r}")
-        if not str(self.tasks).strip():
-            raise ValueError("tasks must be 'all', a range like '0-9' or a list like '0,3,5'")
-
-    def out_path(self) -> Path:
-        from common.paths import data_dir
-
-        out = Path(self.out)
-        return out if out.is_absolute() else data_dir() / out
-
-
-def run_collection(config: CollectConfig) -> dict:
-    """The one code path both front ends use."""
-    from common.demo_collection import collect_demos
-    from common.libero_env import get_suite, parse_task_spec
-    from common.scripted_expert import ExpertConfig
-
-    task_ids = parse_task_spec(config.tasks, get_suite(config.suite).get_num_tasks())
-    return collect_demos(
-        config.suite,
-        task_ids,
-        config.demos_per_task,
-        config.out_path(),
-        workers=config.workers,
-        seed=config.seed,
-        keep_failures=config.keep_failures,
-        record_images=config.record_images,
-        camera_size=config.camera_size,
-        expert_config=ExpertConfig(action_noise=config.action_noise, seed=config.seed),
-    )
+from common.sim.demo_collection import CollectConfig, run_collection
 
 
 # ---------------------------------------------------------------------------- Modal
@@ -100,7 +41,8 @@ data_volume = rsd_entry.data_volume()
     timeout=6 * 3600,
 )
 def collect_remote(config: dict) -> dict:
-    cfg = CollectConfig(**config)
+    cfg = rsd_entry.resolve(CollectConfig(**config))  # the container's /data
+    rsd_entry.setup_process()
     if not modal.is_local():
         data_volume.reload()  # see demos of an earlier run, so resuming works
     try:
@@ -112,11 +54,11 @@ def collect_remote(config: dict) -> dict:
 
 @app.function(image=rsd_entry.cloud_image(with_sim=True), volumes={rsd_entry.DATA_MOUNT: data_volume}, timeout=6 * 3600)
 def download_official_remote(suites: list[str]) -> dict:
-    from common.demo_collection import collect_official_libero_datasets
-    from common.paths import data_dir
+    from common.artifacts import ArtifactDirs
+    from common.sim.official_datasets import collect_official_libero_datasets
 
     try:
-        return collect_official_libero_datasets(data_dir() / "libero_official", suites)
+        return collect_official_libero_datasets(ArtifactDirs.from_env(os.environ).data / "libero_official", suites)
     finally:
         data_volume.commit()
 
@@ -151,4 +93,4 @@ def cli(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    cli(sys.argv[1:])
+    rsd_entry.main(cli, sys.argv[1:])

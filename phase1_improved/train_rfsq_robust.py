@@ -18,7 +18,7 @@ from dataclasses import asdict
 import modal
 
 import rsd_entry
-from common.tokenizer_training import TokenizerTrainConfig, train_tokenizer
+from common.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 app = modal.App("rsd-phase1-train-rfsq")
 models_volume = rsd_entry.models_volume()
@@ -32,7 +32,8 @@ data_volume = rsd_entry.data_volume()
     timeout=4 * 3600,
 )
 def train_remote(config: dict) -> dict:
-    cfg = TokenizerTrainConfig(**config)
+    cfg = rsd_entry.resolve(TokenizerTrainConfig(**config))  # the container's /models
+    rsd_entry.setup_process(cfg.torch_threads)
     # .local() (tests) has no volume to commit; in the container, persist every checkpoint.
     return train_tokenizer(cfg, on_checkpoint=None if modal.is_local() else models_volume.commit)
 
@@ -54,4 +55,4 @@ def cli(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    cli(sys.argv[1:])
+    rsd_entry.main(cli, sys.argv[1:])

@@ -6,7 +6,7 @@ Local:  python -m phase2_draft_retrain.modal_train_draft_with_projection --num-e
 Modal:  modal run phase2_draft_retrain/modal_train_draft_with_projection.py --num-episodes 200 --epochs 50 \
             --batch-size 32 --data /data/libero_object.hdf5,/data/libero_spatial.hdf5
 
-Both take the same flags (fields of ``PolicyTrainConfig``; see ``common/policy_training.py``).
+Both take the same flags (fields of ``PolicyTrainConfig``; see ``common/policy/train.py``).
 Naive tokens: add ``--rfsq-checkpoint <models>/rfsq_best.pt`` (outputs get the suffix ``_naive``).
 
 OpenVLA-OFT features (cloud only; computed once and cached on the ``rsd-data`` volume):
@@ -18,13 +18,15 @@ then train with ``--backbone openvla-oft``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 
 import modal
 
 import rsd_entry
-from common.policy_training import PolicyTrainConfig, train_policy
+from common.policy.config import PolicyTrainConfig
+from common.policy.train import train_policy
 
 app = modal.App("rsd-phase2-train")
 models_volume = rsd_entry.models_volume()
@@ -53,7 +55,8 @@ def _vla_image():
     timeout=8 * 3600,
 )
 def train_remote(config: dict) -> dict:
-    cfg = PolicyTrainConfig(**config)
+    cfg = rsd_entry.resolve(PolicyTrainConfig(**config))  # the container's /models, /data
+    rsd_entry.setup_process(cfg.torch_threads)
     if not modal.is_local():
         data_volume.reload()  # see demos / feature caches written since the container started
 
@@ -90,18 +93,21 @@ def cache_openvla_features(
       our collector's are already upright; see ``images_already_upright``).
     Resumable: rerunning skips demos already cached; the volume is committed after every demo.
     """
-    from common.backbones import (
+    from common.artifacts import ArtifactDirs
+    from common.policy.backbones.openvla import (
         OPENVLA_OFT_LIBERO_CHECKPOINTS,
         OPENVLA_OFT_UNNORM_KEYS,
         OpenVLAFeatureExtractor,
         load_oft_proprio_projector,
     )
-    from common.policy_training import _file_suite, cache_features_for_file, default_feature_cache
+    from common.policy.feature_cache import cache_features_for_file, feature_cache_path
+    from common.policy.labels import file_suite
 
     if not modal.is_local():
         data_volume.reload()
     paths = [p.strip() for p in data.split(",") if p.strip()]
-    outs = [o.strip() for o in out.split(",") if o.strip()] if out else [str(default_feature_cache(p)) for p in paths]
+    data_dir = ArtifactDirs.from_env(os.environ).data
+    outs = [o.strip() for o in out.split(",") if o.strip()] if out else [str(feature_cache_path(data_dir, p)) for p in paths]
     if len(outs) != len(paths):
         raise ValueError(f"--out must name one cache per --data file ({len(paths)}); got {out!r}")
     hf_id = OPENVLA_OFT_LIBERO_CHECKPOINTS.get(checkpoint, checkpoint)
@@ -113,7 +119,7 @@ def cache_openvla_features(
     )
     results = []
     for path, cache in zip(paths, outs):
-        suite = _file_suite(path)
+        suite = file_suite(path)
         if use_proprio:
             if suite not in OPENVLA_OFT_UNNORM_KEYS:
                 raise ValueError(f"{path}: suite {suite!r} has no OpenVLA-OFT proprio statistics; pass --no-use-proprio")
@@ -149,4 +155,4 @@ def cli(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    cli(sys.argv[1:])
+    rsd_entry.main(cli, sys.argv[1:])

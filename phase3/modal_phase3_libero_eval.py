@@ -3,7 +3,7 @@
 Local:  python -m phase3.modal_phase3_libero_eval --task-suite libero_object --tasks 0-9 --num-trials 50 --use-speculative-decoding
 Modal:  modal run phase3/modal_phase3_libero_eval.py --task-suite libero_object --tasks 0-9 --num-trials 50 --use-speculative-decoding
 
-Same flags on both (fields of ``common.evaluation.EvalConfig``). Locally, episodes run in a
+Same flags on both (fields of ``common.eval.config.EvalConfig``). Locally, episodes run in a
 process pool (``--workers``, default: the core count); on Modal, one container per (task, trial
 shard) via ``.starmap(..., order_outputs=False)``, each writing its rows to the results volume;
 the local entrypoint merges them. Trial ``i`` is always init state ``i``: sharding never changes
@@ -21,7 +21,9 @@ from pathlib import Path
 import modal
 
 import rsd_entry
-from common.evaluation import EvalConfig, evaluate, planned_jobs, render_table, run_trials, summarize, write_outputs
+from common.eval.closed_loop import evaluate, planned_jobs, run_trials
+from common.eval.config import EvalConfig
+from common.eval.summary import render_table, summarize, write_outputs
 
 app = modal.App("rsd-phase3-libero-eval")
 models_volume = rsd_entry.models_volume()
@@ -38,7 +40,8 @@ TRIALS_PER_SHARD = 10
 )
 def run_shard(config: dict, task_id: int, trials: list[int]) -> list[dict]:
     """One container: one task, a shard of trial indices (each trial index = its init state)."""
-    cfg = EvalConfig(**config)
+    cfg = rsd_entry.resolve(EvalConfig(**config))  # the container's /models, /data/results
+    rsd_entry.setup_process(cfg.torch_threads)
     rows = run_trials(cfg, task_id, trials)
     if not modal.is_local():
         shard = cfg.out_dir() / "shards" / f"task{task_id}_trials{trials[0]}-{trials[-1]}.jsonl"
@@ -85,4 +88,4 @@ def cli(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    cli(sys.argv[1:])
+    rsd_entry.main(cli, sys.argv[1:])

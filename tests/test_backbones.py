@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.backbones import (
+from common.policy.backbones import StateBackbone, build_backbone
+from common.policy.backbones.openvla import (
     IGNORE_INDEX,
     OFT_ACTION_TOKEN_BEGIN_IDX,
     OFT_STOP_INDEX,
     PROMPT_SUFFIX_TOKEN_ID,
     OpenVLAFeatureExtractor,
-    StateBackbone,
-    build_backbone,
     build_openvla_prompt,
     preprocess_image_for_openvla,
     select_feature,
@@ -33,7 +32,7 @@ def test_state_backbone_normalizer_shapes_and_round_trip():
     assert bb.obs_std[4] == 1.0  # constant dim -> std 1, no division by zero
     feats = bb(obs[:4], torch.tensor([0, 1, 2, 0]))
     assert feats.shape == (4, 8) and bb.feature_dim == 8
-    clone = StateBackbone.from_config(bb.to_config())
+    clone = StateBackbone.from_config(bb.config)
     clone.load_state_dict(bb.state_dict())
     assert torch.equal(clone(obs[:4], torch.tensor([0, 1, 2, 0])), feats)
     with pytest.raises(ValueError, match=r"task_ids: expected values in \[0, 3\)"):

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.libero_env import LOW_DIM_OBS_DIM
+from common.sim.libero_env import LOW_DIM_OBS_DIM
 
 
 @pytest.mark.slow
 def test_collect_layout_and_resume(tmp_path):
     h5py = pytest.importorskip("h5py")
-    from common.demo_collection import collect_demos
+    from common.sim.demo_collection import collect_demos
 
     out = tmp_path / "demos.hdf5"
     summary = collect_demos("libero_object", [0], 2, out, workers=1, progress=False)
@@ -72,11 +72,12 @@ def test_cli_flags_match_modal_entrypoint():
 
 
 def test_out_path_resolves_against_data_dir(monkeypatch, tmp_path):
+    import rsd_entry
     from phase1_improved.collect_demos import CollectConfig
 
-    monkeypatch.setenv("RSD_DATA_DIR", str(tmp_path))
-    assert CollectConfig(out="demos.hdf5").out_path() == tmp_path / "demos.hdf5"
-    assert CollectConfig(out="/abs/demos.hdf5").out_path() == Path("/abs/demos.hdf5")
+    monkeypatch.setenv("RSD_DATA_DIR", str(tmp_path))  # read once, at the entry point
+    assert rsd_entry.resolve(CollectConfig(out="demos.hdf5")).out_path() == tmp_path / "demos.hdf5"
+    assert rsd_entry.resolve(CollectConfig(out="/abs/demos.hdf5")).out_path() == Path("/abs/demos.hdf5")
 
 
 def test_cli_bool_flags():

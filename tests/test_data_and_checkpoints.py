@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.action_data import (
+from common.data.episodes import (
     future_chunks,
     load_episodes,
     load_hdf5_episodes,
@@ -13,9 +13,9 @@ from common.action_data import (
     split_episodes,
     synthetic_episodes,
 )
-from common.action_tokenizer import ActionRFSQAE, load_tokenizer, save_tokenizer
+from common.tokenizer.model import ActionRFSQAE, load_tokenizer, save_tokenizer
 from common.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
-from common.normalization import ActionNormalizer
+from common.data.normalization import ActionNormalizer
 
 
 def _write_demos(path, episodes, *, drop=None):

@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.draft_model import DraftWithProjection
-from common.rfsq_head import RFSQHead
-from common.speculative import SpecStats, StageTimer, main_only_decode, speculative_decode
+from common.policy.draft import DraftWithProjection
+from common.policy.head import RFSQHead
+from common.decoding.speculative import SpecStats, main_only_decode, speculative_decode
+from common.decoding.timing import StageTimer
 
 
 D, T, L, V, K = 10, 3, 6, 7, 3
@@ -55,14 +56,14 @@ def test_draft_shapes_propose_and_loss():
 @pytest.mark.parametrize("mode", ["parallel", "chained"])
 def test_draft_state_dict_round_trip(mode):
     d = make_draft(mode=mode)
-    c = DraftWithProjection.from_config(d.to_config()).eval()
+    c = DraftWithProjection.from_config(d.config).eval()
     c.load_state_dict(d.state_dict())
     f = torch.randn(3, D)
     assert torch.equal(d(f), c(f))
 
 
 def test_old_draft_config_without_mode_loads_as_parallel():
-    cfg = make_draft().to_config()
+    cfg = make_draft().config
     del cfg["mode"]
     assert DraftWithProjection.from_config(cfg).mode == "parallel"
     with pytest.raises(ValueError, match="expected mode in"):

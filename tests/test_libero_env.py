@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from common.libero_env import (
+from common.sim.libero_env import (
     LOW_DIM_OBS_DIM,
     NUM_WAIT_STEPS,
     SUITE_MAX_STEPS,
@@ -81,7 +81,7 @@ def test_parse_task_spec():
 
 
 def test_expert_solves_easy_task(env):
-    from common.scripted_expert import ScriptedExpert
+    from common.sim.scripted_expert import ScriptedExpert
 
     expert = ScriptedExpert(env)
     obs = env.reset_to_trial(0)

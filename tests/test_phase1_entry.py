@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import rsd_entry
-from common.action_tokenizer import load_tokenizer
-from common.tokenizer_training import TokenizerTrainConfig, train_tokenizer
+from common.tokenizer.model import load_tokenizer
+from common.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 TINY = ["--num-episodes", "6", "--epochs", "1", "--batch-size", "128", "--no-progress"]
 

@@ -10,22 +10,20 @@ import pytest
 import torch
 
 import rsd_entry
-from common.action_data import synthetic_episodes
-from common.action_tokenizer import ActionRFSQAE, load_tokenizer
+from common.data.episodes import synthetic_episodes
+from common.tokenizer.model import ActionRFSQAE, load_tokenizer
 from common.checkpoints import CheckpointError
-from common.policy_training import (
-    PolicyTrainConfig,
-    build_split,
-    cache_features_for_file,
-    evaluate_draft,
-    evaluate_main,
-    compute_features,
-    load_policy,
-    load_policy_episodes,
-    perturbed_distillation_set,
-    split_episodes,
-)
-from common.tokenizer_training import TokenizerTrainConfig, train_tokenizer
+from common.data.episodes import split_episodes
+from common.policy.feature_cache import cache_features_for_file
+from common.policy.labels import build_split, load_policy_episodes
+from common.policy.metrics import compute_features, evaluate_draft, evaluate_main
+from common.policy.model import load_policy
+from common.policy.train import PolicyTrainConfig, perturbed_distillation_set
+
+
+def _split(cfg, tok, episodes):
+    return build_split(tok, episodes, backbone=cfg.backbone, data_paths=cfg.data_paths, feature_cache_paths=cfg.feature_cache_paths)
+from common.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 OBS_DIM, STEPS, NUM_EPS = 12, 40, 8
 TINY = ["--epochs", "1", "--batch-size", "64", "--d-model", "32", "--num-blocks", "1", "--num-heads", "2",
@@ -123,7 +121,7 @@ def test_checkpoint_round_trip_reproduces_recorded_metrics(env):
     cfg = PolicyTrainConfig(data=str(env["demos"]))
     chosen, _ = load_policy_episodes(cfg.data_paths)
     _, val_eps = split_episodes(chosen, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    val = build_split(cfg, tok, val_eps)
+    val = _split(cfg, tok, val_eps)
     cpu = torch.device("cpu")
     ev = evaluate_main(pol.policy, val, device=cpu)
     assert ev["val_token_acc"] == pytest.approx(pol.head_metrics["val_token_acc"], abs=1e-12)
@@ -255,7 +253,7 @@ def test_perturbed_distillation_set_labels_noisy_inputs_with_the_main_models_cho
     tok = load_tokenizer(models / "rfsq_robust_best.pt")
     cfg = PolicyTrainConfig(data=str(env["demos"]), num_episodes=NUM_EPS)
     chosen, _ = load_policy_episodes(cfg.data_paths, num_episodes=NUM_EPS)
-    data = build_split(cfg, tok, chosen[:2])
+    data = _split(cfg, tok, chosen[:2])
     policy = load_policy(models / "best_rfsq_head.pt", None, tok).policy
     feats, codes = perturbed_distillation_set(policy, data, noise=0.5, copies=2, seed=0, device=torch.device("cpu"))
     clean = compute_features(policy, data, device=torch.device("cpu"))

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 import rsd_entry
-from common.action_data import synthetic_episodes
+from common.data.episodes import synthetic_episodes
 from common.checkpoints import CheckpointError
-from common.evaluation import EvalConfig, evaluate, planned_jobs, read_rows, run_trial_job, summarize
-from common.libero_env import LOW_DIM_OBS_DIM, get_suite
-from common.policy_training import PolicyTrainConfig, train_policy
-from common.tokenizer_training import TokenizerTrainConfig, train_tokenizer
+from common.eval.closed_loop import evaluate, planned_jobs, read_rows, run_trial_job
+from common.eval.config import EvalConfig
+from common.eval.summary import summarize
+from common.sim.libero_env import LOW_DIM_OBS_DIM, get_suite
+from common.policy.train import PolicyTrainConfig, train_policy
+from common.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 SUITE = "libero_object"
 TINY_POLICY = dict(epochs=1, batch_size=64, d_model=32, num_blocks=1, num_heads=2, draft_width=16, timing_repeats=3, progress=False)
@@ -42,8 +44,9 @@ def models(tmp_path_factory):
     for layernorm in (True, False):
         train_tokenizer(TokenizerTrainConfig(data=str(demos), epochs=1, num_episodes=6, latent_dim=4, batch_size=256,
                                              models_dir=str(models), progress=False, use_layernorm=layernorm))
-    train_policy(PolicyTrainConfig(data=str(demos), models_dir=str(models), **TINY_POLICY))
-    train_policy(PolicyTrainConfig(data=str(demos), models_dir=str(models), rfsq_checkpoint=str(models / "rfsq_best.pt"), **TINY_POLICY))
+    results = str(root / "results")
+    train_policy(PolicyTrainConfig(data=str(demos), models_dir=str(models), results_dir=results, **TINY_POLICY))
+    train_policy(PolicyTrainConfig(data=str(demos), models_dir=str(models), results_dir=results, rfsq_checkpoint=str(models / "rfsq_best.pt"), **TINY_POLICY))
     yield {"root": root, "models": models}
     mp.undo()
 
@@ -82,7 +85,7 @@ def test_resume_refuses_episodes_run_with_other_checkpoints(models, tmp_path):
     evaluate(_cfg(copy, tmp_path / "run", num_trials=1), progress=False)
     # a retrained draft (other seed) changes the draft checkpoint's content hash
     train_policy(PolicyTrainConfig(data=str(models["root"] / "demos.hdf5"), models_dir=str(copy["models"]), train="draft",
-                                   **{**TINY_POLICY, "seed": 5}))
+                                   results_dir=str(tmp_path / "results"), **{**TINY_POLICY, "seed": 5}))
     with pytest.raises(ValueError, match=r"finished episodes were run with other draft checkpoints than .*best_draft_with_projection\.pt"):
         evaluate(_cfg(copy, tmp_path / "run", num_trials=2), progress=False)
     # a fresh --out is fine
@@ -100,14 +103,14 @@ def test_strategy_b_pairs_naive_models_with_robust_decoder_explicitly(models, tm
         (bad / name).write_bytes((m / name).read_bytes())
     for src, dst in (("best_rfsq_head_naive.pt", "best_rfsq_head.pt"), ("best_draft_with_projection_naive.pt", "best_draft_with_projection.pt")):
         (bad / dst).write_bytes((m / src).read_bytes())
-    from common.evaluation import TokenPolicy
+    from common.eval.closed_loop import TokenPolicy
 
     with pytest.raises(CheckpointError, match="tokenizer"):
         TokenPolicy(_cfg({"models": bad}, tmp_path / "x"))
 
 
 def test_episode_exception_is_an_error_row_not_a_failure(models, tmp_path, monkeypatch):
-    import common.evaluation as ev
+    import common.eval.closed_loop as ev
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated controller fault")
@@ -165,7 +168,7 @@ def test_modal_module_imports_without_token_flags_match_and_shard_runs(models, t
 
 
 def test_compare_variant_trials_override_and_validation():
-    from phase3.compare import CompareConfig
+    from common.eval.compare import ComparisonConfig as CompareConfig
 
     cfg = CompareConfig(num_trials=50, variant_trials="robust-B=10")
     assert cfg.trials_for_variant == {"naive": 50, "robust-A": 50, "robust-B": 10}
@@ -178,9 +181,9 @@ def test_compare_variant_trials_override_and_validation():
 
 
 def test_compare_tables_only_rebuilds_from_finished_runs_and_checks_trials(models, tmp_path, monkeypatch):
-    from phase3.compare import CompareConfig, run as compare
+    from common.eval.compare import ComparisonConfig as CompareConfig, run_comparison as compare
 
-    monkeypatch.setattr("phase3.compare.fine_motion_rows", lambda models_dir: {
+    monkeypatch.setattr("common.eval.compare.fine_motion_rows", lambda models_dir: {
         "heldout": {"num_chunks": 3}, "naive": {"all_mse": 1.0, "fine_motion_mse": 2.0, "fine_motion_chunks": 1},
         "robust": {"all_mse": 0.5, "fine_motion_mse": 1.0, "fine_motion_chunks": 1}})
     base = dict(task_suite=SUITE, tasks="0", variants="robust-A", max_steps=12, workers=1, models_dir=str(models["models"]), out=str(tmp_path))

@@ -5,15 +5,16 @@ import json
 
 import pytest
 
-from common.pipeline import PROFILES, headline_markdown, run_pipeline
-from common.report import SECTIONS, render_doc, stale_sections
+from common.pipeline.report import headline_markdown
+from common.pipeline.run import PROFILES, run_pipeline
+from common.pipeline.docs import SECTIONS, render_doc, stale_sections
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     logs: list[str] = []
-    summary = run_pipeline(PROFILES["tiny"], root=root / "artifacts", report_dir=root / "report", log=logs.append)
+    summary = run_pipeline(PROFILES["tiny"], root=root / "artifacts", report_dir=root / "report", log=logs.append, progress=False)
     return {"root": root, "summary": summary, "logs": logs}
 
 

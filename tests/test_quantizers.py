@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.action_tokenizer import ActionRFSQAE
-from common.fsq import FSQ
-from common.residual_fsq import CONDITIONINGS, ResidualFSQ
+from common.tokenizer.model import ActionRFSQAE
+from common.tokenizer.fsq import FSQ
+from common.tokenizer.residual_fsq import CONDITIONINGS, ResidualFSQ
 from phase1_improved.rfsq_robust import ActionRFSQAE as SeedImport
 
 CASES = [(c, layout) for c in CONDITIONINGS for layout in ("chunk", "timestep")]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common.rfsq_head import RFSQHead
+from common.policy.head import RFSQHead
 
 
 def tiny(**kw):
@@ -119,7 +119,7 @@ def test_greedy_decode_shape_range_and_consistency():
 
 def test_state_dict_round_trip_and_config():
     m = tiny(dropout=0.1)
-    clone = RFSQHead.from_config(m.to_config()).eval()
+    clone = RFSQHead.from_config(m.config).eval()
     clone.load_state_dict(m.state_dict())
     f = torch.randn(2, 12)
     codes = rand_codes(2, 3, 5)

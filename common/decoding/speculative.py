@@ -39,65 +39,14 @@ of the main's greedy token; accepted layers keep the DRAFT's tokens, so the resu
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from common.draft_model import DraftWithProjection
-from common.rfsq_head import RFSQHead
-
-
-class StageTimer:
-    """Accumulating wall-clock timer per named stage (time.perf_counter).
-
-    GPU work is asynchronous, so when CUDA is in use the stage boundaries call
-    ``torch.cuda.synchronize()``; ``cuda_sync=None`` decides automatically (CUDA initialised).
-    """
-
-    def __init__(self, *, cuda_sync: bool | None = None) -> None:
-        self.cuda_sync = cuda_sync
-        self.totals: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.last: dict[str, float] = {}
-
-    def _sync(self) -> None:
-        sync = self.cuda_sync
-        if sync is None:
-            sync = torch.cuda.is_available() and torch.cuda.is_initialized()
-        if sync:
-            torch.cuda.synchronize()
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self._sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            dt = time.perf_counter() - t0
-            self.totals[name] = self.totals.get(name, 0.0) + dt
-            self.counts[name] = self.counts.get(name, 0) + 1
-            self.last[name] = dt
-
-    def mean(self, name: str) -> float:
-        if not self.counts.get(name):
-            raise KeyError(f"StageTimer: no timings recorded for stage {name!r}; found {sorted(self.counts)}")
-        return self.totals[name] / self.counts[name]
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        return {
-            k: {"total_s": self.totals[k], "count": self.counts[k], "mean_s": self.totals[k] / self.counts[k]}
-            for k in self.totals
-        }
-
-    def reset(self) -> None:
-        self.totals.clear()
-        self.counts.clear()
-        self.last.clear()
+from common.decoding.timing import StageTimer
+from common.policy.draft import DraftWithProjection, check_proposal
+from common.policy.head import RFSQHead
 
 
 @dataclass
@@ -169,9 +118,7 @@ def speculative_decode(
     with timer.stage("main"):
         logits, cache = main.verify(features, proposed)  # [B, K+1, T, V]
         main_greedy = logits.argmax(dim=-1).transpose(1, 2)  # [B, T, K+1]
-        diff = (proposed.long() - main_greedy[..., :K]).abs()
-        layer_ok = (diff <= int(tolerance)).all(dim=1)  # [B, K]
-        accepted = torch.cumprod(layer_ok.long(), dim=1).sum(dim=1)  # longest all-true prefix
+        _, _, accepted = check_proposal(proposed, main_greedy, tolerance=tolerance)
         a = int(accepted.min())
         # layers < a: the draft's tokens (== main greedy in exact mode); layer a: main's verify row a
         layers = [proposed[..., i].long() for i in range(a)] + [main_greedy[..., a]]

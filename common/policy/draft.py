@@ -12,7 +12,7 @@ mode="chained":  layer l's logits come from h_l; its greedy tokens are embedded 
 Either way the draft is ONE call; what it costs next to one main pass depends on its width and
 mode (``count_flops``; Phase 2 also measures the batch-1 time ratio: at small sizes on a CPU the
 per-op overhead, not the arithmetic, dominates, so a chained draft of any width costs about a main
-pass).  Its errors are caught by the main model's verification pass (``common/speculative.py``).
+pass).  Its errors are caught by the main model's verification pass (``common/decoding/speculative.py``).
 """
 
 from __future__ import annotations
@@ -103,12 +103,11 @@ class DraftWithProjection(nn.Module):
             "mode": self.mode,
         }
 
-    def to_config(self) -> dict[str, Any]:
-        return dict(self.config)
-
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "DraftWithProjection":
-        return cls(**{"mode": "parallel", **config})  # checkpoints from before modes existed
+        """Rebuild from ``config`` (a checkpoint's config may hold more keys: tokenizer, head hash)."""
+        keys = ("feature_dim", "width", "coarse_layers", "tokens_per_layer", "num_levels", "hidden_layers", "dropout", "mode")
+        return cls(**{"mode": "parallel", **{k: config[k] for k in keys if k in config}})  # "mode": checkpoints from before modes existed
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -160,3 +159,17 @@ class DraftWithProjection(nn.Module):
         model: its tokens are verified, so its precision never changes the decoded result)."""
         features = features.to(self.projection[1].weight.dtype)
         return self(features).argmax(dim=-1).transpose(1, 2)
+
+
+def check_proposal(proposed: torch.Tensor, main_greedy: torch.Tensor, *, tolerance: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The acceptance rule, in one place: draft tokens ``proposed`` [B, T, K] against the main
+    model's greedy tokens given the proposed coarser layers ``main_greedy`` [B, T, >=K].
+
+    Returns (token_ok [B, T, K], layer_ok [B, K]: every token of the layer within ``tolerance``
+    levels, accepted [B]: the longest all-ok prefix of layers, 0..K).
+    """
+    K = proposed.shape[-1]
+    token_ok = (proposed.long() - main_greedy[..., :K].long()).abs() <= int(tolerance)
+    layer_ok = token_ok.all(dim=1)
+    accepted = torch.cumprod(layer_ok.long(), dim=1).sum(dim=1)
+    return token_ok, layer_ok, accepted

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from common.checkpoints import CheckpointError, load_state_strict, read_checkpoint, save_checkpoint
-from common.normalization import ActionNormalizer
-from common.residual_fsq import CONDITIONINGS, ResidualFSQ
+from common.data.normalization import ActionNormalizer
+from common.tokenizer.residual_fsq import CONDITIONINGS, ResidualFSQ
 
 LAYOUTS = ("chunk", "timestep")
 
@@ -111,6 +111,10 @@ class ActionRFSQAE(nn.Module):
     def config(self) -> dict[str, Any]:
         """Constructor arguments; ``ActionRFSQAE(**model.config)`` rebuilds the architecture."""
         return dict(self._config)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ActionRFSQAE":
+        return cls(**config)
 
     @property
     def num_layers(self) -> int:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.fsq import FSQ
+from common.tokenizer.fsq import FSQ
 
 CONDITIONINGS = ("none", "layernorm", "scale", "fixed")
 

@@ -34,7 +34,7 @@ import dataclasses
 
 import numpy as np
 
-from common.libero_env import LiberoTaskEnv
+from common.sim.libero_env import LiberoTaskEnv
 
 PHASES = ("approach", "reopen", "descend", "grasp", "lift", "carry", "place", "release", "retreat", "done")
 

@@ -18,7 +18,7 @@ Layout written by `collect_demos` (one file = one suite, any subset of its tasks
           gripper_states [T,2], joint_states [T,7],
           <object>_pos [T,3], <object>_quat [T,4] (x y z w) for every movable object,
           low_dim [T, LOW_DIM_OBS_DIM] float32   (our addition: the wrapper's fixed layout,
-                                                  see common/libero_env.py)
+                                                  see common/sim/libero_env.py)
           agentview_rgb, eye_in_hand_rgb [T,H,W,3] uint8 (only with record_images; flipped 180°
                                                   like reference evaluators)
 
@@ -42,19 +42,67 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import shutil
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common.libero_env import SUITES, get_suite, library_versions, make_env_args
+from common.sim.demo_file import TMP_GROUP, _existing_counts, _write_demo, _write_file_attrs
+from common.artifacts import data_dir_of
+from common.sim.libero_env import SUITES, get_suite, library_versions, make_env_args, parse_task_spec
 
-_TMP_GROUP = "_incomplete_demo"
 _MAX_ATTEMPT_FACTOR = 3  # give a task up after 3x demos_per_task (+10) failed-or-not attempts
 _WORKER_POLL_S = 5.0
+
+
+@dataclasses.dataclass
+class CollectConfig:
+    """Flags of ``phase1_improved/collect_demos.py`` (same on the local CLI and ``modal run``)."""
+
+    suite: str = "libero_object"
+    tasks: str = "0-9"  # 'all', '0-9' or '0,3,5'
+    demos_per_task: int = 50
+    workers: int = 2
+    out: str = "libero_object_demos.hdf5"  # relative to the data dir
+    data_dir: str = ""  # "" = $RSD_DATA_DIR or ./data (Modal: /data)
+    seed: int = 0
+    keep_failures: bool = False
+    record_images: bool = False
+    camera_size: int = 128
+    action_noise: float = 0.0  # std of Gaussian noise on the expert's arm actions
+
+    def __post_init__(self) -> None:
+        if self.suite not in SUITES:
+            raise ValueError(f"unknown suite {self.suite!r}; valid suites: {', '.join(SUITES)}")
+        if self.demos_per_task <= 0:
+            raise ValueError(f"demos_per_task must be > 0, got {self.demos_per_task}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.camera_size < 16:
+            raise ValueError(f"camera_size must be >= 16 pixels, got {self.camera_size}")
+        if self.action_noise < 0:
+            raise ValueError(f"action_noise must be >= 0, got {self.action_noise}")
+        if not self.out.endswith((".hdf5", ".h5")):
+            raise ValueError(f"out must be an .hdf5 file path, got {self.out!r}")
+        if not str(self.tasks).strip():
+            raise ValueError("tasks must be 'all', a range like '0-9' or a list like '0,3,5'")
+
+    def out_path(self) -> Path:
+        out = Path(self.out)
+        return out if out.is_absolute() else data_dir_of(self.data_dir) / out
+
+
+def run_collection(config: CollectConfig, *, progress: bool = True) -> dict:
+    """``collect_demos`` for a ``CollectConfig`` (what both front ends and the pipeline call)."""
+    from common.sim.scripted_expert import ExpertConfig
+
+    task_ids = parse_task_spec(config.tasks, get_suite(config.suite).get_num_tasks())
+    return collect_demos(
+        config.suite, task_ids, config.demos_per_task, config.out_path(), workers=config.workers, seed=config.seed,
+        keep_failures=config.keep_failures, record_images=config.record_images, camera_size=config.camera_size,
+        expert_config=ExpertConfig(action_noise=config.action_noise, seed=config.seed), progress=progress,
+    )
 
 
 def episode_seed(seed: int, task_id: int, episode_index: int) -> int:
@@ -141,8 +189,8 @@ def _render_images(camera_env, demo: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _worker_main(job_queue, result_queue, expert_config: dict[str, Any]) -> None:
     """One process: keeps one physics env (and one camera env) for the current task."""
-    from common.libero_env import LiberoTaskEnv
-    from common.scripted_expert import ExpertConfig, ScriptedExpert
+    from common.sim.libero_env import LiberoTaskEnv
+    from common.sim.scripted_expert import ExpertConfig, ScriptedExpert
 
     current: tuple | None = None
     env = camera_env = expert = None
@@ -191,70 +239,6 @@ def _task_info(suite: str, task_id: int) -> dict[str, Any]:
     }
 
 
-def _existing_counts(data, task_ids: list[int]) -> tuple[dict[int, int], dict[int, int], int]:
-    """(successful demos per task, next episode index per task, next demo number)."""
-    kept = {t: 0 for t in task_ids}
-    next_ep = {int(k): int(v) for k, v in json.loads(data.attrs.get("next_episode_index", "{}")).items()}
-    next_demo = 0
-    for name, group in data.items():
-        if not name.startswith("demo_"):
-            continue
-        next_demo = max(next_demo, int(name.split("_")[1]) + 1)
-        t = int(group.attrs["task_id"])
-        if t in kept and bool(group.attrs["success"]):
-            kept[t] += 1
-        next_ep[t] = max(next_ep.get(t, 0), int(group.attrs["episode_index"]) + 1)
-    return kept, {t: next_ep.get(t, 0) for t in task_ids}, next_demo
-
-
-def _write_demo(data, number: int, demo: dict[str, Any], instruction: str) -> None:
-    """Write into a temporary group, then rename: an interrupted write never looks like a demo."""
-    if _TMP_GROUP in data:
-        del data[_TMP_GROUP]
-    group = data.create_group(_TMP_GROUP)
-    for key in ("actions", "states", "rewards", "dones"):
-        group.create_dataset(key, data=demo[key])
-    obs_group = group.create_group("obs")
-    for key, value in demo["obs"].items():
-        if value.dtype == np.uint8 and value.ndim == 4:
-            obs_group.create_dataset(key, data=value, chunks=(1,) + value.shape[1:], compression="gzip", compression_opts=4)
-        else:
-            obs_group.create_dataset(key, data=value)
-    group.attrs.update({
-        "task_id": demo["task_id"],
-        "language_instruction": instruction,
-        "init_state_index": demo["init_state_index"],
-        "episode_index": demo["episode_index"],
-        "seed": demo["seed"],
-        "success": demo["success"],
-        "num_samples": int(demo["actions"].shape[0]),
-    })
-    data.move(_TMP_GROUP, f"demo_{number}")
-
-
-def _write_file_attrs(data, suite: str, infos: dict[int, dict], env_args: dict[int, dict]) -> None:
-    tasks = json.loads(data.attrs.get("tasks", "[]"))
-    known = {t["task_id"] for t in tasks}
-    for t, info in infos.items():
-        if t not in known:
-            tasks.append({**info, "env_args": env_args[t]})
-    tasks.sort(key=lambda t: t["task_id"])
-    first = tasks[0]
-    data.attrs.update({
-        "suite": suite,
-        "tasks": json.dumps(tasks),
-        "problem_info": json.dumps({
-            "problem_name": first["problem_name"],
-            "domain_name": "robosuite",
-            "language_instruction": first["language_instruction"],
-        }),
-        "language_instruction": first["language_instruction"],
-        "bddl_file_name": first["bddl_file_name"],
-        "env_args": json.dumps(first["env_args"]),
-        "versions": json.dumps(library_versions()),
-    })
-
-
 def collect_demos(
     suite: str,
     task_ids: list[int],
@@ -277,7 +261,7 @@ def collect_demos(
     import h5py
     from tqdm import tqdm
 
-    from common.scripted_expert import ExpertConfig
+    from common.sim.scripted_expert import ExpertConfig
 
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
@@ -300,8 +284,8 @@ def collect_demos(
         data = f.require_group("data")
         if data.attrs.get("suite", suite) != suite:
             raise ValueError(f"{out_path} holds {data.attrs['suite']} demos; cannot add {suite} demos")
-        if _TMP_GROUP in data:  # left by an interrupted run
-            del data[_TMP_GROUP]
+        if TMP_GROUP in data:  # left by an interrupted run
+            del data[TMP_GROUP]
         has_demos = any(k.startswith("demo_") for k in data)
         file_size = data.attrs.get("camera_size")  # present iff the file's demos carry images
         if has_demos and (file_size is not None) != record_images or (record_images and file_size not in (None, camera_size)):
@@ -422,62 +406,3 @@ def _summary(out_path, suite, task_ids, existing, kept, attempts, new_success, g
         "given_up_tasks": given_up,
         "versions": library_versions(),
     }
-
-
-# ---------------------------------------------------------------------------- official datasets
-OFFICIAL_DATASET_URLS = {
-    # Published by the LIBERO authors (the Box links in LIBERO's README / download script).
-    # libero_10 and libero_90 share the LIBERO-100 archive.
-    "libero_spatial": "https://utexas.box.com/shared/static/04k94hyizn4huhbv5sz4ev9p2h1p6s7f.zip",
-    "libero_object": "https://utexas.box.com/shared/static/avkklgeq0e1dgzxz52x488whpu8mgspk.zip",
-    "libero_goal": "https://utexas.box.com/shared/static/iv5e4dos8yy2b212pkzkpxu9wbdgjfeg.zip",
-    "libero_10": "https://utexas.box.com/shared/static/cv73j8zschq8auh9npzt876fdc1akvmk.zip",
-    "libero_90": "https://utexas.box.com/shared/static/cv73j8zschq8auh9npzt876fdc1akvmk.zip",
-}
-
-
-def _download(url: str, dest: Path, attempts: int = 3) -> None:
-    """Stream `url` to `dest`; retries transient errors, raises RuntimeError after the last."""
-    import urllib.error
-    import urllib.request
-
-    for attempt in range(1, attempts + 1):
-        try:
-            with urllib.request.urlopen(url, timeout=120) as response, open(dest, "wb") as out:
-                shutil.copyfileobj(response, out, length=16 << 20)
-            return
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            if attempt == attempts:
-                raise RuntimeError(f"download of {url} failed after {attempts} attempts: {err}") from err
-
-
-def collect_official_libero_datasets(dest_dir: str | os.PathLike, suites: list[str]) -> dict[str, list[str]]:
-    """Download and unpack the official LIBERO demonstration datasets into dest_dir/<suite>/.
-
-    Runs on Modal only (needs internet and ~10-35 GB per suite); never exercised locally.
-    libero_10 and libero_90 come in one archive (LIBERO-100). Raises RuntimeError on any failed
-    download or an archive without HDF5 files. Returns {suite: [hdf5 paths]}.
-    """
-    unknown = [s for s in suites if s not in OFFICIAL_DATASET_URLS]
-    if unknown:
-        raise ValueError(f"unknown suites {unknown}; valid suites: {', '.join(OFFICIAL_DATASET_URLS)}")
-    dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    found: dict[str, list[str]] = {}
-    for suite in suites:
-        with tempfile.TemporaryDirectory(dir=dest) as tmp:
-            archive = Path(tmp) / f"{suite}.zip"
-            _download(OFFICIAL_DATASET_URLS[suite], archive)
-            shutil.unpack_archive(str(archive), tmp)
-            files = sorted(Path(tmp).rglob("*.hdf5"))
-            if suite in ("libero_10", "libero_90"):
-                # The LIBERO-100 archive unpacks to libero_10/ and libero_90/ folders.
-                files = [p for p in files if p.parent.name == suite]
-            if not files:
-                raise RuntimeError(f"archive for {suite} holds no .hdf5 files")
-            suite_dir = dest / suite
-            suite_dir.mkdir(exist_ok=True)
-            for p in files:
-                shutil.move(str(p), suite_dir / p.name)
-            found[suite] = [str(suite_dir / p.name) for p in files]
-    return found

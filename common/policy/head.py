@@ -59,10 +59,6 @@ class KVCache:
             raise ValueError(f"truncate: expected 0 <= length <= {self.length}, found {length}")
         return KVCache([k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in self.values])
 
-    def select(self, batch_index: torch.Tensor | slice) -> "KVCache":
-        """Keep a subset of the batch (e.g. per-sample decoding)."""
-        return KVCache([k[batch_index] for k in self.keys], [v[batch_index] for v in self.values])
-
 
 class _CausalSelfAttention(nn.Module):
     def __init__(self, *, d_model: int, num_heads: int, dropout: float) -> None:
@@ -170,9 +166,6 @@ class RFSQHead(nn.Module):
             "num_blocks": self.num_blocks,
             "dropout": self.dropout,
         }
-
-    def to_config(self) -> dict[str, Any]:
-        return dict(self.config)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "RFSQHead":

@@ -23,7 +23,8 @@ from common.provenance import REPO_ROOT
 # section name -> (markdown written by the producing command, its JSON, the command)
 SECTIONS: dict[str, tuple[str, str, str]] = {
     "phase1_synthetic": ("phase1/comparison.md", "phase1/comparison.json",
-                         "make run-phase1-synthetic"),
+                         "python -m phase1_improved.train_rfsq_robust --no-use-layernorm --num-episodes 50 --epochs 100 --batch-size 64; "
+                         "the same with --use-layernorm; python -m phase1_improved.test_layernorm_improvement"),
     "phase1_real": ("phase1_real/comparison.md", "phase1_real/comparison.json",
                     "python -m phase1_improved.test_layernorm_improvement --out results/phase1_real (after training on the demos)"),
     "bench_tokenizers": ("bench_tokenizers.md", "bench_tokenizers.json", "make bench"),

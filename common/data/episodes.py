@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.normalization import ACTION_DIM, check_actions
+from common.data.normalization import ACTION_DIM, check_actions
 
 SYNTHETIC = "synthetic"
 

@@ -26,8 +26,12 @@ them. Scenes with more than MAX_OBJECTS candidates keep the first MAX_OBJECTS in
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import os
+import sys
+import types
 from typing import Any, Sequence
 
 import numpy as np
@@ -88,14 +92,25 @@ def parse_task_spec(spec: str, num_tasks: int) -> list[int]:
     return sorted(ids)
 
 
+def _quiet_robosuite_import() -> None:
+    """robosuite warns three times per process that no private macro file exists unless
+    ``robosuite.macros_private`` imports; an empty one keeps every default macro (the
+    defaults live in ``robosuite.macros``), which is what we want."""
+    sys.modules.setdefault("robosuite.macros_private", types.ModuleType("robosuite.macros_private"))
+
+
 def get_suite(suite: str):
     """The libero Benchmark object for `suite` (task order index 0, the standard order)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
-    configure_headless_rendering()  # must precede the first mujoco import
+    _quiet_robosuite_import()
     from libero.libero import benchmark  # heavy import (robosuite, mujoco): only when needed
 
-    return benchmark.get_benchmark_dict()[suite]()
+    # LIBERO prints "[info] Applying task order index ..." on every construction (once per env);
+    # it says nothing we do not already know (we always use the standard order) and breaks
+    # progress bars, so that one print is swallowed here.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return benchmark.get_benchmark_dict()[suite]()
 
 
 def _quat_wxyz_to_xyzw(q: np.ndarray) -> np.ndarray:
@@ -148,6 +163,11 @@ class LiberoTaskEnv:
         self._init_states = np.asarray(bench.get_task_init_states(self.task_id))
 
         self._env_args = make_env_args(self._bddl_file, self.cameras, self.camera_size)
+        if self.cameras and not os.environ.get("MUJOCO_GL"):
+            raise RuntimeError(
+                f"cameras {list(self.cameras)} need an offscreen GL backend: set MUJOCO_GL=egl (headless) or "
+                "MUJOCO_GL=osmesa before starting Python (the entry points and `make` set egl)"
+            )
         from libero.libero.envs.env_wrapper import ControlEnv
 
         # ControlEnv rather than OffScreenRenderEnv: the latter forces an offscreen renderer even
@@ -307,8 +327,3 @@ class LiberoTaskEnv:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def configure_headless_rendering() -> None:
-    """Default MUJOCO_GL to EGL (headless) unless the caller chose a backend already."""
-    os.environ.setdefault("MUJOCO_GL", "egl")

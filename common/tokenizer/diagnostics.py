@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.action_tokenizer import ActionRFSQAE, LoadedTokenizer
+from common.tokenizer.model import ActionRFSQAE, LoadedTokenizer
 
 DEAD_THRESHOLD = 0.95
 
@@ -75,9 +75,6 @@ def diagnostics_table(results: dict[str, dict]) -> str:
 
 def plot_diagnostics(results: dict[str, dict], path: str | Path, *, title: str = "") -> Path:
     """Residual std per layer and MSE vs number of layers, every tokenizer on the same axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_std, ax_mse) = plt.subplots(1, 2, figsize=(10, 4))
@@ -108,7 +105,7 @@ RSD_GOALS = {"robust_mse_at_most": 1e-4, "improvement_at_least_pct": 90.0, "min_
 def heldout_raw_chunks(tokenizer: LoadedTokenizer, *, data: str | None = None) -> tuple[np.ndarray, dict]:
     """Raw held-out chunks for a trained tokenizer: the validation episodes of its own training run
     (same data source, episode count and split seed, read from the checkpoint)."""
-    from common.action_data import load_episodes, make_chunks, split_episodes
+    from common.data.episodes import load_episodes, make_chunks, split_episodes
 
     train_cfg = tokenizer.extra.get("train_config")
     if not train_cfg:

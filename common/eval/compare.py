@@ -1,0 +1,204 @@
+"""Phase 3 comparison: naive vs robust (Strategy A) vs robust decoder with naive-token models
+(Strategy B), each decoded speculatively AND main-only on the same chunks (the logic behind
+``python -m phase3.compare``).
+
+Every variant runs the same tasks and init states (trial i = init state i). Each chunk is decoded
+both ways from the same features; the speculative tokens drive the robot and the fraction of
+chunks whose tokens equal main-only decoding is reported (100% means main-only would have
+executed exactly the same actions, hence reached the same success); both latencies are measured
+on the same inputs in the same run. Writes ``comparison.json`` and ``comparison.md`` (every cell
+from this run) to ``out`` (default ``<results dir>/phase3/compare_<suite>``), next to each
+variant's own eval folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common.artifacts import (
+    NAIVE_TOKENIZER, ROBUST_TOKENIZER, expert_success_results, models_dir_of, phase3_comparison, results_dir_of,
+)
+from common.eval.closed_loop import evaluate
+from common.eval.config import EvalConfig
+from common.provenance import provenance, write_json
+
+VARIANTS = {  # name -> (tokenizer, strategy)
+    "naive": ("naive", "A"),
+    "robust-A": ("robust", "A"),
+    "robust-B": ("robust", "B"),
+}
+
+
+@dataclass
+class ComparisonConfig:
+    """Flags of ``python -m phase3.compare``."""
+
+    task_suite: str = "libero_object"
+    tasks: str = "0-9"
+    num_trials: int = 10
+    variants: str = "naive,robust-A,robust-B"
+    # per-variant trial counts, e.g. "robust-B=10": a variant already conclusive at fewer trials
+    # need not spend the full budget (the table states each variant's trials); "" = --num-trials for all
+    variant_trials: str = ""
+    replan_steps: int = 4
+    max_steps: int = 0  # 0 = the suite's standard limit
+    workers: int = 0
+    seed: int = 0
+    models_dir: str = ""  # "" = $RSD_MODELS_DIR or ./artifacts/models
+    results_dir: str = ""  # "" = $RSD_RESULTS_DIR or ./results
+    out: str = ""  # "" = <results dir>/phase3/compare_<suite>
+    expert_results: str = ""  # "" = <results dir>/expert_success.json when present
+    # rebuild comparison.{json,md} from the variants' finished eval_info.json, running nothing
+    tables_only: bool = False
+
+    def __post_init__(self):
+        unknown = [v for v in self.variant_list if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+        if self.num_trials < 1:
+            raise ValueError(f"--num-trials must be >= 1; got {self.num_trials}")
+        self.trials_for_variant  # validates --variant-trials
+
+    @property
+    def trials_for_variant(self) -> dict[str, int]:
+        out = {v: self.num_trials for v in self.variant_list}
+        for item in filter(None, (x.strip() for x in self.variant_trials.split(","))):
+            name, sep, value = item.partition("=")
+            if not sep or name.strip() not in out or not value.strip().isdigit() or int(value) < 1:
+                raise ValueError(
+                    f"--variant-trials: expected comma-separated VARIANT=N with VARIANT in {self.variant_list} and N >= 1; got {item!r}"
+                )
+            out[name.strip()] = int(value)
+        return out
+
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else phase3_comparison(results_dir_of(self.results_dir), self.task_suite)
+
+    @property
+    def variant_list(self) -> list[str]:
+        return [v.strip() for v in self.variants.split(",") if v.strip()]
+
+
+def _pct(v):
+    return "—" if v is None or v != v else f"{100 * v:.1f}%"
+
+
+def _num(v, fmt="{:.2f}"):
+    return "—" if v is None or v != v else fmt.format(v)
+
+
+def expert_rate(path: Path, suite: str, tasks: list[int]) -> float | None:
+    """The scripted expert's success on the same tasks (from benchmarks/expert_success.py)."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    rows = [r for r in data.get("rows", []) if r.get("suite") == suite and int(r["task_id"]) in tasks]
+    if not rows:
+        return None
+    return sum(r["successes"] for r in rows) / sum(r["n"] for r in rows)
+
+
+def fine_motion_rows(models_dir: str) -> dict:
+    """Tokenizer reconstruction MSE on all vs fine-motion held-out chunks (slow approach / grasp /
+    release segments and gripper toggles: ``common.tokenizer.diagnostics.fine_motion_mask``), naive and robust,
+    each on the held-out episodes of the robust tokenizer's training run."""
+    from common.tokenizer.diagnostics import fine_motion_mse, heldout_raw_chunks
+    from common.tokenizer.model import load_tokenizer
+
+    root = models_dir_of(models_dir)
+    robust = load_tokenizer(root / ROBUST_TOKENIZER, require_conditioning="layernorm")
+    naive = load_tokenizer(root / NAIVE_TOKENIZER, require_conditioning="none")
+    raw, info = heldout_raw_chunks(robust)
+    return {"heldout": {k: v for k, v in info.items() if k != "val_episodes"}, "naive": fine_motion_mse(naive, raw), "robust": fine_motion_mse(robust, raw)}
+
+
+def _variant_infos(cfg: ComparisonConfig, out: Path) -> dict[str, dict]:
+    infos = {}
+    for name in cfg.variant_list:
+        if cfg.tables_only:
+            path = out / name / "eval_info.json"
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: --tables-only needs the finished evaluation of variant {name!r}; run without --tables-only first")
+            infos[name] = json.loads(path.read_text())
+            if infos[name]["config"]["num_trials"] != cfg.trials_for_variant[name]:
+                raise ValueError(
+                    f"{path}: variant {name!r} was run with {infos[name]['config']['num_trials']} trials per task, "
+                    f"expected {cfg.trials_for_variant[name]} (--num-trials / --variant-trials)"
+                )
+            continue
+        tokenizer, strategy = VARIANTS[name]
+        ecfg = EvalConfig(
+            task_suite=cfg.task_suite, tasks=cfg.tasks, num_trials=cfg.trials_for_variant[name], use_speculative_decoding=True,
+            tokenizer=tokenizer, strategy=strategy, replan_steps=cfg.replan_steps, max_steps=cfg.max_steps, workers=cfg.workers, seed=cfg.seed,
+            compare_main_only=True, models_dir=cfg.models_dir, results_dir=cfg.results_dir, out=str(out / name),
+        )
+        infos[name] = evaluate(ecfg)
+    return infos
+
+
+def draft_cost_in_main_passes(info: dict) -> float | None:
+    """Mean draft time over the mean time of one main-only pass, from the same run's chunks.
+
+    Speculative decoding saves time only when the mean accepted layers exceed this (plus the small
+    cost of the acceptance check)."""
+    lat = info["latency_ms"]
+    if "draft_ms" not in lat or "ref_main_ms" not in lat or not info.get("main_only_passes_per_chunk"):
+        return None
+    return lat["draft_ms"]["mean"] / (lat["ref_main_ms"]["mean"] / info["main_only_passes_per_chunk"])
+
+
+def run_comparison(cfg: ComparisonConfig) -> dict:
+    """Evaluate every variant (or read them, ``tables_only``); write and return ``comparison.json`` / ``.md``."""
+    results = results_dir_of(cfg.results_dir)
+    out = cfg.out_dir()
+    infos = _variant_infos(cfg, out)
+    tasks = sorted(int(t) for t in next(iter(infos.values()))["per_task"])
+    expert = expert_rate(Path(cfg.expert_results) if cfg.expert_results else expert_success_results(results), cfg.task_suite, tasks)
+    lines = [
+        f"Suite `{cfg.task_suite}`, tasks {cfg.tasks}, trial i = init state i (trials per task in the table), replan every {cfg.replan_steps} steps.",
+        f"Scripted expert on the same tasks: {_pct(expert)}.",
+        "",
+        "| variant | trials / task | success | fine-grained | policy ms / env step (spec) | (main-only) | token decode ms / chunk (spec) | (main-only) | token-decode speedup | main passes / chunk (spec / main-only) | mean accepted layers | draft cost (main passes) | lossless identical | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, info in infos.items():
+        lat, step = info["latency_ms"], info["step_latency"] or {}
+        spec_tok = lat.get("main_ms", {}).get("mean", float("nan")) + lat.get("draft_ms", {}).get("mean", 0.0)
+        lines.append(
+            f"| {name} | {cfg.trials_for_variant[name]} | {_pct(info['success_rate'])} | {_pct(info['fine_grained_success_rate'])} | "
+            f"{_num(step.get('policy_ms_per_env_step'))} | {_num(step.get('main_only_policy_ms_per_env_step'))} | "
+            f"{_num(spec_tok)} | {_num(lat.get('ref_main_ms', {}).get('mean'))} | {_num(info['token_decode_speedup'])}x | "
+            f"{_num(info['main_passes_per_chunk'])} / {_num(info['main_only_passes_per_chunk'])} | {_num(info['mean_accepted_layers'])} | "
+            f"{_num(draft_cost_in_main_passes(info))} | "
+            f"{_pct(info['lossless_identical_fraction'])} | {info['errors']} |"
+        )
+    fine = fine_motion_rows(cfg.models_dir)
+    lines += [
+        "",
+        "Draft cost = mean draft time / mean time of one main-only pass, same chunks: the speculative path "
+        "is faster only when the mean accepted layers exceed it.",
+        "",
+        f"Tokenizer reconstruction MSE on held-out demo chunks ({fine['heldout']['num_chunks']} chunks; fine-motion = "
+        f"{fine['robust']['fine_motion_chunks']} slow / gripper-toggle chunks):",
+        "",
+        "| tokenizer | all chunks | fine-motion chunks |",
+        "|---|---|---|",
+        *[f"| {n} | {fine[n]['all_mse']:.3e} | {fine[n]['fine_motion_mse']:.3e} |" for n in ("naive", "robust")],
+    ]
+    result = {
+        "config": asdict(cfg),
+        "tokenizer_fine_motion": fine,
+        "expert_success_rate": expert,
+        "variants": {name: {k: info[k] for k in (
+            "success_rate", "fine_grained_success_rate", "success_episodes", "errors", "latency_ms", "step_latency",
+            "acceptance_per_layer", "mean_accepted_layers", "main_passes_per_chunk", "main_only_passes_per_chunk",
+            "main_pass_ratio", "token_decode_speedup", "lossless_identical_fraction", "per_task", "wall_seconds",
+            "episodes_per_minute")} | {"trials_per_task": cfg.trials_for_variant[name],
+                                         "draft_cost_in_main_passes": draft_cost_in_main_passes(info)} for name, info in infos.items()},
+        "provenance": provenance(seed=cfg.seed),
+    }
+    write_json(out / "comparison.json", result)
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    return result

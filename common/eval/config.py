@@ -1,0 +1,108 @@
+"""Phase 3 settings: ``EvalConfig`` (the flags of ``phase3/modal_phase3_libero_eval.py``, the same on
+the local CLI and ``modal run``), which checkpoints a variant evaluates, and the fine-grained task set."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common.artifacts import eval_checkpoints, models_dir_of, phase3_results, results_dir_of
+from common.sim.libero_env import SUITES
+
+STRATEGIES = ("A", "B")
+TOKENIZERS = ("robust", "naive")
+
+# Fine-grained tasks: where a few millimetres decide success — grasping a bowl by its thin rim
+# (every libero_spatial task picks a black bowl and must leave it within 3 cm on the plate), or
+# small / low objects whose top is only ~2-4 cm above the table and that must land inside the
+# basket's region (libero_object's flat boxes: butter, cream cheese, chocolate pudding).
+FINE_GRAINED_KEYWORDS = {
+    "libero_spatial": ("bowl",),
+    "libero_object": ("butter", "cream cheese", "chocolate pudding"),
+}
+
+
+class LosslessViolation(AssertionError):
+    """Exact speculative decoding produced tokens different from main-only greedy decoding."""
+
+
+def is_fine_grained(suite: str, instruction: str) -> bool:
+    return any(k in instruction.lower() for k in FINE_GRAINED_KEYWORDS.get(suite, ()))
+
+
+# --- config -----------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    """Flags of ``phase3/modal_phase3_libero_eval.py`` (same on the local CLI and ``modal run``)."""
+
+    task_suite: str = "libero_object"
+    tasks: str = "0-9"
+    num_trials: int = 50
+    use_speculative_decoding: bool = True
+    tokenizer: str = "robust"  # robust | naive
+    strategy: str = "A"  # A: models trained on this tokenizer's tokens; B: naive-token models + robust decoder
+    acceptance: str = "exact"  # exact (lossless) | relaxed (lossy, reported separately)
+    tolerance: int = 0
+    replan_steps: int = 4
+    workers: int = 0  # 0 = number of CPU cores
+    max_steps: int = 0  # 0 = the suite's standard limit
+    seed: int = 0
+    save_videos: int = 0  # first N trials of each task rendered to GIF (slow: cameras on)
+    compare_main_only: bool = True  # decode every chunk both ways: lossless check + same-run latency
+    assert_lossless: bool = False  # stop with LosslessViolation on the first differing chunk (else count it)
+    decode_dtype: str = "float64"  # float64 | float32: precision of the main/draft token models
+    # The draft's precision does not touch losslessness (the main model verifies its integer tokens),
+    # so it may run cheaper: "" = same as --decode-dtype.
+    draft_dtype: str = ""
+    models_dir: str = ""  # "" = $RSD_MODELS_DIR or ./artifacts/models (Modal: /models)
+    results_dir: str = ""  # "" = $RSD_RESULTS_DIR or ./results (Modal: /data/results)
+    out: str = ""  # "" = <results dir>/phase3/<run name>
+    torch_threads: int = 1
+
+    def __post_init__(self):
+        if self.task_suite not in SUITES:
+            raise ValueError(f"--task-suite must be one of {SUITES}; got {self.task_suite!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"--tokenizer must be one of {TOKENIZERS}; got {self.tokenizer!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {STRATEGIES}; got {self.strategy!r}")
+        if self.strategy == "B" and self.tokenizer != "robust":
+            raise ValueError("--strategy B means: robust decoder + naive-token models; use it with --tokenizer robust")
+        if self.decode_dtype not in ("float64", "float32"):
+            raise ValueError(f"--decode-dtype must be float64 or float32; got {self.decode_dtype!r}")
+        if self.draft_dtype not in ("", "float64", "float32"):
+            raise ValueError(f"--draft-dtype must be float64, float32 or empty (= --decode-dtype); got {self.draft_dtype!r}")
+        if self.acceptance not in ("exact", "relaxed"):
+            raise ValueError(f"--acceptance must be exact or relaxed; got {self.acceptance!r}")
+        if self.acceptance == "exact" and self.tolerance != 0:
+            raise ValueError("--tolerance needs --acceptance relaxed (exact acceptance is lossless, tolerance 0)")
+        for name in ("num_trials", "replan_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        for name in ("workers", "max_steps", "save_videos", "tolerance"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+
+    @property
+    def run_name(self) -> str:
+        dec = "spec" if self.use_speculative_decoding else "main_only"
+        acc = "" if self.acceptance == "exact" else f"_relaxed{self.tolerance}"
+        return f"{self.task_suite}_{self.tokenizer}_{self.strategy}_{dec}{acc}"
+
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else phase3_results(results_dir_of(self.results_dir), self.run_name)
+
+    def resolved_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+    def checkpoint_paths(self) -> dict[str, Path]:
+        """Which tokenizer / head / draft this configuration evaluates (seed's strategy names)."""
+        return eval_checkpoints(models_dir_of(self.models_dir), tokenizer=self.tokenizer, strategy=self.strategy)
+
+    def resume_key(self) -> dict:
+        """Fields that must match for a rerun to reuse finished episodes."""
+        d = asdict(self)
+        for k in ("workers", "out", "results_dir", "save_videos", "torch_threads", "num_trials", "tasks", "assert_lossless"):
+            d.pop(k)
+        return d

@@ -1,0 +1,92 @@
+"""The local pipeline's report: ``REPORT.md`` with the headline tables, the plots, and the JSON behind
+every number copied next to it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from common.provenance import write_json
+
+
+def _pct(v) -> str:
+    return "—" if v is None or v != v else f"{100 * v:.1f}%"
+
+
+def headline_markdown(summary: dict) -> str:
+    p = summary["profile"]
+    p1, p3 = summary["phase1"], summary["phase3"]
+    lines = [
+        f"Profile **{p['name']}**: `{p['suite']}` tasks {p['tasks']}, {p['demos_per_task']} scripted demos per task, "
+        f"tokenizer {p['tokenizer_epochs']} epochs, policy {p['policy_epochs']} epochs, {p['eval_trials']} trials per task. "
+        f"Wall time {summary['wall_seconds'] / 60:.1f} min.",
+        "",
+        "| | naive RFSQ | robust RFSQ |",
+        "|---|---|---|",
+        f"| tokenizer held-out MSE (8 layers) | {p1['naive_mse']:.3e} | {p1['robust_mse']:.3e} |",
+        f"| MSE after 2 layers | {p1['diagnostics']['naive']['layers'][1]['mse_after']:.3e} | {p1['diagnostics']['robust']['layers'][1]['mse_after']:.3e} |",
+        f"| dead layers | {p1['diagnostics']['naive']['dead_layers'] or 'none'} | {p1['diagnostics']['robust']['dead_layers'] or 'none'} |",
+        "",
+        f"Scripted expert on these tasks: {_pct(p3.get('expert_success_rate'))}.",
+        "",
+        "| variant | success | fine-grained | token-decode speedup | main passes / chunk (spec) | mean accepted layers | lossless identical |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, v in p3["variants"].items():
+        sp = v.get("token_decode_speedup")
+        lines.append(
+            f"| {name} | {_pct(v['success_rate'])} | {_pct(v['fine_grained_success_rate'])} | "
+            f"{'—' if sp is None else f'{sp:.2f}x'} | {v['main_passes_per_chunk']:.2f} of {v['main_only_passes_per_chunk']:.0f} | "
+            f"{v['mean_accepted_layers']:.2f} | {_pct(v['lossless_identical_fraction'])} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(summary: dict, results: Path, report_dir: Path) -> Path:
+    """``report/REPORT.md`` + the PNGs + the JSON behind every number; also ``results/pipeline/``."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    headline = headline_markdown(summary)
+    write_json(results / "pipeline" / "pipeline_summary.json", summary)
+    (results / "pipeline" / "pipeline_summary.md").write_text(headline + "\n")
+    copied = []
+    for src in sorted(results.rglob("*")):
+        if src.suffix in (".json", ".png", ".md") and src.is_file() and "stamps" not in src.parts:
+            dst = report_dir / "data" / src.relative_to(results)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+            copied.append(dst.relative_to(report_dir))
+    pngs = [c for c in copied if c.suffix == ".png"]
+    body = [
+        "# RSD local pipeline report",
+        "",
+        headline,
+        "",
+        "## Phase 1 — tokenizers",
+        "",
+        (results / "phase1" / "comparison.md").read_text(),
+        "## Phase 2 — main and draft models",
+        "",
+        (results / "phase2" / "train_summary.md").read_text(),
+        "",
+        (results / "phase2" / "train_summary_naive.md").read_text(),
+        "",
+        "## Phase 3 — closed-loop evaluation",
+        "",
+        (results / "phase3" / f"compare_{summary['profile']['suite']}" / "comparison.md").read_text(),
+        "## Plots",
+        "",
+        *[f"![{p.stem}]({p.as_posix()})" for p in pngs],
+        "",
+        "## Stage timings",
+        "",
+        "| stage | seconds | skipped |",
+        "|---|---|---|",
+        *[f"| {k} | {v['seconds']:.0f} | {'yes' if v['skipped'] else 'no'} |" for k, v in summary["stages"].items()],
+        "",
+        f"Every number above is read from the JSON files under `data/` (git `{summary['provenance']['git_sha']}`, "
+        f"{summary['provenance']['device']}).",
+        "",
+    ]
+    path = report_dir / "REPORT.md"
+    path.write_text("\n".join(body))
+    return path

@@ -1,0 +1,148 @@
+"""The whole RSD pipeline on a CPU, stage by stage, idempotent (what ``make run`` runs).
+
+demos (scripted expert) → Phase 1 naive + robust tokenizers + comparison → Phase 2 main + draft
+models on robust and on naive tokens (state backbone) → Phase 3 comparison (naive, robust A,
+robust B; speculative vs main-only on the same chunks) → ``report/``.
+
+Every stage records a fingerprint (its settings + the content hashes of its inputs) in
+``<root>/stamps/<stage>.json`` (``stages.py``); a rerun skips a stage whose fingerprint and outputs
+are unchanged and redoes it (and, through the changed input hashes, everything after it) otherwise.
+Each run keeps its data, models and results in its own folders under ``root``, passed explicitly
+to every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from common.artifacts import ArtifactDirs, expert_success_results, phase1_results, phase3_comparison
+from common.pipeline.report import write_report
+from common.pipeline.stages import Stages, file_hash
+from common.provenance import REPO_ROOT, provenance
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    suite: str
+    tasks: str
+    demos_per_task: int
+    tokenizer_epochs: int
+    policy_epochs: int
+    policy_batch_size: int
+    d_model: int
+    num_blocks: int
+    eval_trials: int
+    eval_max_steps: int  # 0 = the suite's standard limit
+    workers: int
+    latent_dim: int = 16
+
+
+PROFILES = {
+    # target <= 30 min on 2 cores: all 10 libero_object tasks
+    "default": Profile("default", "libero_object", "0-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=10,
+                       policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2),
+    # target <= 10 min: 5 tasks, fewer demos/epochs/trials
+    "quick": Profile("quick", "libero_object", "0-4", demos_per_task=8, tokenizer_epochs=15, policy_epochs=6,
+                     policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=2, eval_max_steps=0, workers=2),
+    # test-suite smoke run: one task, a few demos/epochs, short episodes
+    "tiny": Profile("tiny", "libero_object", "0", demos_per_task=3, tokenizer_epochs=2, policy_epochs=1,
+                    policy_batch_size=64, d_model=32, num_blocks=1, eval_trials=1, eval_max_steps=24, workers=1),
+}
+
+
+def settings(cfg, ignore: tuple[str, ...] = ()) -> dict:
+    """A stage's settings for its fingerprint: what changes results, not how progress is shown."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("progress", *ignore)}
+
+
+def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run (or resume) every stage of ``profile`` under ``root``; write ``report_dir``."""
+    from common.sim.demo_collection import collect_demos
+    from common.sim.libero_env import get_suite, parse_task_spec
+
+    started = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    stages = Stages(root, log)
+    dirs = ArtifactDirs.under(root)
+    data, models, results = dirs.data, dirs.models, dirs.results
+    tasks = parse_task_spec(profile.tasks, get_suite(profile.suite).get_num_tasks())
+    demos = data / f"{profile.suite}_demos.hdf5"
+
+    def do_demos():
+        s = collect_demos(profile.suite, tasks, profile.demos_per_task, demos, workers=profile.workers, seed=0, progress=progress)
+        kept = sum(t["kept"] for t in s["tasks"].values())
+        return f"{kept} demos in {demos.name} (given up: {s['given_up_tasks'] or 'none'})"
+
+    stages.run("demos", {"suite": profile.suite, "tasks": tasks, "per_task": profile.demos_per_task}, [demos], do_demos)
+    demo_hash = file_hash(demos)
+    num_demos = profile.demos_per_task * len(tasks)
+
+    from common.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+    tok_cfgs = {
+        cond: TokenizerTrainConfig(use_layernorm=cond == "layernorm", data=str(demos), num_episodes=num_demos,
+                                   epochs=profile.tokenizer_epochs, latent_dim=profile.latent_dim, models_dir=str(models),
+                                   progress=progress)
+        for cond in ("none", "layernorm")
+    }
+    for cond, cfg in tok_cfgs.items():
+        best = cfg.output_paths()["best"]
+        stages.run(f"tokenizer_{cond}", {"cfg": settings(cfg), "demos": demo_hash}, [best],
+                   lambda cfg=cfg: f"val MSE {train_tokenizer(cfg)['best_val_mse']:.3e}")
+    tok_hashes = {c: file_hash(cfg.output_paths()["best"]) for c, cfg in tok_cfgs.items()}
+
+    from common.tokenizer.compare import TokenizerComparisonConfig, compare_naive_and_robust
+
+    p1 = phase1_results(results) / "comparison.json"
+    p1_cfg = TokenizerComparisonConfig(out=str(p1.parent), models_dir=str(models), results_dir=str(results))
+    stages.run("phase1_compare", {"tokenizers": tok_hashes}, [p1],
+               lambda: "improvement {:.1f}%".format(compare_naive_and_robust(p1_cfg)["improvement_pct"]))
+
+    from common.policy.config import PolicyTrainConfig
+    from common.policy.train import train_policy
+
+    for cond, tag in (("layernorm", ""), ("none", "naive")):
+        pcfg = PolicyTrainConfig(
+            data=str(demos), num_episodes=0, epochs=profile.policy_epochs, batch_size=profile.policy_batch_size,
+            lr=1e-3, d_model=profile.d_model, num_blocks=profile.num_blocks, models_dir=str(models),
+            results_dir=str(results), data_dir=str(data), progress=progress, rfsq_checkpoint=str(tok_cfgs[cond].output_paths()["best"]), timing_repeats=50,
+        )
+        out_paths = pcfg.output_paths(tag)
+        outs = [out_paths["head"], out_paths["draft"]]
+
+        def do_policy(pcfg=pcfg):
+            s = train_policy(pcfg)
+            return f"main + draft trained in {s['wall_seconds']:.0f} s"
+
+        stages.run(f"policy_{cond}", {"cfg": settings(pcfg), "tokenizer": tok_hashes[cond]}, outs, do_policy)
+    policy_hashes = {p.name: file_hash(p) for p in sorted(models.glob("best_*.pt"))}
+
+    from common.eval.compare import ComparisonConfig, run_comparison
+
+    # the scripted expert's committed success rates (benchmarks/expert_success.py), not this run's
+    ccfg = ComparisonConfig(task_suite=profile.suite, tasks=profile.tasks, num_trials=profile.eval_trials,
+                            workers=profile.workers, max_steps=profile.eval_max_steps,
+                            expert_results=str(expert_success_results(REPO_ROOT / "results")),
+                            models_dir=str(models), results_dir=str(results))
+    p3 = phase3_comparison(results, profile.suite) / "comparison.json"
+    fingerprint = {"cfg": settings(ccfg, ignore=("models_dir", "results_dir")),
+                   "models": policy_hashes, "tokenizers": tok_hashes}
+    stages.run("phase3_compare", fingerprint, [p3],
+               lambda: "variants: " + ", ".join(f"{k} {v['success_rate']:.0%}" for k, v in run_comparison(ccfg)["variants"].items()))
+
+    summary = {
+        "profile": asdict(profile),
+        "wall_seconds": time.perf_counter() - started,
+        "stages": stages.timings,
+        "phase1": json.loads(p1.read_text()),
+        "phase2": {tag or "robust": json.loads(pcfg.output_paths(tag)["summary_json"].read_text()) for tag in ("", "naive")},
+        "phase3": json.loads(p3.read_text()),
+        "provenance": provenance(seed=0),
+    }
+    write_report(summary, results, report_dir)
+    return summary

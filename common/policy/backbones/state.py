@@ -1,0 +1,96 @@
+"""``StateBackbone`` (local, CPU): MLP over the normalized low-dimensional observation vector plus a
+learned per-task embedding -> features [B, D] for the draft and main models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+
+class StateBackbone(nn.Module):
+    """MLP over low-dimensional observations + learned task embedding -> [B, feature_dim]."""
+
+    def __init__(
+        self,
+        *,
+        obs_dim: int,
+        num_tasks: int,
+        task_embed_dim: int = 32,
+        hidden_dim: int = 256,
+        feature_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        for name, val in (("obs_dim", obs_dim), ("num_tasks", num_tasks), ("task_embed_dim", task_embed_dim),
+                          ("hidden_dim", hidden_dim), ("feature_dim", feature_dim)):
+            if int(val) < 1:
+                raise ValueError(f"StateBackbone: expected {name} >= 1, found {val}")
+        self.obs_dim = int(obs_dim)
+        self.num_tasks = int(num_tasks)
+        self.task_embed_dim = int(task_embed_dim)
+        self.hidden_dim = int(hidden_dim)
+        self.feature_dim = int(feature_dim)
+        # Normalizer statistics are model state (saved in the state dict), fitted once on training data.
+        self.register_buffer("obs_mean", torch.zeros(self.obs_dim))
+        self.register_buffer("obs_std", torch.ones(self.obs_dim))
+        self.register_buffer("normalizer_fitted", torch.tensor(False))
+        self.task_embed = nn.Embedding(self.num_tasks, self.task_embed_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.obs_dim + self.task_embed_dim, self.hidden_dim),
+            nn.GELU(),
+            nn.Linear(self.hidden_dim, self.hidden_dim),
+            nn.GELU(),
+            nn.Linear(self.hidden_dim, self.feature_dim),
+            nn.LayerNorm(self.feature_dim),
+        )
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {
+            "obs_dim": self.obs_dim,
+            "num_tasks": self.num_tasks,
+            "task_embed_dim": self.task_embed_dim,
+            "hidden_dim": self.hidden_dim,
+            "feature_dim": self.feature_dim,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "StateBackbone":
+        return cls(**config)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def fit_normalizer(self, obs: torch.Tensor, *, min_std: float = 1e-6) -> None:
+        """Set mean/std from training observations [N, obs_dim]; constant dims get std 1 (not 0)."""
+        obs = torch.as_tensor(obs, dtype=torch.float32)
+        if obs.dim() != 2 or obs.shape[1] != self.obs_dim or obs.shape[0] < 2:
+            raise ValueError(f"fit_normalizer: expected [N>=2, {self.obs_dim}], found {list(obs.shape)}")
+        if not torch.isfinite(obs).all():
+            raise ValueError("fit_normalizer: observations contain NaN/inf")
+        std = obs.std(dim=0)
+        std = torch.where(std < min_std, torch.ones_like(std), std)
+        self.obs_mean.copy_(obs.mean(dim=0))
+        self.obs_std.copy_(std)
+        self.normalizer_fitted.fill_(True)
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.obs_mean) / self.obs_std
+
+    def forward(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        if not bool(self.normalizer_fitted):
+            # an unfitted normalizer silently feeds raw-scale inputs; make the caller fit or load it
+            raise RuntimeError("StateBackbone: normalizer not fitted; call fit_normalizer(train_obs) or load a state dict")
+        if obs.dim() != 2 or obs.shape[1] != self.obs_dim:
+            raise ValueError(f"obs: expected [B, {self.obs_dim}], found {list(obs.shape)}")
+        if task_ids.shape != (obs.shape[0],):
+            raise ValueError(f"task_ids: expected [{obs.shape[0]}], found {list(task_ids.shape)}")
+        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= self.num_tasks):
+            raise ValueError(
+                f"task_ids: expected values in [0, {self.num_tasks}), found [{int(task_ids.min())}, {int(task_ids.max())}]"
+            )
+        x = torch.cat([self.normalize(obs.float()), self.task_embed(task_ids.long())], dim=1)
+        return self.mlp(x)

@@ -1,0 +1,185 @@
+"""Held-out metrics of the main and draft models, their agreement (what speculative decoding would
+accept), and the draft's cost next to one main pass."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.policy.draft import DraftWithProjection, check_proposal
+from common.policy.head import RFSQHead
+from common.policy.labels import PolicyData, batches
+from common.policy.model import PolicyModel
+
+
+@torch.no_grad()
+def compute_features(policy: PolicyModel, data: PolicyData, *, device: torch.device, batch_size: int = 2048) -> torch.Tensor:
+    """Frozen features of every step (CPU tensor [N, F])."""
+    was = policy.training
+    policy.eval()
+    out = [
+        policy.features(data.inputs[sl].to(device), data.task_ids[sl].to(device)).float().cpu()
+        for sl in batches(len(data), batch_size)
+    ]
+    policy.train(was)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_main(policy: PolicyModel, data: PolicyData, *, device: torch.device, batch_size: int = 1024, greedy: bool = False) -> dict[str, Any]:
+    """Teacher-forced held-out metrics per layer (and greedy-decode accuracy when ``greedy``)."""
+    was = policy.training
+    policy.eval()
+    head = policy.head
+    L = head.num_layers
+    correct = torch.zeros(L, dtype=torch.float64)
+    all_ok = torch.zeros(L, dtype=torch.float64)
+    g_correct = torch.zeros(L, dtype=torch.float64)
+    g_all = torch.zeros(L, dtype=torch.float64)
+    ce_sum = 0.0
+    for sl in batches(len(data), batch_size):
+        codes = data.codes[sl].to(device).long()
+        feats = policy.features(data.inputs[sl].to(device), data.task_ids[sl].to(device))
+        logits = head(feats, codes)  # [B, L, T, V]
+        target = codes.transpose(1, 2)  # [B, L, T]
+        ce_sum += F.cross_entropy(logits.reshape(-1, head.num_levels), target.reshape(-1), reduction="sum").item()
+        hit = logits.argmax(-1) == target  # [B, L, T]
+        correct += hit.double().mean(dim=2).sum(dim=0).cpu()
+        all_ok += hit.all(dim=2).double().sum(dim=0).cpu()
+        if greedy:
+            g_hit = head.greedy_decode(feats).transpose(1, 2) == target
+            g_correct += g_hit.double().mean(dim=2).sum(dim=0).cpu()
+            g_all += g_hit.all(dim=2).double().sum(dim=0).cpu()
+    policy.train(was)
+    n = len(data)
+    token_acc = (correct / n).tolist()
+    out = {
+        "val_ce": ce_sum / (n * L * head.tokens_per_layer),
+        "val_token_acc": token_acc,
+        "val_layer_all_correct": (all_ok / n).tolist(),
+        "val_mean_token_acc": float(np.mean(token_acc)),
+    }
+    if greedy:
+        out["val_greedy_token_acc"] = (g_correct / n).tolist()
+        out["val_greedy_layer_all_correct"] = (g_all / n).tolist()
+        out["val_greedy_mean_token_acc"] = float(np.mean(out["val_greedy_token_acc"]))
+    return out
+
+
+@torch.no_grad()
+def evaluate_draft(draft: DraftWithProjection, feats: torch.Tensor, codes: torch.Tensor, *, device: torch.device, batch_size: int = 2048) -> dict[str, Any]:
+    was = draft.training
+    draft.eval()
+    K = draft.coarse_layers
+    correct = torch.zeros(K, dtype=torch.float64)
+    all_ok = torch.zeros(K, dtype=torch.float64)
+    ce_sum = 0.0
+    for sl in batches(len(codes), batch_size):
+        logits = draft(feats[sl].to(device))  # [B, K, T, V]
+        target = codes[sl, :, :K].to(device).long().transpose(1, 2)  # [B, K, T]
+        ce_sum += F.cross_entropy(logits.reshape(-1, draft.num_levels), target.reshape(-1), reduction="sum").item()
+        hit = logits.argmax(-1) == target
+        correct += hit.double().mean(dim=2).sum(dim=0).cpu()
+        all_ok += hit.all(dim=2).double().sum(dim=0).cpu()
+    draft.train(was)
+    n = len(codes)
+    token_acc = (correct / n).tolist()
+    return {
+        "val_ce": ce_sum / (n * K * draft.tokens_per_layer),
+        "val_token_acc": token_acc,
+        "val_layer_all_correct": (all_ok / n).tolist(),
+        "val_coarse_acc": float(np.mean(token_acc)),
+    }
+
+
+@torch.no_grad()
+def draft_main_agreement(head: RFSQHead, draft: DraftWithProjection, feats: torch.Tensor, *, device: torch.device, batch_size: int = 1024) -> dict[str, Any]:
+    """What speculative decoding (exact acceptance) would do on these features.
+
+    Per batch: ONE ``head.verify(features, proposed)`` pass. ``agreement[l]`` = fraction of chunks
+    whose drafted layer l equals (all T tokens) the main model's greedy layer l given the DRAFT's
+    layers < l. ``accepted`` = longest agreeing prefix (0..K); main passes per chunk = L - accepted.
+    """
+    was_h, was_d = head.training, draft.training
+    head.eval()
+    draft.eval()
+    K, L = draft.coarse_layers, head.num_layers
+    agree = torch.zeros(K, dtype=torch.float64)
+    token_agree = torch.zeros(K, dtype=torch.float64)
+    hist = torch.zeros(K + 1, dtype=torch.float64)
+    for sl in batches(len(feats), batch_size):
+        f = feats[sl].to(device)
+        proposed = draft.propose(f)  # [B, T, K]
+        logits, _ = head.verify(f, proposed)  # [B, K+1, T, V]
+        same, layer_ok, accepted = check_proposal(proposed, logits.argmax(-1).transpose(1, 2))
+        agree += layer_ok.double().sum(dim=0).cpu()
+        token_agree += same.double().mean(dim=1).sum(dim=0).cpu()
+        hist += torch.bincount(accepted.cpu(), minlength=K + 1).double()
+    head.train(was_h)
+    draft.train(was_d)
+    n = len(feats)
+    dist = (hist / n).tolist()
+    mean_acc = float(sum(a * p for a, p in enumerate(dist)))
+    return {
+        "agreement_per_layer": (agree / n).tolist(),
+        "token_agreement_per_layer": (token_agree / n).tolist(),
+        "accepted_layers_distribution": dist,  # index a = P(exactly a layers accepted)
+        "mean_accepted_layers": mean_acc,
+        "mean_main_passes_per_chunk": float(L - mean_acc),
+        "main_passes_without_draft": L,
+    }
+
+
+@torch.no_grad()
+def measure_costs(head: RFSQHead, draft: DraftWithProjection, *, repeats: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Draft pass vs one main pass: params, analytic FLOPs, measured batch-1 CPU time (medians).
+
+    One main pass = one cached sequential step of ``greedy_decode`` (its time / L); the backbone is
+    shared by both and not counted. Runs on CPU copies with the process's thread count (the entry
+    points set 1, which ``timing`` records).
+    """
+    head = copy.deepcopy(head).cpu().eval()
+    draft = copy.deepcopy(draft).cpu().eval()
+    # timing input only: the cost of a pass does not depend on the feature values
+    f = torch.randn(1, head.feature_dim, generator=torch.Generator().manual_seed(seed))
+    for _ in range(min(10, repeats)):  # warm-up
+        draft(f)
+        head.greedy_decode(f)
+    d_times, m_times = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        draft.propose(f)
+        d_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        head.greedy_decode(f)
+        m_times.append((time.perf_counter() - t0) / head.num_layers)
+    d_flops = int(draft.count_flops(1)["draft_pass"])
+    m_flops = float(head.count_flops(1)["per_pass_mean"])
+    d_med, m_med = statistics.median(d_times), statistics.median(m_times)
+    return {
+        "draft_params": draft.num_parameters(),
+        "main_head_params": head.num_parameters(),
+        "draft_flops_per_pass": d_flops,
+        "main_flops_per_pass_mean": m_flops,
+        "flops_ratio_draft_over_main_pass": d_flops / m_flops,
+        "draft_time_s_median": d_med,
+        "main_pass_time_s_median": m_med,
+        "time_ratio_draft_over_main_pass": d_med / m_med,
+        "timing": f"CPU, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}, batch 1, median of {repeats} calls",
+    }
+
+
+
+@torch.no_grad()
+def greedy_codes(head: RFSQHead, feats: torch.Tensor, *, device: torch.device, batch_size: int = 2048) -> torch.Tensor:
+    """The main model's greedy (sequential) codes ``[N, T, L]`` for precomputed features."""
+    head.eval()
+    out = [head.greedy_decode(feats[s : s + batch_size].to(device)).cpu() for s in range(0, len(feats), batch_size)]
+    return torch.cat(out)
+

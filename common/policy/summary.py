@@ -1,0 +1,65 @@
+"""The Phase 2 training summary as a small markdown report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pct(values) -> str:
+    return " | ".join(f"{100 * v:.1f}" for v in values)
+
+
+def summary_markdown(s: dict[str, Any]) -> str:
+    """A small markdown report of one training run (per-layer held-out numbers in %)."""
+    tok = s["tokenizer"]
+    lines = [
+        f"### Phase 2 training ({tok['conditioning']} tokens{', tag ' + s['tag'] if s['tag'] else ''})",
+        "",
+        f"Data: `{s['data']}` — {s['num_episodes']} demos ({s['train_episodes']} train / {s['val_episodes']} held-out episodes, "
+        f"{s['train_steps']} / {s['val_steps']} steps), {s['num_tasks']} tasks, backbone `{s['backbone']}`, device {s['device']}. "
+        f"Tokenizer `{tok['path']}` ({tok['content_hash']}): {tok['num_layers']} layers x {tok['tokens_per_layer']} tokens x {tok['num_levels']} levels. "
+        f"Wall time {s['wall_seconds']:.1f} s (main {s.get('main_seconds', 0.0):.1f} s{', loaded from its checkpoint' if 'main' not in s.get('stages', ['main']) else ''}, "
+        f"draft {s.get('draft_seconds', 0.0):.1f} s).",
+        "",
+    ]
+    main = s.get("main", {})
+    if "val_token_acc" in main:
+        L = len(main["val_token_acc"])
+        lines += [
+            "| main (held-out, %) | " + " | ".join(f"L{i}" for i in range(L)) + " | mean |",
+            "|---|" + "---|" * (L + 1),
+            f"| token acc (teacher-forced) | {_pct(main['val_token_acc'])} | {100 * main['val_mean_token_acc']:.1f} |",
+            f"| all tokens of layer right | {_pct(main['val_layer_all_correct'])} | |",
+        ]
+        if "val_greedy_token_acc" in main:
+            lines.append(f"| token acc (greedy decode) | {_pct(main['val_greedy_token_acc'])} | {100 * main['val_greedy_mean_token_acc']:.1f} |")
+        lines.append("")
+    d = s.get("draft")
+    if d:
+        K = len(d["val_token_acc"])
+        c = d["costs"]
+        tc = s.get("train_config", {})
+        copies = tc.get("draft_augment_copies", 0)
+        lines += [
+            f"Draft: mode `{tc.get('draft_mode', 'parallel')}`, width {tc.get('draft_width')}, {tc.get('draft_hidden_layers')} hidden layers, "
+            f"{tc.get('epochs')} epochs" + (f", {copies} perturbed copies of the training inputs (noise {tc.get('draft_augment_noise')} x std)" if copies else "") + ".",
+            f"Draft trained on {'the main model’s greedy tokens (distillation)' if s.get('train_config', {}).get('draft_targets', 'labels') == 'main' else 'the tokenizer’s tokens of the demos'}; accuracy below is against the demo tokens.",
+            "",
+            "| draft (held-out, %) | " + " | ".join(f"L{i}" for i in range(K)) + " | mean |",
+            "|---|" + "---|" * (K + 1),
+            f"| coarse token acc | {_pct(d['val_token_acc'])} | {100 * d['val_coarse_acc']:.1f} |",
+            f"| all tokens of layer right | {_pct(d['val_layer_all_correct'])} | |",
+            f"| draft-main agreement (layer) | {_pct(d['agreement_per_layer'])} | |",
+            "",
+            "Exact-acceptance distribution (accepted layers 0..K, %): " + _pct(d["accepted_layers_distribution"])
+            + f"; mean accepted {d['mean_accepted_layers']:.2f}, main passes per chunk {d['mean_main_passes_per_chunk']:.2f} "
+            f"of {d['main_passes_without_draft']}.",
+            "",
+            f"Cost, draft vs one main pass: params {c['draft_params']:,} vs {c['main_head_params']:,}; FLOPs "
+            f"{c['draft_flops_per_pass']:,} vs {c['main_flops_per_pass_mean']:,.0f} (ratio {c['flops_ratio_draft_over_main_pass']:.3f}); "
+            f"time {1e3 * c['draft_time_s_median']:.3f} ms vs {1e3 * c['main_pass_time_s_median']:.3f} ms "
+            f"(ratio {c['time_ratio_draft_over_main_pass']:.3f}; {c['timing']}).",
+            "",
+        ]
+    return "\n".join(lines) + "\n"
+
