@@ -85,15 +85,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             os.unlink(tmp)
 
 
+def _load(path: Path, what: str, hint: str = "") -> Any:
+    """``torch.load`` with one clear error for a corrupt or foreign file (the one reader of ``.pt`` files)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt/foreign files; re-raise as one clear error
+        raise CheckpointError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc}){hint}") from exc
+
+
 def read_checkpoint(path: str | Path, *, kind: str) -> dict[str, Any]:
     """Load and check the envelope: file exists, is a checkpoint of ``kind``, current format."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found (expected a {kind} checkpoint; train it first)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt/foreign files; re-raise as one clear error
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    ckpt = _load(path, "torch checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: expected a dict with a 'model' state dict; found {type(ckpt).__name__}")
     found_kind = ckpt.get("kind", "<none: pre-RSD checkpoint>")
@@ -132,12 +137,7 @@ def load_state_strict(model: torch.nn.Module, ckpt: dict, path: str | Path) -> N
 def read_training_state(path: str | Path, *, kind: str) -> dict[str, Any]:
     """A trainer's ``*_last.pt`` (what ``--resume`` continues), with the same one-line errors."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt/foreign files; re-raise as one clear error
-        raise CheckpointError(
-            f"{path}: not a readable training state ({type(exc).__name__}: {exc}); delete it and rerun without --resume"
-        ) from exc
+    state = _load(path, "training state", "; delete it and rerun without --resume")
     found = state.get("kind") if isinstance(state, dict) else type(state).__name__
     if found != kind or "epoch" not in state:
         raise CheckpointError(f"{path}: expected a {kind} training state, found {found!r}; rerun without --resume")
@@ -147,10 +147,7 @@ def read_training_state(path: str | Path, *, kind: str) -> dict[str, Any]:
 def checkpoint_content_hash(path: str | Path) -> str:
     """The ``content_hash`` a checkpoint of any kind records (to pin which models produced a result)."""
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt/foreign files; re-raise as one clear error
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    ckpt = _load(path, "torch checkpoint")
     if not isinstance(ckpt, dict) or "content_hash" not in ckpt:
         raise CheckpointError(f"{path}: expected an RSD checkpoint with a content_hash; found {type(ckpt).__name__} without one")
     return str(ckpt["content_hash"])
