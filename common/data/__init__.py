@@ -1,0 +1,1 @@
+"""Action data: the one normalization and HDF5 episodes (chunks, episode-level splits)."""

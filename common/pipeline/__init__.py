@@ -1,0 +1,1 @@
+"""The local pipeline (profiles, fingerprinted stages, report) and the generated documentation sections."""

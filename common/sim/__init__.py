@@ -1,0 +1,1 @@
+"""The LIBERO simulator: the evaluation protocol, the scripted expert, demonstration collection and files."""

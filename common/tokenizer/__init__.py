@@ -1,0 +1,1 @@
+"""Action tokenizer: FSQ, residual FSQ (naive and robust), the ActionRFSQAE model, its training and diagnostics."""
