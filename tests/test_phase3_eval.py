@@ -103,7 +103,7 @@ def test_strategy_b_pairs_naive_models_with_robust_decoder_explicitly(models, tm
         (bad / name).write_bytes((m / name).read_bytes())
     for src, dst in (("best_rfsq_head_naive.pt", "best_rfsq_head.pt"), ("best_draft_with_projection_naive.pt", "best_draft_with_projection.pt")):
         (bad / dst).write_bytes((m / src).read_bytes())
-    from common.eval.closed_loop import TokenPolicy
+    from common.eval.policy import TokenPolicy
 
     with pytest.raises(CheckpointError, match="tokenizer"):
         TokenPolicy(_cfg({"models": bad}, tmp_path / "x"))
