@@ -240,3 +240,62 @@ def test_stage_timer_and_stats_times():
     with pytest.raises(KeyError, match="no timings"):
         timer.mean("tokenizer_decode")
     assert st.as_dict()["main_passes"] == st.main_passes
+
+
+# --- drafts that read the main model's position-0 hidden state (EAGLE / Medusa style) -------------------
+def make_hidden_draft(main, seed=0, k=K, mode="chained"):
+    torch.manual_seed(seed + 2000)
+    return DraftWithProjection(feature_dim=main.d_model, width=16, coarse_layers=k, tokens_per_layer=T, num_levels=V,
+                               mode=mode, input="main_hidden").eval()
+
+
+class HiddenOracleDraft(nn.Module):
+    """A main_hidden draft that proposes the main model's own greedy layers 1..K (optionally one wrong)."""
+
+    input, first_layer = "main_hidden", 1
+
+    def __init__(self, main, features, k=K, corrupt_layer=None):
+        super().__init__()
+        self.coarse_layers, self.tokens_per_layer, self.num_levels, self.feature_dim = k, T, V, main.d_model
+        codes = main.greedy_decode(features)[..., 1 : 1 + k].clone()
+        if corrupt_layer is not None:
+            codes[:, 0, corrupt_layer] = (codes[:, 0, corrupt_layer] + 1) % V
+        self.codes = codes
+        self.train(False)
+
+    def propose(self, hidden, prefix=None):
+        assert hidden.shape[1] == self.feature_dim and prefix is not None
+        return self.codes
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chained"])
+def test_hidden_draft_is_lossless_and_counts_passes(mode):
+    for seed in range(8):
+        k = 1 + seed % (L - 2)
+        main = make_main(seed)
+        f = torch.randn(1 + seed % 2, D)
+        ref = main.greedy_decode(f)
+        out, st = speculative_decode(main, make_hidden_draft(main, seed, k=k, mode=mode), f)
+        assert torch.equal(out, ref), seed
+        assert st.main_passes == L - st.used_prefix
+    main = make_main(5)
+    f = torch.randn(1, D)
+    out, st = speculative_decode(main, HiddenOracleDraft(main, f), f)
+    assert torch.equal(out, main.greedy_decode(f)) and st.accepted_layers == [K] and st.main_passes == L - K
+    out, st = speculative_decode(main, HiddenOracleDraft(main, f, corrupt_layer=1), f)
+    assert torch.equal(out, main.greedy_decode(f)) and st.accepted_layers == [1] and st.main_passes == L - 1
+
+
+def test_hidden_draft_trains_on_layers_after_the_prefix_and_checks_sizes():
+    main = make_main(1)
+    d = make_hidden_draft(main).train()
+    codes = torch.randint(0, V, (4, T, L))
+    loss = d.loss(torch.randn(4, main.d_model), codes)
+    loss.backward()
+    assert loss.item() > 0 and d.prefix_embed.weight.grad.abs().sum() > 0  # layer-0 tokens reach the draft
+    with pytest.raises(ValueError, match="1 <= K <= num_layers-2 = 4"):
+        speculative_decode(main, make_hidden_draft(main, k=L - 1), torch.randn(1, D))
+    wrong = DraftWithProjection(feature_dim=D, width=8, coarse_layers=2, tokens_per_layer=T, num_levels=V, input="main_hidden").eval()
+    with pytest.raises(ValueError, match="feature_dim = main d_model 32"):
+        speculative_decode(main, wrong, torch.randn(1, D))
+    assert DraftWithProjection.from_config(d.config).input == "main_hidden"

@@ -68,10 +68,19 @@ class SpecStats:
         return asdict(self)
 
 
+def _draft_input(draft) -> str:
+    # any object with ``propose`` and the layer attributes may act as a draft (tests, benchmarks)
+    return getattr(draft, "input", "features")
+
+
 def _check_pair(main: RFSQHead, draft: DraftWithProjection) -> None:
     K, L = draft.coarse_layers, main.num_layers
-    if not 1 <= K <= L - 1:
-        raise ValueError(f"draft.coarse_layers: expected 1 <= K <= num_layers-1 = {L - 1}, found {K}")
+    kind = _draft_input(draft)
+    top = L - 2 if kind == "main_hidden" else L - 1  # a main_hidden draft proposes layers 1..K, verified up to K+1
+    if not 1 <= K <= top:
+        raise ValueError(f"draft.coarse_layers: expected 1 <= K <= num_layers-{L - top} = {top} ({kind} draft), found {K}")
+    if kind == "main_hidden" and draft.feature_dim != main.d_model:
+        raise ValueError(f"main_hidden draft: expected feature_dim = main d_model {main.d_model}, found {draft.feature_dim}")
     if draft.tokens_per_layer != main.tokens_per_layer:
         raise ValueError(
             f"tokens_per_layer mismatch: main {main.tokens_per_layer}, draft {draft.tokens_per_layer}"
@@ -86,7 +95,7 @@ def _check_pair(main: RFSQHead, draft: DraftWithProjection) -> None:
         )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def speculative_decode(
     main: RFSQHead,
     draft: DraftWithProjection,
@@ -109,6 +118,8 @@ def speculative_decode(
         raise ValueError(f"tolerance: exact acceptance needs tolerance=0, found {tolerance} (use acceptance='relaxed')")
     _check_pair(main, draft)
     timer = timer if timer is not None else StageTimer()
+    if _draft_input(draft) == "main_hidden":
+        return _speculative_from_hidden(main, draft, features, acceptance=acceptance, tolerance=int(tolerance), timer=timer)
     K, L = draft.coarse_layers, main.num_layers
 
     with timer.stage("draft"):
@@ -122,11 +133,10 @@ def speculative_decode(
         a = int(accepted.min())
         # layers < a: the draft's tokens (== main greedy in exact mode); layer a: main's verify row a
         layers = [proposed[..., i].long() for i in range(a)] + [main_greedy[..., a]]
-        cache = cache.truncate(a + 1)
+        cache.truncate_(a + 1)
         passes, positions = 1, K + 1
         while len(layers) < L:
-            cache, step_logits = main.extend(cache, layers[-1])
-            layers.append(step_logits.argmax(dim=-1))
+            layers.append(main.extend_(cache, layers[-1]).argmax(dim=-1))
             passes += 1
             positions += 1
     main_time = timer.last["main"]
@@ -150,7 +160,43 @@ def speculative_decode(
     return codes, stats
 
 
-@torch.no_grad()
+def _speculative_from_hidden(main: RFSQHead, draft: DraftWithProjection, features: torch.Tensor, *,
+                             acceptance: str, tolerance: int, timer: StageTimer) -> tuple[torch.Tensor, SpecStats]:
+    """A ``main_hidden`` draft: pass 1 computes position 0 (layer 0, exact, and the hidden state the
+    draft reads); the draft proposes layers 1..K; pass 2 feeds layers 0..K at positions 1..K+1 and
+    verifies them; layer a+1 comes free from that pass. Main passes = L - a, as for a feature draft."""
+    K, L = draft.coarse_layers, main.num_layers
+    with timer.stage("main"):
+        cache, logits0, hidden0 = main.start_with_hidden(features)
+        layer0 = logits0.argmax(dim=-1)
+    first_pass = timer.last["main"]
+    with timer.stage("draft"):
+        proposed = draft.propose(hidden0, prefix=layer0)  # [B, T, K]: layers 1..K
+    draft_time = timer.last["draft"]
+    with timer.stage("main"):
+        logits = main.extend_many_(cache, torch.cat([layer0.unsqueeze(2), proposed.long()], dim=2))  # layers 1..K+1
+        main_greedy = logits.argmax(dim=-1).transpose(1, 2)  # [B, T, K+1]
+        _, _, accepted = check_proposal(proposed, main_greedy, tolerance=tolerance)
+        a = int(accepted.min())
+        layers = [layer0] + [proposed[..., i].long() for i in range(a)] + [main_greedy[..., a]]
+        cache.truncate_(a + 2)
+        passes, positions = 2, K + 2
+        while len(layers) < L:
+            layers.append(main.extend_(cache, layers[-1]).argmax(dim=-1))
+            passes += 1
+            positions += 1
+    main_time = first_pass + timer.last["main"]
+    assert passes == L - a, (passes, L, a)
+    stats = SpecStats(
+        num_layers=L, coarse_layers=K, acceptance=acceptance, tolerance=tolerance,
+        accepted_layers=[int(x) for x in accepted.tolist()], used_prefix=a, main_passes=passes,
+        main_positions=positions, draft_passes=1, draft_time_s=draft_time, main_time_s=main_time,
+        lossy=acceptance == "relaxed" and tolerance > 0,
+    )
+    return torch.stack(layers, dim=2), stats
+
+
+@torch.inference_mode()
 def main_only_decode(
     main: RFSQHead, features: torch.Tensor, timer: StageTimer | None = None
 ) -> tuple[torch.Tensor, SpecStats]:

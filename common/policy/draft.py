@@ -25,6 +25,10 @@ import torch.nn.functional as F
 
 
 DRAFT_MODES = ("parallel", "chained")
+# What the draft reads: the backbone features (one call before the main model), or the main
+# model's own position-0 hidden state plus its layer-0 tokens (EAGLE / Medusa style: computed anyway
+# by the main model's first pass, so the draft is a few small ops and proposes layers 1..K).
+DRAFT_INPUTS = ("features", "main_hidden")
 
 
 class _ResidualMLP(nn.Module):
@@ -52,10 +56,13 @@ class DraftWithProjection(nn.Module):
         hidden_layers: int = 2,
         dropout: float = 0.0,
         mode: str = "parallel",
+        input: str = "features",
     ) -> None:
         super().__init__()
         if mode not in DRAFT_MODES:
             raise ValueError(f"DraftWithProjection: expected mode in {DRAFT_MODES}, found {mode!r}")
+        if input not in DRAFT_INPUTS:
+            raise ValueError(f"DraftWithProjection: expected input in {DRAFT_INPUTS}, found {input!r}")
         for name, val in (("feature_dim", feature_dim), ("width", width), ("coarse_layers", coarse_layers),
                           ("tokens_per_layer", tokens_per_layer), ("num_levels", num_levels)):
             if int(val) < 1:
@@ -70,6 +77,9 @@ class DraftWithProjection(nn.Module):
         self.hidden_layers = int(hidden_layers)
         self.dropout = float(dropout)
         self.mode = mode
+        self.input = input
+        # layers the draft proposes: 0..K-1 from features; 1..K after the main model's layer 0
+        self.first_layer = 1 if input == "main_hidden" else 0
 
         # The projection is what lets one draft architecture sit on any backbone (4096-d OpenVLA or a
         # 256-d state MLP); LayerNorm first because VLA hidden states have large, uneven scales.
@@ -79,6 +89,11 @@ class DraftWithProjection(nn.Module):
         )
         self.ln_out = nn.LayerNorm(self.width)
         T, V, K = self.tokens_per_layer, self.num_levels, self.coarse_layers
+        if input == "main_hidden":  # the main model's layer-0 tokens, added to the projected hidden state
+            self.prefix_embed = nn.Embedding(T * V, self.width)
+            nn.init.normal_(self.prefix_embed.weight, std=0.02)
+        if input == "main_hidden" or mode == "chained":
+            self.register_buffer("_slot_offsets", torch.arange(T) * V, persistent=False)
         if mode == "parallel":
             self.out = nn.Linear(self.width, K * T * V)
         else:
@@ -86,7 +101,6 @@ class DraftWithProjection(nn.Module):
             self.layer_embed = nn.Embedding(K, self.width)
             self.code_embed = nn.Embedding(T * V, self.width)  # index slot*V + level, summed over slots
             self.chain_blocks = nn.ModuleList([_ResidualMLP(width=self.width, dropout=self.dropout) for _ in range(K - 1)])
-            self.register_buffer("_slot_offsets", torch.arange(T) * V, persistent=False)
             nn.init.normal_(self.code_embed.weight, std=0.02)
             nn.init.normal_(self.layer_embed.weight, std=0.02)
 
@@ -101,12 +115,13 @@ class DraftWithProjection(nn.Module):
             "hidden_layers": self.hidden_layers,
             "dropout": self.dropout,
             "mode": self.mode,
+            "input": self.input,
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "DraftWithProjection":
         """Rebuild from ``config`` (a checkpoint's config may hold more keys: tokenizer, head hash)."""
-        keys = ("feature_dim", "width", "coarse_layers", "tokens_per_layer", "num_levels", "hidden_layers", "dropout", "mode")
+        keys = ("feature_dim", "width", "coarse_layers", "tokens_per_layer", "num_levels", "hidden_layers", "dropout", "mode", "input")
         return cls(**{"mode": "parallel", **{k: config[k] for k in keys if k in config}})  # "mode": checkpoints from before modes existed
 
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -121,18 +136,25 @@ class DraftWithProjection(nn.Module):
             return {"draft_pass": batch * (trunk + 2 * W * K * TV)}
         return {"draft_pass": batch * (trunk + K * 2 * W * TV + (K - 1) * 2 * W * W)}
 
-    def forward(self, features: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
-        """features [B, feature_dim] -> logits [B, K, T, V] for layers 0..K-1 (one call).
+    def forward(self, features: torch.Tensor, codes: torch.Tensor | None = None, *, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """features [B, feature_dim] -> logits [B, K, T, V] for layers first_layer..first_layer+K-1 (one call).
 
-        codes [B, T, >=K-1] (chained mode only, training): teacher-forced coarser layers; without
-        them each layer is conditioned on the draft's own greedy tokens (what ``propose`` uses).
+        codes [B, T, >=first_layer+K-1] (chained mode only, training): teacher-forced coarser layers
+        (RFSQ layer indices); without them each layer is conditioned on the draft's own greedy tokens
+        (what ``propose`` uses). ``prefix`` [B, T] (``main_hidden`` input only): the main model's
+        layer-0 tokens (taken from ``codes`` when those are given).
         """
         if features.dim() != 2 or features.shape[1] != self.feature_dim:
             raise ValueError(f"features: expected [B, {self.feature_dim}], found {list(features.shape)}")
-        if codes is not None and self.mode != "chained":
+        if codes is not None and self.mode != "chained" and self.input != "main_hidden":
             raise ValueError(f"codes: only a chained draft takes teacher-forced codes; this draft is {self.mode!r}")
-        B, K, T, V = features.shape[0], self.coarse_layers, self.tokens_per_layer, self.num_levels
+        B, K, T, V, f = features.shape[0], self.coarse_layers, self.tokens_per_layer, self.num_levels, self.first_layer
         h = self.blocks(self.projection(features))
+        if self.input == "main_hidden":
+            prefix = codes[:, :, 0] if codes is not None else prefix
+            if prefix is None:
+                raise ValueError("prefix: a main_hidden draft needs the main model's layer-0 tokens [B, T]")
+            h = h + self.prefix_embed(prefix.long() + self._slot_offsets).sum(dim=1)
         if self.mode == "parallel":
             return self.out(self.ln_out(h)).view(B, K, T, V)
         logits = []
@@ -141,24 +163,27 @@ class DraftWithProjection(nn.Module):
             layer_logits = self.out(self.ln_out(h)).view(B, T, V)
             logits.append(layer_logits)
             if layer + 1 < K:
-                tokens = layer_logits.argmax(dim=-1) if codes is None else codes[:, :, layer].long()
+                tokens = layer_logits.argmax(dim=-1) if codes is None else codes[:, :, f + layer].long()
                 h = self.chain_blocks[layer](h + self.code_embed(tokens + self._slot_offsets).sum(dim=1))
         return torch.stack(logits, dim=1)
 
     def loss(self, features: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Token cross-entropy against the K coarsest layers of codes [B, T, >=K] (teacher-forced)."""
-        target = codes[:, :, : self.coarse_layers].transpose(1, 2).long()  # [B, K, T]
-        logits = self(features, codes if self.mode == "chained" else None)
+        """Token cross-entropy against the drafted layers of codes [B, T, >=first_layer+K] (teacher-forced)."""
+        f = self.first_layer
+        target = codes[:, :, f : f + self.coarse_layers].transpose(1, 2).long()  # [B, K, T]
+        forced = self.mode == "chained" or self.input == "main_hidden"
+        logits = self(features, codes if forced else None)
         return F.cross_entropy(logits.reshape(-1, self.num_levels), target.reshape(-1))
 
     @torch.no_grad()
-    def propose(self, features: torch.Tensor) -> torch.Tensor:
-        """Greedy proposal codes [B, T, K] (same layout as the tokenizer's codes[..., :K]).
+    def propose(self, features: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy proposal codes [B, T, K] for layers first_layer..first_layer+K-1 (same layout as the
+        tokenizer's codes). ``prefix``: the main model's layer-0 tokens (``main_hidden`` drafts).
 
         Features are cast to the draft's own precision (it may run in float32 next to a float64 main
         model: its tokens are verified, so its precision never changes the decoded result)."""
         features = features.to(self.projection[1].weight.dtype)
-        return self(features).argmax(dim=-1).transpose(1, 2)
+        return self(features, prefix=prefix).argmax(dim=-1).transpose(1, 2)
 
 
 def check_proposal(proposed: torch.Tensor, main_greedy: torch.Tensor, *, tolerance: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -36,18 +36,18 @@ import torch.nn.functional as F
 
 @dataclass
 class KVCache:
-    """Per-block key/value tensors for the positions decoded so far.
+    """Pre-allocated per-block key/value buffers for the positions decoded so far.
 
-    keys[i], values[i]: [B, num_heads, length, head_dim] for transformer block i.
-    Tensors are never modified in place, so a truncated cache can share storage with its parent.
+    keys[i], values[i]: [B, num_heads, num_layers, head_dim] for transformer block i; positions
+    ``0..length-1`` are valid. Decoding writes each new position in place (no reallocation, no
+    concatenation). ``truncate`` returns a copy-on-write view (the parent stays valid);
+    ``truncate_`` shortens this cache in place (what the decode loop uses).
     """
 
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        return 0 if not self.keys else int(self.keys[0].shape[2])
+    length: int = 0
+    shared: bool = False  # buffers shared with another cache: copy before the next write
 
     @property
     def batch_size(self) -> int:
@@ -57,7 +57,19 @@ class KVCache:
         """Keep the first ``length`` positions (e.g. the accepted prefix after verification)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"truncate: expected 0 <= length <= {self.length}, found {length}")
-        return KVCache([k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in self.values])
+        self.shared = True
+        return KVCache(self.keys, self.values, length, shared=True)
+
+    def truncate_(self, length: int) -> "KVCache":
+        self.length = length
+        return self
+
+    def writable(self) -> "KVCache":
+        if self.shared:
+            self.keys = [k.clone() for k in self.keys]
+            self.values = [v.clone() for v in self.values]
+            self.shared = False
+        return self
 
 
 class _CausalSelfAttention(nn.Module):
@@ -71,24 +83,23 @@ class _CausalSelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.attn_drop = nn.Dropout(dropout)
 
-    def forward(
-        self, x: torch.Tensor, past_k: torch.Tensor | None, past_v: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, past: int) -> torch.Tensor:
+        """x [B, n, d] at positions past..past+n-1. ``kv``: this block's cache buffers, into which the
+        new keys/values are written (decoding); ``None`` for a teacher-forced pass over the whole sequence."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if past_k is not None:
-            k = torch.cat([past_k, k], dim=2)
-            v = torch.cat([past_v, v], dim=2)
-        past = k.shape[2] - n
-        # query i sits at absolute position past+i and may see keys 0..past+i
-        q_pos = torch.arange(past, past + n, device=x.device)
-        k_pos = torch.arange(k.shape[2], device=x.device)
-        mask = k_pos[None, :] > q_pos[:, None]
+        if kv is not None:
+            kv[0][:, :, past : past + n] = k
+            kv[1][:, :, past : past + n] = v
+            k, v = kv[0][:, :, : past + n], kv[1][:, :, : past + n]
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        scores = scores.masked_fill(mask, float("-inf"))
+        if n > 1:  # query i sits at absolute position past+i and may see keys 0..past+i
+            q_pos = torch.arange(past, past + n, device=x.device)
+            k_pos = torch.arange(past + n, device=x.device)
+            scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
         attn = self.attn_drop(torch.softmax(scores, dim=-1))
         y = (attn @ v).transpose(1, 2).reshape(b, n, d)
-        return self.out(y), k, v
+        return self.out(y)
 
 
 class _Block(nn.Module):
@@ -102,11 +113,9 @@ class _Block(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, past_k, past_v):
-        a, k, v = self.attn(self.ln1(x), past_k, past_v)
-        x = x + self.drop(a)
-        x = x + self.mlp(self.ln2(x))
-        return x, k, v
+    def forward(self, x, kv, past):
+        x = x + self.drop(self.attn(self.ln1(x), kv, past))
+        return x + self.mlp(self.ln2(x))
 
 
 class RFSQHead(nn.Module):
@@ -229,24 +238,33 @@ class RFSQHead(nn.Module):
         return (self.feat_in(features) + pos0).unsqueeze(1)  # [B, 1, d]
 
     # ------------------------------------------------------------------ core
-    def _run(self, x: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
-        """Process new positions x [B, n, d] after the cached ones; returns logits [B, n, T, V]."""
-        past_len = 0 if cache is None else cache.length
-        if past_len + x.shape[1] > self.num_layers:
+    def new_cache(self, batch_size: int, *, like: torch.Tensor) -> KVCache:
+        """Empty buffers for a whole sequence (L positions) of ``batch_size`` chunks."""
+        shape = (batch_size, self.num_heads, self.num_layers, self.d_model // self.num_heads)
+        return KVCache([like.new_empty(shape) for _ in self.blocks], [like.new_empty(shape) for _ in self.blocks], 0)
+
+    def _run(self, x: torch.Tensor, cache: KVCache | None, *, return_hidden: bool = False):
+        """Process new positions x [B, n, d] after the cached ones; returns logits [B, n, T, V]
+        (and the final hidden states [B, n, d] the output layer reads, with ``return_hidden``).
+
+        With a cache, the new positions' keys/values are written into it and its length grows;
+        without one (teacher forcing) the whole sequence is processed at once."""
+        past = 0 if cache is None else cache.length
+        if past + x.shape[1] > self.num_layers:
             raise ValueError(
-                f"sequence would reach {past_len + x.shape[1]} positions; expected at most num_layers={self.num_layers}"
+                f"sequence would reach {past + x.shape[1]} positions; expected at most num_layers={self.num_layers}"
             )
         h = self.in_drop(x)
-        new_k, new_v = [], []
+        if cache is not None:
+            cache.writable()
         for i, blk in enumerate(self.blocks):
-            pk = cache.keys[i] if cache is not None and past_len else None
-            pv = cache.values[i] if cache is not None and past_len else None
-            h, k, v = blk(h, pk, pv)
-            new_k.append(k)
-            new_v.append(v)
-        logits = self.out(self.ln_f(h))
+            h = blk(h, None if cache is None else (cache.keys[i], cache.values[i]), past)
+        if cache is not None:
+            cache.length = past + x.shape[1]
+        h = self.ln_f(h)
         b, n = x.shape[:2]
-        return logits.view(b, n, self.tokens_per_layer, self.num_levels), KVCache(new_k, new_v)
+        logits = self.out(h).view(b, n, self.tokens_per_layer, self.num_levels)
+        return (logits, h) if return_hidden else logits
 
     def forward(self, features: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B, L, T, V] for all layers in one parallel pass.
@@ -263,8 +281,7 @@ class RFSQHead(nn.Module):
         x = self._embed_features(features)
         if self.num_layers > 1:
             x = torch.cat([x, self._embed_layers(codes[:, :, : self.num_layers - 1], 0)], dim=1)
-        logits, _ = self._run(x, None)
-        return logits
+        return self._run(x, None)
 
     def loss(self, features: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy of the teacher-forced logits (convenience for trainers)."""
@@ -275,8 +292,22 @@ class RFSQHead(nn.Module):
     def start(self, features: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
         """Position 0 only: returns (cache of length 1, logits for layer 0 [B, T, V])."""
         self._check_features(features)
-        logits, cache = self._run(self._embed_features(features), None)
-        return cache, logits[:, 0]
+        x = self._embed_features(features)
+        cache = self.new_cache(x.shape[0], like=x)
+        return cache, self._run(x, cache)[:, 0]
+
+    def start_with_hidden(self, features: torch.Tensor) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+        """``start`` that also returns the position-0 hidden state [B, d_model] (what a
+        ``main_hidden`` draft reads: the main model has computed it anyway)."""
+        self._check_features(features)
+        x = self._embed_features(features)
+        cache = self.new_cache(x.shape[0], like=x)
+        logits, h = self._run(x, cache, return_hidden=True)
+        return cache, logits[:, 0], h[:, 0]
+
+    def extend_many_(self, cache: KVCache, layer_codes: torch.Tensor) -> torch.Tensor:
+        """Feed layers [B, T, k] in ONE pass, in place (no checks) -> logits [B, k, T, V] (a verify pass)."""
+        return self._run(self._embed_layers(layer_codes, cache.length - 1), cache)
 
     def extend(self, cache: KVCache, layer_codes: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
         """Feed the next layer(s) after the cached prefix.
@@ -296,8 +327,13 @@ class RFSQHead(nn.Module):
             raise ValueError(
                 f"extend: {cache.length} cached + {codes.shape[2]} new positions; expected at most num_layers={self.num_layers}"
             )
-        logits, cache = self._run(self._embed_layers(codes, cache.length - 1), cache)
+        cache = cache.truncate(cache.length)  # extend never changes the caller's cache
+        logits = self._run(self._embed_layers(codes, cache.length - 1), cache)
         return cache, (logits[:, 0] if single else logits)
+
+    def extend_(self, cache: KVCache, layer_codes: torch.Tensor) -> torch.Tensor:
+        """The decode loop's step: feed one layer [B, T] in place (no checks, no copies) -> logits [B, T, V]."""
+        return self._run(self._embed_layers(layer_codes.unsqueeze(2), cache.length - 1), cache)[:, 0]
 
     def verify(self, features: torch.Tensor, proposed: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
         """ONE pass over positions 0..K given proposed layers 0..K-1 ([B, T, K], 1 <= K <= L-1).
@@ -314,15 +350,14 @@ class RFSQHead(nn.Module):
         if proposed.shape[0] != features.shape[0]:
             raise ValueError(f"proposed: expected batch {features.shape[0]}, found {proposed.shape[0]}")
         x = torch.cat([self._embed_features(features), self._embed_layers(proposed, 0)], dim=1)
-        logits, cache = self._run(x, None)
-        return logits, cache
+        cache = self.new_cache(x.shape[0], like=x)
+        return self._run(x, cache), cache
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def greedy_decode(self, features: torch.Tensor) -> torch.Tensor:
         """Main-only greedy decoding: L sequential single-position passes -> codes [B, T, L]."""
         cache, logits = self.start(features)
         layers = [logits.argmax(dim=-1)]
         for _ in range(1, self.num_layers):
-            cache, logits = self.extend(cache, layers[-1])
-            layers.append(logits.argmax(dim=-1))
+            layers.append(self.extend_(cache, layers[-1]).argmax(dim=-1))
         return torch.stack(layers, dim=2)

@@ -73,16 +73,32 @@ def evaluate_main(policy: PolicyModel, data: PolicyData, *, device: torch.device
 
 
 @torch.no_grad()
-def evaluate_draft(draft: DraftWithProjection, feats: torch.Tensor, codes: torch.Tensor, *, device: torch.device, batch_size: int = 2048) -> dict[str, Any]:
+def draft_inputs(head: RFSQHead | None, draft: DraftWithProjection, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the draft reads for these backbone features: the features themselves, or (``main_hidden``)
+    the main model's position-0 hidden state and its greedy layer-0 tokens."""
+    if draft.input != "main_hidden":
+        return feats, None
+    if head is None:
+        raise ValueError("a main_hidden draft reads the main model's hidden state: pass head=")
+    _, logits0, hidden0 = head.start_with_hidden(feats)
+    return hidden0, logits0.argmax(dim=-1)
+
+
+@torch.no_grad()
+def evaluate_draft(draft: DraftWithProjection, feats: torch.Tensor, codes: torch.Tensor, *, device: torch.device,
+                   batch_size: int = 2048, head: RFSQHead | None = None) -> dict[str, Any]:
+    """Held-out accuracy of the drafted layers against ``codes`` (feats: backbone features; a
+    ``main_hidden`` draft also needs the main model ``head``)."""
     was = draft.training
     draft.eval()
-    K = draft.coarse_layers
+    K, first = draft.coarse_layers, draft.first_layer
     correct = torch.zeros(K, dtype=torch.float64)
     all_ok = torch.zeros(K, dtype=torch.float64)
     ce_sum = 0.0
     for sl in batches(len(codes), batch_size):
-        logits = draft(feats[sl].to(device))  # [B, K, T, V]
-        target = codes[sl, :, :K].to(device).long().transpose(1, 2)  # [B, K, T]
+        x, prefix = draft_inputs(head, draft, feats[sl].to(device))
+        logits = draft(x, prefix=prefix)  # [B, K, T, V]
+        target = codes[sl, :, first : first + K].to(device).long().transpose(1, 2)  # [B, K, T]
         ce_sum += F.cross_entropy(logits.reshape(-1, draft.num_levels), target.reshape(-1), reduction="sum").item()
         hit = logits.argmax(-1) == target
         correct += hit.double().mean(dim=2).sum(dim=0).cpu()
@@ -102,9 +118,10 @@ def evaluate_draft(draft: DraftWithProjection, feats: torch.Tensor, codes: torch
 def draft_main_agreement(head: RFSQHead, draft: DraftWithProjection, feats: torch.Tensor, *, device: torch.device, batch_size: int = 1024) -> dict[str, Any]:
     """What speculative decoding (exact acceptance) would do on these features.
 
-    Per batch: ONE ``head.verify(features, proposed)`` pass. ``agreement[l]`` = fraction of chunks
-    whose drafted layer l equals (all T tokens) the main model's greedy layer l given the DRAFT's
-    layers < l. ``accepted`` = longest agreeing prefix (0..K); main passes per chunk = L - accepted.
+    Per batch: ONE ``head.verify(features, proposed)`` pass (a ``main_hidden`` draft: the position-0
+    pass, then one pass over the proposed layers). ``agreement[l]`` = fraction of chunks whose drafted
+    layer l equals (all T tokens) the main model's greedy layer given the DRAFT's coarser layers.
+    ``accepted`` = longest agreeing prefix (0..K); main passes per chunk = L - accepted.
     """
     was_h, was_d = head.training, draft.training
     head.eval()
@@ -115,8 +132,14 @@ def draft_main_agreement(head: RFSQHead, draft: DraftWithProjection, feats: torc
     hist = torch.zeros(K + 1, dtype=torch.float64)
     for sl in batches(len(feats), batch_size):
         f = feats[sl].to(device)
-        proposed = draft.propose(f)  # [B, T, K]
-        logits, _ = head.verify(f, proposed)  # [B, K+1, T, V]
+        if draft.input == "main_hidden":
+            cache, logits0, hidden0 = head.start_with_hidden(f)
+            layer0 = logits0.argmax(dim=-1)
+            proposed = draft.propose(hidden0, prefix=layer0)  # [B, T, K]: layers 1..K
+            logits = head.extend_many_(cache, torch.cat([layer0.unsqueeze(2), proposed.long()], dim=2))
+        else:
+            proposed = draft.propose(f)  # [B, T, K]
+            logits, _ = head.verify(f, proposed)  # [B, K+1, T, V]
         same, layer_ok, accepted = check_proposal(proposed, logits.argmax(-1).transpose(1, 2))
         agree += layer_ok.double().sum(dim=0).cpu()
         token_agree += same.double().mean(dim=1).sum(dim=0).cpu()
@@ -148,13 +171,15 @@ def measure_costs(head: RFSQHead, draft: DraftWithProjection, *, repeats: int = 
     draft = copy.deepcopy(draft).cpu().eval()
     # timing input only: the cost of a pass does not depend on the feature values
     f = torch.randn(1, head.feature_dim, generator=torch.Generator().manual_seed(seed))
+    d_in = f if draft.input != "main_hidden" else torch.randn(1, draft.feature_dim, generator=torch.Generator().manual_seed(seed))
+    prefix = None if draft.input != "main_hidden" else torch.zeros(1, draft.tokens_per_layer, dtype=torch.long)
     for _ in range(min(10, repeats)):  # warm-up
-        draft(f)
+        draft(d_in, prefix=prefix)
         head.greedy_decode(f)
     d_times, m_times = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        draft.propose(f)
+        draft.propose(d_in, prefix=prefix)
         d_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         head.greedy_decode(f)
@@ -183,3 +208,10 @@ def greedy_codes(head: RFSQHead, feats: torch.Tensor, *, device: torch.device, b
     out = [head.greedy_decode(feats[s : s + batch_size].to(device)).cpu() for s in range(0, len(feats), batch_size)]
     return torch.cat(out)
 
+
+@torch.no_grad()
+def hidden_states(head: RFSQHead, feats: torch.Tensor, *, device: torch.device, batch_size: int = 2048) -> torch.Tensor:
+    """The main model's position-0 hidden states ``[N, d_model]`` (CPU) for precomputed features
+    (what a ``main_hidden`` draft reads)."""
+    head.eval()
+    return torch.cat([head.start_with_hidden(feats[sl].to(device))[2].cpu() for sl in batches(len(feats), batch_size)])
