@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import rsd_entry
-from common.eval.closed_loop import EvalConfig, evaluate
-from common.artifacts import results_dir
+from common.artifacts import results_dir_of
+from common.eval.closed_loop import evaluate
+from common.eval.config import EvalConfig
 from common.provenance import provenance, write_json
 
 
@@ -27,7 +28,9 @@ class BenchEvalConfig:
     tasks: str = "0-1"
     num_trials: int = 4
     max_steps: int = 0
-    out: str = ""
+    models_dir: str = ""  # "" = $RSD_MODELS_DIR or ./artifacts/models
+    results_dir: str = ""  # "" = $RSD_RESULTS_DIR or ./results
+    out: str = ""  # "" = <results dir>
 
 
 def run(cfg: BenchEvalConfig) -> dict:
@@ -35,7 +38,7 @@ def run(cfg: BenchEvalConfig) -> dict:
     for workers in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:
             ecfg = EvalConfig(task_suite=cfg.task_suite, tasks=cfg.tasks, num_trials=cfg.num_trials, workers=workers,
-                              max_steps=cfg.max_steps, out=str(Path(tmp) / "eval"))
+                              max_steps=cfg.max_steps, models_dir=cfg.models_dir, out=str(Path(tmp) / "eval"))
             started = time.perf_counter()
             info = evaluate(ecfg, progress=False)
             wall = time.perf_counter() - started
@@ -44,7 +47,7 @@ def run(cfg: BenchEvalConfig) -> dict:
                      "episodes_per_minute": info["episodes"] / wall * 60.0, "env_steps_per_second": steps / wall})
     result = {"config": cfg.__dict__, "rows": rows, "speedup_2_over_1": rows[1]["episodes_per_minute"] / rows[0]["episodes_per_minute"],
               "provenance": provenance()}
-    out = Path(cfg.out) if cfg.out else results_dir()
+    out = Path(cfg.out) if cfg.out else results_dir_of(cfg.results_dir)
     write_json(out / "bench_eval_workers.json", result)
     md = ["| workers | episodes | wall s | episodes / min | env steps / s |", "|---|---|---|---|---|"]
     md += [f"| {r['workers']} | {r['episodes']} | {r['wall_seconds']:.1f} | {r['episodes_per_minute']:.1f} | {r['env_steps_per_second']:.1f} |" for r in rows]

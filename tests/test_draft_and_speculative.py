@@ -299,3 +299,22 @@ def test_hidden_draft_trains_on_layers_after_the_prefix_and_checks_sizes():
     with pytest.raises(ValueError, match="feature_dim = main d_model 32"):
         speculative_decode(main, wrong, torch.randn(1, D))
     assert DraftWithProjection.from_config(d.config).input == "main_hidden"
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_prefix_depth_decoding_is_the_prefix_of_full_decoding(hidden):
+    """Decoding only the first n layers (speculative or main-only) gives exactly the first n layers
+    of full greedy decoding, in n - accepted main passes."""
+    for seed in range(4):
+        main = make_main(seed)
+        draft = make_hidden_draft(main, seed) if hidden else make_draft(seed)
+        f = torch.randn(2, D)
+        full = main.greedy_decode(f)
+        for n in range(1, L + 1):
+            ref, st_ref = main_only_decode(main, f, num_layers=n)
+            assert torch.equal(ref, full[..., :n]) and st_ref.main_passes == n
+            out, st = speculative_decode(main, draft, f, num_layers=n)
+            assert torch.equal(out, full[..., :n]), (seed, n)
+            assert st.main_passes == n - st.used_prefix and st.coarse_layers <= max(0, n - (2 if hidden else 1))
+    with pytest.raises(ValueError, match="1 <= n <= 6"):
+        main_only_decode(make_main(), torch.randn(1, D), num_layers=7)

@@ -105,10 +105,13 @@ def speculative_decode(
     tolerance: int = 0,
     timer: StageTimer | None = None,
     draft_features: torch.Tensor | None = None,
+    num_layers: int | None = None,
 ) -> tuple[torch.Tensor, SpecStats]:
     """Draft K coarse layers, verify in one main pass, finish sequentially -> (codes [B,T,L], stats).
 
     draft_features: optional separate input for the draft (defaults to ``features``).
+    num_layers: decode only the first n layers (prefix-depth decoding; default all L). The drafted
+    layers are capped so that the verify pass stays inside them; with no room left this is main-only.
     """
     if acceptance not in ("exact", "relaxed"):
         raise ValueError(f"acceptance: expected 'exact' or 'relaxed', found {acceptance!r}")
@@ -118,12 +121,18 @@ def speculative_decode(
         raise ValueError(f"tolerance: exact acceptance needs tolerance=0, found {tolerance} (use acceptance='relaxed')")
     _check_pair(main, draft)
     timer = timer if timer is not None else StageTimer()
-    if _draft_input(draft) == "main_hidden":
-        return _speculative_from_hidden(main, draft, features, acceptance=acceptance, tolerance=int(tolerance), timer=timer)
-    K, L = draft.coarse_layers, main.num_layers
+    L = main.num_layers if num_layers is None else int(num_layers)
+    if not 1 <= L <= main.num_layers:
+        raise ValueError(f"num_layers: expected 1 <= n <= {main.num_layers}, found {num_layers}")
+    hidden = _draft_input(draft) == "main_hidden"
+    K = min(draft.coarse_layers, L - (2 if hidden else 1))  # the verify pass must stay inside the decoded layers
+    if K < 1:
+        return main_only_decode(main, features, timer, num_layers=L)
+    if hidden:
+        return _speculative_from_hidden(main, draft, features, acceptance=acceptance, tolerance=int(tolerance), timer=timer, K=K, L=L)
 
     with timer.stage("draft"):
-        proposed = draft.propose(features if draft_features is None else draft_features)  # [B, T, K]
+        proposed = draft.propose(features if draft_features is None else draft_features)[..., :K]  # [B, T, K]
     draft_time = timer.last["draft"]
 
     with timer.stage("main"):
@@ -161,17 +170,16 @@ def speculative_decode(
 
 
 def _speculative_from_hidden(main: RFSQHead, draft: DraftWithProjection, features: torch.Tensor, *,
-                             acceptance: str, tolerance: int, timer: StageTimer) -> tuple[torch.Tensor, SpecStats]:
+                             acceptance: str, tolerance: int, timer: StageTimer, K: int, L: int) -> tuple[torch.Tensor, SpecStats]:
     """A ``main_hidden`` draft: pass 1 computes position 0 (layer 0, exact, and the hidden state the
     draft reads); the draft proposes layers 1..K; pass 2 feeds layers 0..K at positions 1..K+1 and
     verifies them; layer a+1 comes free from that pass. Main passes = L - a, as for a feature draft."""
-    K, L = draft.coarse_layers, main.num_layers
     with timer.stage("main"):
         cache, logits0, hidden0 = main.start_with_hidden(features)
         layer0 = logits0.argmax(dim=-1)
     first_pass = timer.last["main"]
     with timer.stage("draft"):
-        proposed = draft.propose(hidden0, prefix=layer0)  # [B, T, K]: layers 1..K
+        proposed = draft.propose(hidden0, prefix=layer0)[..., :K]  # [B, T, K]: layers 1..K
     draft_time = timer.last["draft"]
     with timer.stage("main"):
         logits = main.extend_many_(cache, torch.cat([layer0.unsqueeze(2), proposed.long()], dim=2))  # layers 1..K+1
@@ -198,13 +206,13 @@ def _speculative_from_hidden(main: RFSQHead, draft: DraftWithProjection, feature
 
 @torch.inference_mode()
 def main_only_decode(
-    main: RFSQHead, features: torch.Tensor, timer: StageTimer | None = None
+    main: RFSQHead, features: torch.Tensor, timer: StageTimer | None = None, num_layers: int | None = None
 ) -> tuple[torch.Tensor, SpecStats]:
-    """Baseline: main-model greedy decoding, L sequential cached passes -> (codes [B,T,L], stats)."""
+    """Baseline: main-model greedy decoding, L (or ``num_layers``) sequential cached passes -> (codes [B,T,L], stats)."""
     timer = timer if timer is not None else StageTimer()
     with timer.stage("main"):
-        codes = main.greedy_decode(features)
-    L = main.num_layers
+        codes = main.greedy_decode(features, num_layers)
+    L = codes.shape[2]
     stats = SpecStats(
         num_layers=L,
         coarse_layers=0,
