@@ -26,7 +26,7 @@ from torch import nn
 import rsd_entry
 from common.tokenizer.model import ActionRFSQAE
 from common.provenance import provenance, write_json
-from common.artifacts import results_dir
+from common.artifacts import results_dir_of
 from common.tokenizer.train import TokenizerTrainConfig, evaluate_mse, prepare_chunks, train_tokenizer_model
 
 
@@ -105,8 +105,8 @@ def run(cfg: BenchConfig) -> dict:
     rows = []
     variants = ["none", "layernorm", "scale", "fixed", "lucidrains"]
     for name in variants:
-        tcfg = replace(base, conditioning="none" if name == "lucidrains" else name)
-        model = ActionRFSQAE(chunk_len=tcfg.chunk_len, conditioning=tcfg.resolved_conditioning, latent_dim=tcfg.latent_dim)
+        tcfg = replace(base, conditioning="none" if name == "lucidrains" else name, layout="chunk")
+        model = ActionRFSQAE(chunk_len=tcfg.chunk_len, conditioning=tcfg.resolved_conditioning, layout="chunk", latent_dim=tcfg.latent_dim)
         if name == "lucidrains":
             model.rfsq = LucidrainsRFSQ(dim=model.latent_dim, num_layers=model.num_layers, num_levels=model.num_levels)
         started = time.perf_counter()
@@ -155,7 +155,7 @@ def run(cfg: BenchConfig) -> dict:
         "goal_robust_at_most_half_of_lucidrains": robust <= 0.5 * lucid,
         "provenance": provenance(seed=cfg.seed, torch_threads=1),
     }
-    out = Path(cfg.out) if cfg.out else results_dir()
+    out = results_dir_of(cfg.out)
     write_json(out / "bench_tokenizers.json", result)
     table = render(result)
     (out / "bench_tokenizers.md").write_text(table + "\n")

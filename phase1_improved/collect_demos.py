@@ -6,6 +6,10 @@ Local:
 Modal (container: 8 CPUs; the file lands in the `rsd-data` volume):
     modal run phase1_improved/collect_demos.py --suite libero_object --tasks 0-9 \
         --demos-per-task 50 --workers 8 --out libero_object_demos.hdf5
+Human-like demonstrations (the expert's commands through an operator model: band-limited noise,
+pauses, overshoot and correction, late gripper changes; the file is marked ``operator=human``):
+    python -m phase1_improved.collect_demos --suite libero_object --tasks 0-4 --demos-per-task 8 \
+        --operator human --out libero_object_human.hdf5
 Official LIBERO datasets into the volume (/data/libero_official/<suite>/):
     modal run phase1_improved/collect_demos.py::download_official --suites libero_spatial,libero_object
 

@@ -102,3 +102,31 @@ def test_collect_config_rejects_bad_values(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         CollectConfig(**kwargs)
+
+
+def test_operator_option_is_a_flag_and_is_validated():
+    from phase1_improved.collect_demos import CollectConfig
+
+    import rsd_entry
+
+    assert "--operator" in rsd_entry.cli_flags(CollectConfig)
+    assert CollectConfig(operator="human").operator == "human"
+    with pytest.raises(ValueError, match="operator must be one of"):
+        CollectConfig(operator="robot")
+
+
+@pytest.mark.slow
+def test_human_operator_demos_are_marked_and_never_mixed(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    from common.sim.demo_collection import CollectConfig, run_collection
+
+    cfg = CollectConfig(suite="libero_object", tasks="0", demos_per_task=1, workers=1, out=str(tmp_path / "human.hdf5"),
+                        operator="human")
+    summary = run_collection(cfg, progress=False)
+    assert summary["operator"] == "human" and summary["tasks"][0]["kept"] == 1
+    with h5py.File(tmp_path / "human.hdf5", "r") as f:
+        assert f["data"].attrs["operator"] == "human"
+        assert bool(f["data"]["demo_0"].attrs["success"])
+    with pytest.raises(ValueError, match="holds operator='human' demos; cannot add operator='none'"):
+        run_collection(CollectConfig(suite="libero_object", tasks="0", demos_per_task=2, workers=1,
+                                     out=str(tmp_path / "human.hdf5")), progress=False)

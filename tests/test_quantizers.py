@@ -78,7 +78,7 @@ def test_robust_tokens_decode_without_per_sample_statistics():
 
 def test_gradients_reach_the_encoder_through_straight_through_path():
     for conditioning in CONDITIONINGS:
-        model = ActionRFSQAE(conditioning=conditioning, mlp_width=16)
+        model = ActionRFSQAE(conditioning=conditioning, layout="chunk", mlp_width=16)
         x = torch.rand(16, 8, 7) * 2 - 1
         recon, _ = model(x)
         F.mse_loss(recon, x).backward()
@@ -147,7 +147,7 @@ def test_fixed_schedule_shrinks_error_geometrically():
 
 
 def test_bad_shapes_and_indices_are_rejected():
-    model = ActionRFSQAE(mlp_width=8)
+    model = ActionRFSQAE(layout="chunk", mlp_width=8)
     with pytest.raises(ValueError, match=r"\[B, 8, 7\]"):
         model(torch.zeros(2, 8, 6))
     with pytest.raises(ValueError, match="tokens_per_layer=16"):

@@ -39,7 +39,8 @@ class Profile:
     eval_trials: int
     eval_max_steps: int  # 0 = the suite's standard limit
     workers: int
-    latent_dim: int = 16
+    layout: str = "dct"  # tokenizer layout (the library default; "chunk" = the v1 autoencoder)
+    latent_dim: int = 16  # chunk layout only
 
 
 PROFILES = {
@@ -56,8 +57,9 @@ PROFILES = {
 
 
 def settings(cfg, ignore: tuple[str, ...] = ()) -> dict:
-    """A stage's settings for its fingerprint: what changes results, not how progress is shown."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("progress", *ignore)}
+    """A stage's settings for its fingerprint: what changes results, not how progress is shown
+    (nor ``overwrite``: the pipeline always reruns a stage on purpose)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("progress", "overwrite", *ignore)}
 
 
 def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callable[[str], None] = print, progress: bool = True) -> dict:
@@ -86,8 +88,8 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
 
     tok_cfgs = {
         cond: TokenizerTrainConfig(use_layernorm=cond == "layernorm", data=str(demos), num_episodes=num_demos,
-                                   epochs=profile.tokenizer_epochs, latent_dim=profile.latent_dim, models_dir=str(models),
-                                   progress=progress)
+                                   epochs=profile.tokenizer_epochs, layout=profile.layout, latent_dim=profile.latent_dim, models_dir=str(models),
+                                   progress=progress, overwrite=True)
         for cond in ("none", "layernorm")
     }
     for cond, cfg in tok_cfgs.items():
@@ -111,6 +113,7 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
             data=str(demos), num_episodes=0, epochs=profile.policy_epochs, batch_size=profile.policy_batch_size,
             lr=1e-3, d_model=profile.d_model, num_blocks=profile.num_blocks, models_dir=str(models),
             results_dir=str(results), data_dir=str(data), progress=progress, rfsq_checkpoint=str(tok_cfgs[cond].output_paths()["best"]), timing_repeats=50,
+            overwrite=True,  # a stage reruns on purpose (its fingerprint or outputs changed)
         )
         out_paths = pcfg.output_paths(tag)
         outs = [out_paths["head"], out_paths["draft"]]

@@ -20,6 +20,10 @@ Facts it relies on (measured, BRIEF §5):
   * The hand orientation is held at its start value with small rotation actions (it drifts under
     a held bowl otherwise).
 
+With ``ExpertConfig(operator="human")`` every command goes through the human-teleoperator model of
+``common/sim/operator_model.py`` (band-limited noise, hesitations, overshoot, late gripper changes);
+the expert stays closed-loop, so it corrects the operator's errors.
+
 Not handled (measured rates: benchmarks/expert_success.py, results/expert_success.md):
   * goals other than one on/in predicate: libero_10 (two predicates), libero_goal's
     open/close/turnon goals -> UnsupportedGoalError;
@@ -35,6 +39,7 @@ import dataclasses
 import numpy as np
 
 from common.sim.libero_env import LiberoTaskEnv
+from common.sim.operator_model import OPERATORS, make_operator
 
 PHASES = ("approach", "reopen", "descend", "grasp", "lift", "carry", "place", "release", "retreat", "done")
 
@@ -62,8 +67,11 @@ class ExpertConfig:
     gain: float = 20.0  # proportional gain, action per metre of error
     integral_gain: float = 2.0  # integral gain, action per metre*step of accumulated error
     rot_gain: float = 2.0  # action per radian of orientation error (holds the start orientation)
+    operator: str = "none"  # "none" | "human": send the commands through common.sim.operator_model
 
     def __post_init__(self) -> None:
+        if self.operator not in OPERATORS:
+            raise ValueError(f"operator must be one of {OPERATORS}, got {self.operator!r}")
         if self.action_noise < 0 or self.grasp_jitter < 0:
             raise ValueError("action_noise and grasp_jitter must be >= 0")
         if not 0.0 <= self.smoothing < 1.0:
@@ -168,6 +176,7 @@ class ScriptedExpert:
         self.obj, self.target, self.region, self.relation = self._parse_goal(env)
         self._geom = _Geometry(env)
         self._rng = np.random.default_rng(self.config.seed)
+        self._operator = make_operator(self.config.operator)
         self.phase = "approach"
 
     # ------------------------------------------------------------------ goal
@@ -206,6 +215,8 @@ class ScriptedExpert:
         self._plan()
         self._best_err = np.inf
         self._stall = 0
+        if self._operator is not None:
+            self._operator.reset(np.random.default_rng(self._rng.integers(2**63)))
 
     def _plan(self) -> None:
         """(Re)plan the grasp from the current object pose."""
@@ -403,6 +414,8 @@ class ScriptedExpert:
 
         rot = self.config.rot_gain * _rotation_error(self._hold_quat, np.asarray(obs["robot0_eef_quat"]))
         arm = np.concatenate([move, rot])
+        if self._operator is not None:
+            arm, gripper = self._operator.apply(arm, gripper)
         if self.config.action_noise > 0:
             arm = arm + self._rng.normal(0.0, self.config.action_noise, 6)
         if self.config.smoothing > 0:

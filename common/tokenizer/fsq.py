@@ -19,8 +19,12 @@ from torch import nn
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round with a straight-through (identity) gradient."""
-    return x + (torch.round(x) - x).detach()
+    """Round with a straight-through (identity) gradient.
+
+    Written as ``round(x) + (x - x.detach())`` so the value is exactly ``round(x)`` (the added term is
+    exactly zero): a forward pass and ``decode_indices`` then produce bit-identical codes.
+    """
+    return torch.round(x).detach() + (x - x.detach())
 
 
 class FSQ(nn.Module):

@@ -19,6 +19,13 @@ Conditionings
                 of the std: a value clipped by a too-narrow stage leaves an outlier residual that the
                 later, finer stages can never remove (measured: with ±2 std, ~1% of latents stayed
                 unresolved through all 8 stages and dominated the error).
+                Stage 0 gets an extra ``first_stage_margin`` (1.5): a held-out latent beyond the
+                calibration data's range would be clipped there, leaving an error the finer stages
+                cannot remove (measured on synthetic data: held-out MSE 6e-6 instead of ~1e-12).
+                ``reach`` picks the reach estimator of stages >= 1 (stage 0 always uses the max
+                deviation, so nothing is clipped there): ``absmax`` (default), ``quantile`` (the
+                ``reach_quantile`` quantile of |deviation|) or ``std`` (``reach_std`` x std). The chosen
+                reach is stored in the ``running_absmax`` buffer (the name is kept so checkpoints load).
 - ``scale``     a learnable per-stage (per-dimension) scale, trained by the straight-through gradient
                 (the learned-step-size gradient: it sees the rounding error).
 - ``fixed``     a fixed geometric schedule ``scale_l = (num_levels - 1) ** -l`` (lucidrains'
@@ -33,6 +40,7 @@ from torch import nn
 from common.tokenizer.fsq import FSQ
 
 CONDITIONINGS = ("none", "layernorm", "scale", "fixed")
+REACHES = ("absmax", "quantile", "std")
 
 
 class ResidualFSQ(nn.Module):
@@ -47,11 +55,19 @@ class ResidualFSQ(nn.Module):
         conditioning: str = "layernorm",
         stats_momentum: float = 0.05,
         reach_margin: float = 1.05,
+        first_stage_margin: float = 1.5,
+        reach: str = "absmax",
+        reach_quantile: float = 0.99,
+        reach_std: float = 3.0,
         eps: float = 1e-6,
     ):
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"unknown conditioning {conditioning!r}; expected one of {CONDITIONINGS}")
+        if reach not in REACHES:
+            raise ValueError(f"unknown reach {reach!r}; expected one of {REACHES}")
+        if not 0.0 < reach_quantile <= 1.0 or reach_std <= 0:
+            raise ValueError(f"reach_quantile must be in (0, 1] and reach_std > 0; got {reach_quantile}, {reach_std}")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if not 0.0 < stats_momentum <= 1.0:
@@ -61,7 +77,13 @@ class ResidualFSQ(nn.Module):
         self.num_levels = num_levels
         self.conditioning = conditioning
         self.stats_momentum = stats_momentum
+        if first_stage_margin < 1.0:
+            raise ValueError(f"first_stage_margin must be >= 1; got {first_stage_margin}")
         self.reach_margin = reach_margin
+        self.first_stage_margin = first_stage_margin
+        self.reach = reach
+        self.reach_quantile = reach_quantile
+        self.reach_std = reach_std
         self.eps = eps
         self.fsq = FSQ(num_levels=num_levels)
 
@@ -95,7 +117,8 @@ class ResidualFSQ(nn.Module):
             return scale, torch.zeros_like(scale)
         if self.training and residual is not None:
             self._update_stats(layer, residual)
-        return self.running_absmax[layer] * self.reach_margin + self.eps, self.running_mean[layer]
+        margin = self.reach_margin * (self.first_stage_margin if layer == 0 else 1.0)
+        return self.running_absmax[layer] * margin + self.eps, self.running_mean[layer]
 
     @torch.no_grad()
     def _update_stats(self, layer: int, residual: torch.Tensor) -> None:
@@ -105,7 +128,7 @@ class ResidualFSQ(nn.Module):
                 f"layernorm RFSQ needs >= 2 latent vectors per training batch to estimate statistics; got {flat.shape[0]}"
             )
         mean, var = flat.mean(0), flat.var(0, unbiased=False)
-        absmax = (flat - mean).abs().amax(0)
+        absmax = self._reach_of(layer, flat, mean, var)
         if not bool(self.stats_initialized[layer]):
             self.running_mean[layer].copy_(mean)
             self.running_var[layer].copy_(var)
@@ -136,12 +159,21 @@ class ResidualFSQ(nn.Module):
             mean = residual.mean(0)
             self.running_mean[layer].copy_(mean)
             self.running_var[layer].copy_(residual.var(0, unbiased=False))
-            self.running_absmax[layer].copy_((residual - mean).abs().amax(0))
+            self.running_absmax[layer].copy_(self._reach_of(layer, residual, mean, residual.var(0, unbiased=False)))
             self.stats_initialized[layer] = True
             scale, center = self._stage_affine(layer, None)
             codes, _ = self.fsq((residual - center) / scale)
             residual = residual - (codes * scale + center)
         self.train(was_training)
+
+    def _reach_of(self, layer: int, flat: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """The stage's reach (largest deviation it represents without clipping) from residuals ``flat [N, dim]``."""
+        deviation = (flat - mean).abs()
+        if layer == 0 or self.reach == "absmax":
+            return deviation.amax(0)
+        if self.reach == "std":
+            return self.reach_std * var.sqrt()
+        return torch.quantile(deviation, self.reach_quantile, dim=0)
 
     def _device(self) -> torch.device:
         for tensor in self.buffers():
@@ -187,7 +219,7 @@ class ResidualFSQ(nn.Module):
         quantized = torch.zeros(indices.shape[:-1], device=indices.device)
         for layer in range(k):
             scale, center = self._stage_affine(layer, None)
-            quantized = quantized + self.fsq.indices_to_codes(indices[..., layer]) * scale + center
+            quantized = quantized + (self.fsq.indices_to_codes(indices[..., layer]) * scale + center)  # forward's order
         return quantized
 
     def _check_num_layers(self, num_layers: int | None) -> int:
@@ -197,4 +229,5 @@ class ResidualFSQ(nn.Module):
         return n
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_layers={self.num_layers}, num_levels={self.num_levels}, conditioning={self.conditioning!r}"
+        return (f"dim={self.dim}, num_layers={self.num_layers}, num_levels={self.num_levels}, "
+                f"conditioning={self.conditioning!r}, reach={self.reach!r}")

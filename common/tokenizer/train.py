@@ -21,51 +21,65 @@ import torch
 import torch.nn.functional as F
 
 from common.data.episodes import load_episodes, make_chunks, split_episodes
-from common.tokenizer.model import ActionRFSQAE, save_tokenizer
+from common.tokenizer.model import LAYOUTS, ActionRFSQAE, save_tokenizer
 from common.data.normalization import ActionNormalizer
 from common.artifacts import models_dir_of, tokenizer_paths
 from common.provenance import provenance
-from common.tokenizer.residual_fsq import CONDITIONINGS
-from common.training_loop import LoopSettings, RunFiles, fit_epochs
+from common.tokenizer.residual_fsq import CONDITIONINGS, REACHES
+from common.locks import check_writable_dir, output_lock
+from common.checkpoints import atomic_torch_save
+from common.jsonl import append_jsonl
+from common.training_loop import LoopSettings, RunFiles, fit_epochs, refuse_to_replace
 
 LAST_KIND = "rfsq_tokenizer_training_state"
 CALIBRATION_CHUNKS = 20_000
 # Flags that may change between a run and its --resume (more epochs, quieter output).
-_RESUMABLE_CHANGES = ("resume", "progress", "epochs", "torch_threads")
+_RESUMABLE_CHANGES = ("resume", "overwrite", "progress", "epochs", "torch_threads")
 
 
 @dataclass
 class TokenizerTrainConfig:
     """Flags of ``train_rfsq_robust`` (same names on the local CLI and ``modal run``)."""
 
-    use_layernorm: bool = True
+    use_layernorm: bool = True  # robust (LayerNorm-conditioned) residual FSQ; --no-use-layernorm = naive
     conditioning: str = ""  # "" = from --use-layernorm; or one of none/layernorm/scale/fixed
-    num_episodes: int = 50
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 2e-3
-    seed: int = 0
-    data: str = "synthetic"
-    chunk_len: int = 8
-    stride: int = 1
-    layout: str = "chunk"
-    latent_dim: int = 16
-    num_layers: int = 8
-    num_levels: int = 7
-    val_fraction: float = 0.2
+    num_episodes: int = 50  # demos (episodes) read from --data, or generated for "synthetic"
+    epochs: int = 100  # passes over the training chunks
+    batch_size: int = 64  # chunks per optimizer step
+    lr: float = 2e-3  # peak AdamW learning rate (cosine decay to 0)
+    seed: int = 0  # seeds the split, the initialization and the shuffles
+    data: str = "synthetic"  # "synthetic", or LIBERO-format HDF5 path(s), comma-separated
+    chunk_len: int = 8  # actions per chunk (env steps; 20 Hz control)
+    stride: int = 1  # steps between the starts of consecutive training chunks
+    layout: str = "dct"  # dct (default: exact DCT, no autoencoder) | chunk | timestep (common/tokenizer/model.py)
+    latent_dim: int = 16  # chunk: latent size; timestep: per-step size (not used by dct)
+    dct_frequencies: int = 0  # dct: lowest frequencies kept per action dim; 0 = all chunk_len (exact)
+    reach: str = "absmax"  # robust stages >= 1: absmax | quantile | std (residual_fsq.py)
+    num_layers: int = 8  # residual FSQ layers (tokens per chunk = layers x tokens per layer)
+    num_levels: int = 7  # quantization levels per token
+    val_fraction: float = 0.2  # fraction of EPISODES held out for validation (never frames)
     models_dir: str = ""  # "" = $RSD_MODELS_DIR or ./artifacts/models (Modal: /models)
-    resume: bool = False
-    progress: bool = True
+    resume: bool = False  # continue from <stem>_last.pt (the same configuration; more --epochs allowed)
+    overwrite: bool = False  # replace the outputs of an earlier run (default: refuse when they exist)
+    progress: bool = True  # show progress bars
     torch_threads: int = 1  # the models are tiny: one thread is fastest on a shared laptop CPU; 0 = torch default
 
     def __post_init__(self):
         if self.conditioning and self.conditioning not in CONDITIONINGS:
             raise ValueError(f"--conditioning must be one of {CONDITIONINGS} or empty; got {self.conditioning!r}")
+        if self.reach not in REACHES:
+            raise ValueError(f"--reach must be one of {REACHES}; got {self.reach!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"--layout must be one of {LAYOUTS}; got {self.layout!r}")
+        if not 0 <= self.dct_frequencies <= self.chunk_len:
+            raise ValueError(f"--dct-frequencies must be in [0, --chunk-len={self.chunk_len}]; got {self.dct_frequencies}")
         for name in ("num_episodes", "epochs", "batch_size", "chunk_len", "stride", "latent_dim", "num_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0; got {self.lr}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the earlier run, --overwrite replaces it: pass one of them")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in (0, 1); got {self.val_fraction}")
 
@@ -79,9 +93,16 @@ class TokenizerTrainConfig:
 
 
 def build_tokenizer(cfg: TokenizerTrainConfig) -> ActionRFSQAE:
+    if cfg.layout == "dct":
+        return ActionRFSQAE(
+            chunk_len=cfg.chunk_len, conditioning=cfg.resolved_conditioning, layout="dct",
+            latent_dim=(cfg.dct_frequencies or cfg.chunk_len) * 7,
+            num_layers=cfg.num_layers, num_levels=cfg.num_levels, reach=cfg.reach,
+        )
     return ActionRFSQAE(
         chunk_len=cfg.chunk_len, conditioning=cfg.resolved_conditioning, layout=cfg.layout,
         latent_dim=cfg.latent_dim, hidden_dim=cfg.latent_dim, num_layers=cfg.num_layers, num_levels=cfg.num_levels,
+        reach=cfg.reach,
     )
 
 
@@ -104,11 +125,11 @@ def prepare_chunks(cfg: TokenizerTrainConfig) -> dict[str, Any]:
     episodes = load_episodes(cfg.data, num_episodes=cfg.num_episodes, seed=cfg.seed)
     train_eps, val_eps = split_episodes(episodes, val_fraction=cfg.val_fraction, seed=cfg.seed)
     normalizer = ActionNormalizer.fit(np.concatenate([e.actions for e in train_eps]))
-    to_tensor = lambda eps: torch.from_numpy(normalizer.normalize(make_chunks(eps, chunk_len=cfg.chunk_len, stride=cfg.stride)))
+    to_tensor = lambda eps, split: torch.from_numpy(normalizer.normalize(make_chunks(eps, chunk_len=cfg.chunk_len, stride=cfg.stride, split=split)))
     return {
         "normalizer": normalizer,
-        "train": to_tensor(train_eps),
-        "val": to_tensor(val_eps),
+        "train": to_tensor(train_eps, "train"),
+        "val": to_tensor(val_eps, "validation"),
         "train_episodes": [e.name for e in train_eps],
         "val_episodes": [e.name for e in val_eps],
     }
@@ -140,11 +161,40 @@ def _fit(model: ActionRFSQAE, train: torch.Tensor, val: torch.Tensor, cfg: Token
         val_mse = evaluate_mse(model, val)
         return {"val_mse": val_mse}, (-val_mse,)
 
+    if not any(p.requires_grad for p in model.parameters()):
+        return _fit_fixed_transform(model, cfg, evaluate, save_best, files, on_checkpoint)
+
     best_key = fit_epochs(
         model, loop_settings(cfg, desc), num_train=len(train), batch_loss=batch_loss, evaluate=evaluate, save_best=save_best,
         files=files, loss_name="train_mse", on_checkpoint=on_checkpoint,
     )
     return -best_key[0] if best_key else float("inf")
+
+
+def _fit_fixed_transform(model: ActionRFSQAE, cfg: TokenizerTrainConfig, evaluate, save_best, files: RunFiles | None,
+                         on_checkpoint: Callable[[], None] | None) -> float:
+    """A fixed transform (``layout="dct"``) has nothing to optimize: each "epoch" is the exact calibration
+    and a held-out evaluation, with the same log line, best checkpoint and resumable state as ``fit_epochs``."""
+    state = files.load_state() if files is not None else None
+    start = int(state["epoch"]) if state is not None else 0
+    if state is None and files is not None and files.metrics_path.exists():
+        files.metrics_path.unlink()
+    best = -float(state["best_key"][0]) if state is not None and state.get("best_key") else float("inf")
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        ev, _ = evaluate()
+        record = {"epoch": epoch + 1, "train_mse": None, **ev, "lr": 0.0, "seconds": time.perf_counter() - t0,
+                  "best": ev["val_mse"] < best}
+        if record["best"]:
+            best = ev["val_mse"]
+            save_best(ev, epoch + 1)
+        if files is not None:
+            append_jsonl(files.metrics_path, record)
+            atomic_torch_save({"kind": files.state_kind, "config": files.config, "model": model.state_dict(),
+                               "epoch": epoch + 1, "best_key": [-best], **files.checks}, files.state_path)
+        if on_checkpoint is not None:
+            on_checkpoint()
+    return best
 
 
 def train_tokenizer_model(model: ActionRFSQAE, train: torch.Tensor, val: torch.Tensor, cfg: TokenizerTrainConfig, *, desc: str = "") -> ActionRFSQAE:
@@ -161,14 +211,21 @@ def train_tokenizer(cfg: TokenizerTrainConfig, *, on_checkpoint: Callable[[], No
 
     ``on_checkpoint`` runs after every checkpoint write (Modal passes ``volume.commit``).
     """
-    torch.manual_seed(cfg.seed)
     paths = cfg.output_paths()
-    paths["best"].parent.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(paths["best"].parent, "--models-dir")
+    stem = paths["best"].name.removesuffix(".pt")
+    with output_lock(paths["best"].parent / f".{stem}.lock", f"tokenizer {paths['best']}"):
+        refuse_to_replace([paths["best"], paths["last"], paths["metrics"]], resume=cfg.resume, overwrite=cfg.overwrite)
+        return _train_tokenizer_locked(cfg, paths, on_checkpoint)
+
+
+def _train_tokenizer_locked(cfg: TokenizerTrainConfig, paths: dict, on_checkpoint: Callable[[], None] | None) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
     data = prepare_chunks(cfg)
     train, val, normalizer = data["train"], data["val"], data["normalizer"]
     model = build_tokenizer(cfg)
     meta = dict(
-        data=cfg.data, num_episodes=cfg.num_episodes, train_chunks=len(train), val_chunks=len(val),
+        data=cfg.data, num_episodes=len(data["train_episodes"]) + len(data["val_episodes"]), train_chunks=len(train), val_chunks=len(val),
         val_episodes=data["val_episodes"],
     )
     started = time.perf_counter()
