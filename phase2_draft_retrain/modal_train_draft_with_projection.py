@@ -32,22 +32,6 @@ app = modal.App("rsd-phase2-train")
 models_volume = rsd_entry.models_volume()
 data_volume = rsd_entry.data_volume()
 
-# OpenVLA-OFT's remote code (modeling_prismatic.py of the moojink/* checkpoints) and its
-# ProprioProjector import the `prismatic` package of the openvla-oft repository; --no-deps keeps
-# the image's pinned torch/transformers.
-OPENVLA_OFT_GIT = "git+https://github.com/moojink/openvla-oft.git"
-
-
-def _vla_image():
-    """The cloud image with the OpenVLA dependencies plus the openvla-oft package (its checkpoints'
-    remote code imports ``prismatic``); the 7B weights download once, onto the data volume."""
-    return rsd_entry.cloud_image(
-        with_sim=True, with_vla=True,
-        extra_commands=(f"pip install --no-deps {OPENVLA_OFT_GIT}",),
-        extra_env={"HF_HOME": f"{rsd_entry.DATA_MOUNT}/hf_cache"},
-    )
-
-
 @app.function(
     image=rsd_entry.cloud_image(),
     gpu="A10G",
@@ -69,7 +53,7 @@ def train_remote(config: dict) -> dict:
 
 
 @app.function(
-    image=_vla_image(),
+    image=rsd_entry.vla_image(),
     gpu="H100",
     volumes={rsd_entry.DATA_MOUNT: data_volume},
     timeout=24 * 3600,

@@ -210,3 +210,92 @@ def test_extractor_jpeg_roundtrip_keeps_range():
     img = np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     out = ex.prepare_image(img)
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+
+
+# ----------------------------------------------------------------------------- shared VLA input preparation
+def test_prepare_vla_inputs_flips_selects_cameras_and_checks():
+    from common.policy.backbones.vla_inputs import VLAInputSpec, oft_proprio, prepare_vla_inputs
+
+    spec = VLAInputSpec(checkpoint="x", image_size=8)
+    img = np.zeros((2, 8, 8, 3), np.uint8)
+    img[:, 0, 0, 0] = 255  # top-left corner
+    p = oft_proprio(np.ones((2, 3)), np.full((2, 3), 2.0), np.full((2, 2), 3.0))
+    assert p.shape == (2, 8) and p[0].tolist() == [1, 1, 1, 2, 2, 2, 3, 3]
+    b = prepare_vla_inputs(img, ["a", "b"], spec=spec, flip=True, wrist_images=img, proprio=p)
+    assert b.images[0][-1, -1, 0] == 255 and b.images[0][0, 0, 0] == 0 and b.wrist_images[1][-1, -1, 0] == 255
+    assert prepare_vla_inputs(img, ["a", "b"], spec=spec, flip=False, wrist_images=img, proprio=p).images[0][0, 0, 0] == 255
+    no_wrist = VLAInputSpec(checkpoint="x", image_size=8, use_wrist=False, use_proprio=False)
+    b = prepare_vla_inputs(img, ["a", "b"], spec=no_wrist, flip=False, wrist_images=img, proprio=p)
+    assert b.wrist_images is None and b.proprio is None and no_wrist.cameras == ("agentview",)
+    with pytest.raises(ValueError, match="wrist images"):
+        prepare_vla_inputs(img, ["a", "b"], spec=spec, flip=False, proprio=p)
+    with pytest.raises(ValueError, match="expected 8x8 frames"):
+        prepare_vla_inputs(np.zeros((2, 16, 16, 3), np.uint8), ["a", "b"], spec=spec, flip=False, wrist_images=img, proprio=p)
+    with pytest.raises(TypeError, match="uint8"):
+        prepare_vla_inputs(img.astype(np.float32), ["a", "b"], spec=spec, flip=False, wrist_images=img, proprio=p)
+    with pytest.raises(ValueError, match=r"proprio: expected finite \[2, 8\]"):
+        prepare_vla_inputs(img, ["a", "b"], spec=spec, flip=False, wrist_images=img, proprio=p[:, :7])
+
+
+def test_vla_input_spec_round_trips_through_cache_attrs_and_names_missing_keys():
+    from common.policy.backbones.vla_inputs import VLAInputSpec, unnorm_key_for
+
+    spec = VLAInputSpec(checkpoint="moojink/x", center_crop=False, image_size=256)
+    attrs = {k: (np.bool_(v) if isinstance(v, bool) else v) for k, v in spec.attrs().items()}  # as h5py returns them
+    assert VLAInputSpec.from_attrs({**attrs, "suite": "libero_object"}, "c.h5") == spec
+    with pytest.raises(ValueError, match=r"c\.h5: feature cache attributes lack \['jpeg_roundtrip'\]"):
+        VLAInputSpec.from_attrs({k: v for k, v in attrs.items() if k != "jpeg_roundtrip"}, "c.h5")
+    assert unnorm_key_for(spec, "libero_goal") == "libero_goal_no_noops"
+    assert unnorm_key_for(VLAInputSpec(checkpoint="x", use_proprio=False), "libero_90") is None
+    with pytest.raises(ValueError, match="no OpenVLA-OFT proprio statistics"):
+        unnorm_key_for(spec, "libero_90")
+
+
+def test_extractor_timer_splits_preprocess_and_forward():
+    from common.decoding.timing import StageTimer
+
+    timer = StageTimer(cuda_sync=False)
+    ex = _extractor(StubOFT())
+    img = np.zeros((16, 16, 3), dtype=np.uint8)
+    ex([img, img], ["go", "go"], timer=timer)
+    assert timer.counts == {"preprocess": 2, "backbone": 2}
+
+
+def test_cache_refuses_an_extractor_that_flips_itself(tmp_path):
+    import h5py
+
+    from common.policy.feature_cache import cache_features_for_file
+
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("data/demo_0")
+        g.create_dataset("actions", data=np.zeros((2, 7)))
+        g.create_dataset("obs/agentview_rgb", data=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="flip_images=False"):
+        cache_features_for_file(_extractor(StubOFT()), path, tmp_path / "c.h5", use_wrist=False, use_proprio=False, progress=False)
+
+
+def test_spec_for_head_prefers_the_recorded_spec_and_requires_agreeing_caches(tmp_path):
+    from pathlib import Path
+
+    import h5py
+
+    from common.policy.backbones.vla_inputs import VLAInputSpec, spec_for_head
+
+    spec = VLAInputSpec(checkpoint="moojink/x")
+    assert spec_for_head({"vla_inputs": spec.attrs()}, {}, Path("h.pt")) == spec
+    paths = []
+    for i, crop in enumerate((True, False)):
+        paths.append(tmp_path / f"c{i}.h5")
+        with h5py.File(paths[-1], "w") as f:
+            f.attrs.update({**spec.attrs(), "center_crop": crop})
+    extra = {"train_config": {"backbone": "openvla-oft", "feature_cache": str(paths[0])}}
+    assert spec_for_head({}, extra, Path("h.pt")) == spec
+    extra["train_config"]["feature_cache"] = ",".join(map(str, paths))
+    with pytest.raises(ValueError, match="different settings"):
+        spec_for_head({}, extra, Path("h.pt"))
+    extra["train_config"]["feature_cache"] = str(tmp_path / "missing.h5")
+    with pytest.raises(FileNotFoundError, match="missing.h5: feature cache of head h.pt not found"):
+        spec_for_head({}, extra, Path("h.pt"))
+    with pytest.raises(ValueError, match="expected 'openvla-oft'"):
+        spec_for_head({}, {"train_config": {"backbone": "state"}}, Path("h.pt"))

@@ -1,5 +1,16 @@
 """The policy Phase 3 runs: observation -> backbone features -> tokens (speculative or main-only, both
-timed on the same features) -> decoded action chunk."""
+timed on the same features) -> decoded action chunk.
+
+The backbone kind is read from the head checkpoint. "state": the low-dimensional observation goes
+through the head's own StateBackbone. "openvla-oft": the env renders the cameras the features were
+cached from (``cameras``, ``camera_size``), ``vla_inputs.env_observation_inputs`` prepares them with
+the very function the feature cache used, and the frozen OpenVLA-OFT extractor named in the cache
+runs once per chunk (``vla_inputs.build_extractor``; GPU when available).
+
+Per chunk ``plan`` reports seconds per stage: ``preprocess_s`` (VLA: JPEG/resize/crop/prompt/
+processor), ``backbone_s`` (the backbone forward), ``draft_s``, ``main_s``, ``tokenizer_decode_s``
+and their sum ``policy_s`` (+ the main-only reference ``ref_*`` with ``compare_main_only``).
+"""
 
 from __future__ import annotations
 
@@ -23,11 +34,14 @@ class TokenPolicy:
         self.tokenizer = load_tokenizer(paths["tokenizer"], require_conditioning="layernorm" if cfg.tokenizer == "robust" else "none")
         # Strategy B deliberately pairs naive-token models with the robust decoder (explicit opt-in).
         self.policy = load_policy(paths["head"], paths["draft"], self.tokenizer, allow_tokenizer_mismatch=cfg.strategy == "B")
-        if self.policy.backbone_kind != "state":
-            # The OpenVLA-OFT closed loop needs camera images + the 7B extractor per chunk; not wired yet.
-            raise NotImplementedError(
-                f"{paths['head']}: closed-loop evaluation supports the 'state' backbone; found {self.policy.backbone_kind!r}"
-            )
+        if cfg.decode_layers > self.policy.head.num_layers:
+            raise ValueError(f"--decode-layers {cfg.decode_layers}: {paths['head']} decodes {self.policy.head.num_layers} layers; use 1..{self.policy.head.num_layers} (0 = all)")
+        if cfg.backbone and cfg.backbone != self.policy.backbone_kind:
+            raise ValueError(f"--backbone {cfg.backbone}: but {paths['head']} was trained with the {self.policy.backbone_kind!r} backbone")
+        self.vla_spec = None
+        self.extractor = None
+        if self.policy.backbone_kind == "openvla-oft":
+            self._load_vla(paths["head"])
         # IMPORTANT: in float32 the one-pass verification (K+1 positions) and the one-position main
         # passes round differently (different GEMM shapes), so a near-tie in a flat fine-layer
         # distribution can flip an argmax: we saw one chunk in a few thousand differ. In float64 both
@@ -43,33 +57,78 @@ class TokenPolicy:
             "draft": {"path": str(paths["draft"]), "content_hash": self.policy.draft_hash},
         }
 
+    def _load_vla(self, head_path) -> None:
+        from common.checkpoints import read_checkpoint
+        from common.policy.backbones.vla_inputs import build_extractor, spec_for_head
+        from common.policy.model import HEAD_KIND
+
+        ckpt = read_checkpoint(head_path, kind=HEAD_KIND)
+        self.vla_spec = spec_for_head(ckpt["config"], ckpt["extra"], head_path)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.extractor = build_extractor(self.vla_spec, suite=self.cfg.task_suite, device=device)
+        if self.extractor.feature_dim != self.policy.head.feature_dim:
+            raise ValueError(
+                f"{head_path}: head expects {self.policy.head.feature_dim}-d features, extractor {self.vla_spec.checkpoint!r} "
+                f"gives {self.extractor.feature_dim}"
+            )
+        self.instructions = {int(r["index"]): r["instruction"] for r in self.policy.task_table}
+
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        """Cameras the env must render for this policy (none for the state backbone)."""
+        return self.vla_spec.cameras if self.vla_spec is not None else ()
+
+    @property
+    def camera_size(self) -> int:
+        """Rendered frame side: the size of the frames the features were cached from."""
+        return self.vla_spec.image_size if self.vla_spec is not None else 128
+
+    def policy_input(self, env, obs: dict[str, np.ndarray]) -> Any:
+        """What ``plan`` takes from an env observation: the low-dim vector (state) or the observation
+        itself with its camera frames (openvla-oft)."""
+        return obs if self.vla_spec is not None else env.low_dim_obs(obs)
+
     def task_index(self, suite: str, task_id: int, instruction: str) -> int:
         return self.policy.task_index(suite=suite, task_id=task_id, instruction=instruction)
 
+    def _features(self, observation: Any, task_index: int, timer) -> torch.Tensor:
+        if self.vla_spec is None:
+            obs = torch.as_tensor(observation, dtype=torch.float32)[None]
+            with timer.stage("backbone"):
+                return self.policy.features(obs, torch.tensor([task_index]))
+        from common.policy.backbones.vla_inputs import env_observation_inputs, run_extractor
+
+        if not isinstance(observation, dict):
+            raise TypeError(f"openvla-oft policy: expected the env observation dict (policy_input), found {type(observation).__name__}")
+        with timer.stage("preprocess"):
+            batch = env_observation_inputs(observation, self.instructions[int(task_index)], spec=self.vla_spec)
+        return run_extractor(self.extractor, batch, timer=timer)
+
     @torch.no_grad()
-    def plan(self, low_dim: np.ndarray, task_index: int) -> tuple[np.ndarray, dict[str, Any]]:
+    def plan(self, observation: Any, task_index: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """One action chunk from ``policy_input(env, obs)``; returns (actions [8, 7], per-chunk info)."""
         from common.decoding.speculative import main_only_decode, speculative_decode
         from common.decoding.timing import StageTimer
 
         cfg, timer = self.cfg, StageTimer()
-        obs = torch.as_tensor(low_dim, dtype=torch.float32)[None]
-        with timer.stage("backbone"):
-            features = self.policy.features(obs, torch.tensor([task_index])).to(self.dtype)
+        features = self._features(observation, task_index, timer).to(self.dtype)
         info: dict[str, Any] = {}
+        depth = cfg.decode_layers or None  # None: all layers
 
         def decode():
             if cfg.use_speculative_decoding:
                 codes, stats = speculative_decode(
-                    self.policy.head, self.policy.draft, features, acceptance=cfg.acceptance, tolerance=cfg.tolerance, timer=timer
+                    self.policy.head, self.policy.draft, features, acceptance=cfg.acceptance, tolerance=cfg.tolerance, timer=timer,
+                    num_layers=depth,
                 )
                 info.update(accepted_layers=stats.accepted_layers[0], coarse_layers=stats.coarse_layers, draft_s=stats.draft_time_s)
             else:
-                codes, stats = main_only_decode(self.policy.head, features, timer=timer)
+                codes, stats = main_only_decode(self.policy.head, features, timer=timer, num_layers=depth)
             info.update(main_passes=stats.main_passes, main_s=stats.main_time_s)
             return codes
 
         def reference():
-            ref_codes, ref_stats = main_only_decode(self.policy.head, features, timer=StageTimer())
+            ref_codes, ref_stats = main_only_decode(self.policy.head, features, timer=StageTimer(), num_layers=depth)
             info.update(ref_main_passes=ref_stats.main_passes, ref_main_s=ref_stats.main_time_s)
             return ref_codes
 
@@ -90,8 +149,12 @@ class TokenPolicy:
         with timer.stage("tokenizer_decode"):
             normalized = self.tokenizer.model.decode_from_indices(codes)[0].numpy()
         actions = self.tokenizer.normalizer.unnormalize(normalized)
-        info.update(backbone_s=timer.last["backbone"], tokenizer_decode_s=timer.last["tokenizer_decode"])
-        info["policy_s"] = info["backbone_s"] + info.get("draft_s", 0.0) + info["main_s"] + info["tokenizer_decode_s"]
+        # totals: preprocess/backbone accumulate over the extractor's samples (one per chunk here)
+        info.update(backbone_s=timer.totals["backbone"], tokenizer_decode_s=timer.last["tokenizer_decode"])
+        if "preprocess" in timer.totals:
+            info["preprocess_s"] = timer.totals["preprocess"]
+        features_s = info["backbone_s"] + info.get("preprocess_s", 0.0)
+        info["policy_s"] = features_s + info.get("draft_s", 0.0) + info["main_s"] + info["tokenizer_decode_s"]
         if cfg.compare_main_only:
-            info["ref_policy_s"] = info["backbone_s"] + info["ref_main_s"] + info["tokenizer_decode_s"]
+            info["ref_policy_s"] = features_s + info["ref_main_s"] + info["tokenizer_decode_s"]
         return actions, info

@@ -52,7 +52,7 @@ def summarize(cfg: EvalConfig, rows: list[dict], *, wall_seconds: float, episode
     ref_passes = [c["ref_main_passes"] for c in chunks if "ref_main_passes" in c]
     latency = {
         name: _stats([c[name] * 1000.0 for c in chunks if name in c])
-        for name in ("backbone_s", "draft_s", "main_s", "tokenizer_decode_s", "policy_s", "ref_main_s", "ref_policy_s")
+        for name in ("backbone_s", "draft_s", "main_s", "tokenizer_decode_s", "policy_s", "ref_main_s", "ref_policy_s", "preprocess_s", "env_step_s")
     }
     latency = {k.replace("_s", "_ms"): v for k, v in latency.items() if v["n"]}
     token_speedup = None
@@ -90,12 +90,68 @@ def summarize(cfg: EvalConfig, rows: list[dict], *, wall_seconds: float, episode
         "main_pass_ratio": (float(np.mean(passes)) / float(np.mean(ref_passes))) if ref_passes else None,
         "token_decode_speedup": token_speedup,
         "lossless_identical_fraction": (float(np.mean(identical)) if identical else None),
+        "latency_breakdown": latency_breakdown(chunks, sum(r["steps"] for r in rows)),
         "wall_seconds": wall_seconds,
         "workers": workers,
         "episodes_per_minute": (episodes_run / wall_seconds * 60.0) if episodes_run and wall_seconds > 0 else None,
         "libraries": library_versions(),
         "provenance": provenance(seed=cfg.seed),
     }
+
+
+BREAKDOWN_STAGES = ("env_step", "preprocess", "backbone", "draft", "main", "tokenizer_decode")
+
+
+def latency_breakdown(chunks: list[dict], env_steps: int) -> dict | None:
+    """Where the time goes, per chunk and per env step: env step (physics + camera rendering when the
+    cameras are on), preprocessing, backbone forward, draft, main passes, tokenizer decode; the
+    backbone's share of the policy time next to what speculation saves (and could save at most:
+    the whole main-only token decode) on the same chunks."""
+    if not chunks or env_steps <= 0:
+        return None
+    present = [s for s in BREAKDOWN_STAGES if any(f"{s}_s" in c for c in chunks)]
+    total = {s: sum(c.get(f"{s}_s", 0.0) for c in chunks) * 1000.0 for s in present}
+    per_chunk = {s: v / len(chunks) for s, v in total.items()}
+    policy_ms = float(np.mean([c["policy_s"] for c in chunks])) * 1000.0
+    features_ms = per_chunk.get("preprocess", 0.0) + per_chunk.get("backbone", 0.0)
+    out = {
+        "per_chunk_ms": per_chunk,
+        "per_env_step_ms": {s: v / env_steps for s, v in total.items()},
+        "env_steps_per_chunk": env_steps / len(chunks),
+        "policy_ms_per_chunk": policy_ms,
+        "backbone_share_of_policy": features_ms / policy_ms if policy_ms > 0 else None,
+        "speculation_saving_ms_per_chunk": None,
+        "speculation_saving_share_of_main_only_policy": None,
+        "max_speculation_saving_share_of_main_only_policy": None,
+    }
+    ref = [c for c in chunks if "ref_main_s" in c]
+    if ref:
+        ref_main = float(np.mean([c["ref_main_s"] for c in ref])) * 1000.0
+        ref_policy = float(np.mean([c["ref_policy_s"] for c in ref])) * 1000.0
+        spec_tokens = float(np.mean([c["main_s"] + c.get("draft_s", 0.0) for c in ref])) * 1000.0
+        out["speculation_saving_ms_per_chunk"] = ref_main - spec_tokens
+        out["speculation_saving_share_of_main_only_policy"] = (ref_main - spec_tokens) / ref_policy if ref_policy > 0 else None
+        out["max_speculation_saving_share_of_main_only_policy"] = ref_main / ref_policy if ref_policy > 0 else None
+    return out
+
+
+def render_latency_breakdown(info: dict) -> list[str]:
+    """Markdown lines of ``latency_breakdown`` (empty when there is none)."""
+    b = info.get("latency_breakdown")
+    if not b:
+        return []
+    lines = ["", "| stage | ms / chunk | ms / env step |", "|---|---|---|"]
+    for stage, ms in b["per_chunk_ms"].items():
+        label = "env step (physics + rendering)" if stage == "env_step" else stage
+        lines.append(f"| {label} | {ms:.2f} | {b['per_env_step_ms'][stage]:.3f} |")
+    lines += [
+        "",
+        f"Backbone (preprocess + forward) share of the policy time: {_fmt(b['backbone_share_of_policy'], True)}; "
+        f"speculation saves {_fmt(b['speculation_saving_ms_per_chunk'])} ms / chunk = "
+        f"{_fmt(b['speculation_saving_share_of_main_only_policy'], True)} of the main-only policy time "
+        f"(at most {_fmt(b['max_speculation_saving_share_of_main_only_policy'], True)}: the whole main-only token decode).",
+    ]
+    return lines
 
 
 # --- outputs -------------------------------------------------------------------------------------
@@ -132,6 +188,7 @@ def render_table(info: dict) -> str:
         f"{[round(a, 3) for a in info['acceptance_per_layer']] if info['acceptance_per_layer'] else '—'}; "
         f"token-decode speedup {_fmt(info['token_decode_speedup'])}x; lossless identical {_fmt(info['lossless_identical_fraction'], True)}.",
     ]
+    lines += render_latency_breakdown(info)
     return "\n".join(lines)
 
 

@@ -91,16 +91,30 @@ def cache_features_for_file(
     ``OpenVLAFeatureExtractor`` built with ``flip_images=False``: the flip is decided here per file,
     ``flip`` = auto | yes | no). Images come from ``obs/agentview_rgb`` (+ ``obs/eye_in_hand_rgb``);
     proprio = ``ee_pos`` (3) + ``ee_ori`` axis-angle (3) + ``gripper_states`` (2), OFT's 8-d state.
-    Resumable: demos already in the cache are skipped; ``attrs`` (checkpoint, feature, ...) must
-    match an existing cache. ``on_progress`` runs after each demo (Modal: volume commit).
+    Inputs are prepared by ``vla_inputs.demo_step_inputs`` -> ``prepare_vla_inputs``, the function
+    Phase 3 applies to env observations. For an ``OpenVLAFeatureExtractor`` the cache records its
+    ``VLAInputSpec`` (checkpoint, feature, crop, JPEG, cameras, proprio, image size) in its attributes,
+    which is what Phase 3 reproduces; a plain callable's settings are unknown, so its cache cannot be
+    evaluated in closed loop. Resumable: demos already in the cache are skipped; ``attrs``
+    (checkpoint, feature, ...) must match an existing cache. ``on_progress`` runs after each demo
+    (Modal: volume commit).
     """
     import h5py
+
+    from common.policy.backbones.vla_inputs import VLAInputSpec, demo_step_inputs, run_extractor, spec_of_extractor
 
     data_path, out_path = Path(data_path), Path(out_path)
     if flip not in ("auto", "yes", "no"):
         raise ValueError(f"flip: expected auto, yes or no; got {flip!r}")
     do_flip = (not images_already_upright(data_path)) if flip == "auto" else flip == "yes"
-    meta = {"source": str(data_path), "flip_applied": do_flip, "use_wrist": use_wrist, "use_proprio": use_proprio, **(attrs or {})}
+    image_size = _image_size(data_path)
+    known = spec_of_extractor(extract, use_wrist=use_wrist, use_proprio=use_proprio, image_size=image_size)
+    prep = known or VLAInputSpec(checkpoint=str((attrs or {}).get("checkpoint", "")), use_wrist=use_wrist, use_proprio=use_proprio, image_size=image_size)
+    meta = {"source": str(data_path), "flip_applied": do_flip, **(known.attrs() if known else {"use_wrist": use_wrist, "use_proprio": use_proprio, "image_size": image_size}), **(attrs or {})}
+    if known is not None:
+        clash = {k: (meta[k], v) for k, v in known.attrs().items() if str(meta[k]) != str(v)}
+        if clash:
+            raise ValueError(f"attrs: {clash} contradict the extractor's settings (attr, extractor)")
     meta = {k: "" if v is None else v for k, v in meta.items()}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     written = skipped = 0
@@ -121,31 +135,14 @@ def cache_features_for_file(
             demo = data[name]
             if "obs/agentview_rgb" not in demo:
                 raise ValueError(f"{data_path}: data/{name} has no obs/agentview_rgb (collect demos with images)")
-            instr = demo.attrs.get("language_instruction", data.attrs.get("language_instruction", ""))
-            instr = instr.decode() if isinstance(instr, bytes) else str(instr)
-            if not instr and "problem_info" in data.attrs:
-                instr = json.loads(data.attrs["problem_info"]).get("language_instruction", "")
-            images = demo["obs/agentview_rgb"][()]
-            wrist = demo["obs/eye_in_hand_rgb"][()] if use_wrist else None
-            if do_flip:
-                images = images[:, ::-1, ::-1]
-                wrist = None if wrist is None else wrist[:, ::-1, ::-1]
-            proprio = None
-            if use_proprio:
-                proprio = np.concatenate([demo["obs/ee_pos"][()], demo["obs/ee_ori"][()], demo["obs/gripper_states"][()]], axis=1)
+            instr = demo_instruction(data, name)
             T = int(demo["actions"].shape[0])
-            if len(images) != T:
-                raise ValueError(f"{data_path}: data/{name}: {len(images)} images for {T} actions")
-            feats = []
-            for s in range(0, T, batch_steps):
-                sl = slice(s, min(s + batch_steps, T))
-                kwargs: dict[str, Any] = {}
-                if wrist is not None:
-                    kwargs["wrist_images"] = [np.ascontiguousarray(w) for w in wrist[sl]]
-                if proprio is not None:
-                    kwargs["proprio"] = proprio[sl]
-                f = extract([np.ascontiguousarray(im) for im in images[sl]], [instr] * (sl.stop - sl.start), **kwargs)
-                feats.append(torch.as_tensor(f).float().cpu().numpy())
+            if len(demo["obs/agentview_rgb"]) != T:
+                raise ValueError(f"{data_path}: data/{name}: {len(demo['obs/agentview_rgb'])} images for {T} actions")
+            feats = [
+                run_extractor(extract, demo_step_inputs(demo, slice(s, min(s + batch_steps, T)), instr, spec=prep, flip=do_flip)).numpy()
+                for s in range(0, T, batch_steps)
+            ]
             arr = np.concatenate(feats)
             if arr.shape[0] != T or not np.isfinite(arr).all():
                 raise RuntimeError(f"{data_path}: data/{name}: bad features {arr.shape} (finite={np.isfinite(arr).all()})")
@@ -157,3 +154,26 @@ def cache_features_for_file(
                 on_progress()
     return {"data": str(data_path), "cache": str(out_path), "flip_applied": do_flip, "written": written, "skipped": skipped}
 
+
+def demo_instruction(data: Any, name: str) -> str:
+    """A demo's language instruction: its own attribute, the file's, or the official ``problem_info``."""
+    demo = data[name]
+    instr = demo.attrs.get("language_instruction", data.attrs.get("language_instruction", ""))
+    instr = instr.decode() if isinstance(instr, bytes) else str(instr)
+    if not instr and "problem_info" in data.attrs:
+        instr = json.loads(data.attrs["problem_info"]).get("language_instruction", "")
+    return instr
+
+
+def _image_size(data_path: Path) -> int:
+    """Side of the square camera frames of a demo file (the size Phase 3 must render)."""
+    import h5py
+
+    with h5py.File(data_path, "r") as f:
+        for name, demo in f["data"].items():
+            if name.startswith("demo") and "obs/agentview_rgb" in demo:
+                shape = demo["obs/agentview_rgb"].shape
+                if len(shape) != 4 or shape[1] != shape[2]:
+                    raise ValueError(f"{data_path}: data/{name}/obs/agentview_rgb: expected square [T, H, H, 3] frames, found {list(shape)}")
+                return int(shape[1])
+    raise ValueError(f"{data_path}: no demo has obs/agentview_rgb (collect demos with images)")

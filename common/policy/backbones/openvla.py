@@ -21,6 +21,7 @@ id over the placeholders, stop id last; pixel_values in bf16; ``output_hidden_st
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -235,15 +236,7 @@ class OpenVLAFeatureExtractor:
         return int(size)
 
     def _load(self, checkpoint: str) -> tuple[Any, Any]:
-        try:
-            from transformers import AutoModelForVision2Seq, AutoProcessor
-        except ImportError as e:  # the local CPU env deliberately has no transformers
-            raise ImportError("OpenVLAFeatureExtractor needs `transformers` (cloud image only)") from e
-        processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
-        model = AutoModelForVision2Seq.from_pretrained(
-            checkpoint, torch_dtype=self.dtype, low_cpu_mem_usage=True, trust_remote_code=True
-        ).to(self.device)
-        model.eval()
+        model, processor = load_openvla_model(checkpoint, device=self.device, dtype=self.dtype)
         if self.unnorm_key is not None:
             self._load_norm_stats(model, checkpoint)
         return model, processor
@@ -326,7 +319,14 @@ class OpenVLAFeatureExtractor:
         *,
         wrist_images: Sequence[np.ndarray] | None = None,
         proprio: np.ndarray | None = None,
+        timer: Any = None,
     ) -> torch.Tensor:
+        """Features [n, hidden]. ``timer`` (a ``common.decoding.timing.StageTimer``, optional) times
+        the input preparation (JPEG, resize/crop, prompt, processor) as stage "preprocess" and the
+        model forward as stage "backbone", accumulated over the samples."""
+        def stage(name: str):
+            return timer.stage(name) if timer is not None else contextlib.nullcontext()
+
         if len(images) != len(task_descriptions):
             raise ValueError(f"expected one task description per image: {len(images)} images, {len(task_descriptions)} tasks")
         if wrist_images is not None and len(wrist_images) != len(images):
@@ -335,16 +335,18 @@ class OpenVLAFeatureExtractor:
             raise ValueError("proprio and proprio_projector: pass both or neither")
         feats = []
         for i, (image, task) in enumerate(zip(images, task_descriptions)):
-            inputs = self._build_inputs(image, task, None if wrist_images is None else wrist_images[i])
-            extra: dict[str, Any] = {}
-            if self.proprio_projector is not None:
-                p = np.asarray(proprio[i], dtype=np.float64)
-                if self.unnorm_key is not None:
-                    p = self._normalize_proprio(p)
-                extra = {"proprio": torch.as_tensor(p, dtype=self.dtype, device=self.device)[None],
-                         "proprio_projector": self.proprio_projector}
+            with stage("preprocess"):
+                inputs = self._build_inputs(image, task, None if wrist_images is None else wrist_images[i])
+                extra: dict[str, Any] = {}
+                if self.proprio_projector is not None:
+                    p = np.asarray(proprio[i], dtype=np.float64)
+                    if self.unnorm_key is not None:
+                        p = self._normalize_proprio(p)
+                    extra = {"proprio": torch.as_tensor(p, dtype=self.dtype, device=self.device)[None],
+                             "proprio_projector": self.proprio_projector}
             try:
-                out = self.model(**inputs, output_hidden_states=True, return_dict=True, **extra)
+                with stage("backbone"):
+                    out = self.model(**inputs, output_hidden_states=True, return_dict=True, **extra)
             except Exception as e:
                 # never fall back to placeholder features: a broken backbone must stop the run
                 raise RuntimeError(
@@ -361,6 +363,23 @@ class OpenVLAFeatureExtractor:
                 raise RuntimeError("OpenVLA features contain NaN/inf")
             feats.append(f.float())
         return torch.cat(feats, dim=0)
+
+
+def load_openvla_model(checkpoint: str, *, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, Any]:
+    """(model, processor) of an OpenVLA(-OFT) checkpoint (HF id or local dir), in eval mode on ``device``.
+
+    Cloud only: needs ``transformers`` (and, for the OFT checkpoints' remote code, ``prismatic``).
+    """
+    try:
+        from transformers import AutoModelForVision2Seq, AutoProcessor
+    except ImportError as e:  # the local CPU env deliberately has no transformers
+        raise ImportError("OpenVLAFeatureExtractor needs `transformers` (cloud image only)") from e
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    model = AutoModelForVision2Seq.from_pretrained(
+        checkpoint, torch_dtype=dtype, low_cpu_mem_usage=True, trust_remote_code=True
+    ).to(device)
+    model.eval()
+    return model, processor
 
 
 def load_oft_proprio_projector(
