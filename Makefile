@@ -62,8 +62,8 @@ evidence: setup
 	$(PY) -m phase1_improved.test_layernorm_improvement --out results/phase1_real_all
 	$(PY) -m phase2_draft_retrain.modal_train_draft_with_projection $(PHASE2_FLAGS)
 	$(PY) -m phase2_draft_retrain.modal_train_draft_with_projection $(PHASE2_FLAGS) --rfsq-checkpoint artifacts/models/rfsq_best.pt
-	$(PY) -m phase2_draft_retrain.modal_train_draft_with_projection $(DRAFT_FLAGS)
-	$(PY) -m phase2_draft_retrain.modal_train_draft_with_projection $(DRAFT_FLAGS) --rfsq-checkpoint artifacts/models/rfsq_best.pt
+	$(PY) -m phase2_draft_retrain.modal_train_draft_with_projection $(DRAFT_FLAGS) --overwrite
+	$(PY) -m phase2_draft_retrain.modal_train_draft_with_projection $(DRAFT_FLAGS) --rfsq-checkpoint artifacts/models/rfsq_best.pt --overwrite
 	$(PY) -m phase3.compare --task-suite libero_object --tasks 0-9 $(PHASE3_FLAGS)
 	$(PY) -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 $(PHASE3_FLAGS)
 	$(PY) -m rsd_pipeline report

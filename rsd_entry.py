@@ -5,7 +5,10 @@
   fields are resolved from ``RSD_*_DIR`` here, once (``resolve``), and the process is set up
   (``setup_process``: thread count, headless plotting and rendering).
 - ``main(cli, argv)``: runs a CLI; an error prints one ``error: ...`` line and exits 1
-  (``--debug`` or ``RSD_DEBUG=1`` shows the traceback).
+  (``--debug`` or ``RSD_DEBUG=1`` shows the traceback); Ctrl-C exits 130 and SIGTERM 143, both
+  raised as ``KeyboardInterrupt`` so the library's cleanup (stop workers, keep finished work) runs.
+- ``--help`` says what every flag means and its unit: the ``# comment`` after each config field
+  (``field_help``), so the local CLI and ``modal run`` document the same flags.
 - ``modal_entrypoint_signature(Config)``: a function signature with the same fields, for
   ``@app.local_entrypoint()``, so ``modal run phase1_improved/train_rfsq_robust.py --epochs 100`` and
   ``python -m phase1_improved.train_rfsq_robust --epochs 100`` accept exactly the same flags.
@@ -18,11 +21,18 @@ Importing this module never needs a Modal token: it only builds descriptions.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
 import inspect
+import io
 import os
+import signal
 import sys
+import textwrap
+import tokenize
 import typing
+import warnings
 from typing import Any, Callable, TypeVar
 
 C = TypeVar("C")
@@ -72,16 +82,48 @@ def cli_flags(cls: type) -> list[str]:
     return ["--" + f.name.replace("_", "-") for f in _fields(cls)]
 
 
+@functools.lru_cache(maxsize=None)
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's documentation, read from the class source: the ``# comment`` on the field's line,
+    or the comment lines right above it (for fields whose explanation needs several lines)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    lines = source.splitlines()
+    out: dict[str, str] = {}
+    class_def = ast.parse(source).body[0]
+    for node in getattr(class_def, "body", []):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = comments.get(node.lineno, "")
+            if not text:  # a comment block directly above the field
+                above, row = [], node.lineno - 1
+                while row >= 1 and row in comments and lines[row - 1].lstrip().startswith("#"):
+                    above.insert(0, comments[row])
+                    row -= 1
+                text = " ".join(above)
+            out[node.target.id] = text
+    return out
+
+
 def build_parser(cls: type, *, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip())
+    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = field_help(cls)
     for field in _fields(cls):
         tp = _field_type(cls, field)
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        meaning = docs.get(field.name, "")
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"(default: {default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"{meaning} (default: {default})".strip().replace("%", "%%"))
         else:
-            parser.add_argument(flag, type=tp, default=default, help=f"(default: {default!r})")
+            parser.add_argument(flag, type=tp, default=default, metavar=tp.__name__.upper(),
+                                help=f"{meaning} (default: {default!r})".strip().replace("%", "%%"))
     return parser
 
 
@@ -109,9 +151,15 @@ def resolve(cfg: C) -> C:
     return with_dirs(cfg, ArtifactDirs.from_env(os.environ))
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def setup_process(torch_threads: int = 0) -> None:
-    """Once per process, before any work: headless rendering and plotting, and the thread count."""
+    """Once per process, before any work: headless rendering and plotting, the thread count, and
+    library warnings (dropped demos, clipped actions, ...) printed as one ``warning:`` line each."""
     os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the first mujoco import
+    warnings.formatwarning = _one_line_warning
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,15 +169,31 @@ def setup_process(torch_threads: int = 0) -> None:
         torch.set_num_threads(torch_threads)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, batch schedulers) raised in the main thread. A
+    ``KeyboardInterrupt`` so that every cleanup written for Ctrl-C (stop the worker pool, keep
+    finished episodes and checkpoints) runs for it too."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signum)
+
+
 def main(cli: Callable[[list[str]], Any], argv: list[str]) -> None:
-    """Run ``cli(argv)``: errors print as one ``error:`` line (exit 1), Ctrl-C exits 130."""
+    """Run ``cli(argv)``: errors print as one ``error:`` line (exit 1), Ctrl-C exits 130, SIGTERM 143."""
     debug = "--debug" in argv or os.environ.get("RSD_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         cli(argv)
-    except KeyboardInterrupt:
-        print("interrupted: finished work is kept; rerun the same command (with --resume where it has one) to continue", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{what}: finished work is kept; rerun the same command (with --resume where it has one) to continue", file=sys.stderr)
+        sys.exit(128 + exc.signum if isinstance(exc, Terminated) else 130)
     except (ValueError, FileNotFoundError, RuntimeError, OSError, KeyError) as exc:
         if debug:
             raise
@@ -199,6 +263,23 @@ def cloud_image(*, with_sim: bool = False, with_vla: bool = False, extra_command
     # IMPORTANT: ship the repo's packages into the container; without this the function fails with
     # "ModuleNotFoundError: No module named 'phase1_improved'" (a problem the seed plan ran into).
     return image.add_local_python_source(*CODE_PACKAGES)
+
+
+# OpenVLA-OFT's remote code (modeling_prismatic.py of the moojink/* checkpoints) and its
+# ProprioProjector import the `prismatic` package of the openvla-oft repository; --no-deps keeps
+# the image's pinned torch/transformers.
+OPENVLA_OFT_GIT = "git+https://github.com/moojink/openvla-oft.git"
+
+
+def vla_image():
+    """The GPU image of every OpenVLA-OFT step (feature cache in Phase 2, closed loop in Phase 3: the same
+    code and pins on both sides): the OpenVLA dependencies plus the openvla-oft package (its
+    checkpoints' remote code imports ``prismatic``); the 7B weights download once, onto the data volume."""
+    return cloud_image(
+        with_sim=True, with_vla=True,
+        extra_commands=(f"pip install --no-deps {OPENVLA_OFT_GIT}",),
+        extra_env={"HF_HOME": f"{DATA_MOUNT}/hf_cache"},
+    )
 
 
 def models_volume():

@@ -1,6 +1,7 @@
 """The one epoch loop every trainer uses (tokenizer, main model, draft): AdamW with warmup + cosine,
 seeded per-epoch shuffling, held-out evaluation, one JSONL line per epoch, the best checkpoint, and a
 ``*_last.pt`` training state that ``--resume`` continues exactly as an uninterrupted run would.
+A fresh run refuses to replace an earlier run's outputs unless told to (``refuse_to_replace``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ def make_optimizer(model: nn.Module, s: LoopSettings, num_train: int):
 def epoch_order(num_train: int, s: LoopSettings, epoch: int) -> torch.Tensor:
     # seeded per epoch, so a resumed run shuffles exactly as an uninterrupted one
     return torch.randperm(num_train, generator=torch.Generator().manual_seed(s.seed * 100_003 + s.salt * 7_919 + epoch))
+
+
+def refuse_to_replace(paths: list[Path], *, resume: bool, overwrite: bool) -> None:
+    """A fresh run (neither ``--resume`` nor ``--overwrite``) never replaces an earlier run's
+    checkpoints or metrics log: a 1-epoch run must not silently replace a 14-epoch one."""
+    if resume or overwrite:
+        return
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing:
+        raise FileExistsError(
+            f"{', '.join(existing)}: outputs of an earlier run exist; pass --resume to continue that run "
+            "or --overwrite to replace it (or choose another --models-dir)"
+        )
 
 
 def resume_key(config: dict, resumable_changes: tuple[str, ...]) -> dict:

@@ -83,7 +83,7 @@ def test_chunks_and_future_chunks():
     assert fut.shape == (10, 4, 7)
     assert np.array_equal(fut[0], actions[:4])
     assert np.array_equal(fut[-1], np.repeat(actions[-1:], 4, axis=0))  # padded with the last action
-    with pytest.raises(ValueError, match="longer than every episode"):
+    with pytest.raises(ValueError, match="every episode of the episode set is shorter than one chunk"):
         make_chunks(eps, chunk_len=11)
 
 
@@ -126,7 +126,7 @@ def test_hdf5_reader_errors(tmp_path):
 # --- checkpoints ---------------------------------------------------------------------------
 def _tokenizer(conditioning="layernorm"):
     torch.manual_seed(0)
-    model = ActionRFSQAE(conditioning=conditioning, mlp_width=16)
+    model = ActionRFSQAE(conditioning=conditioning, layout="chunk", mlp_width=16)
     model.train()
     model(torch.rand(32, 8, 7) * 2 - 1)  # move the running statistics off their init
     return model.eval()
@@ -182,3 +182,21 @@ def test_several_files_are_interleaved(tmp_path):
     _write_demos(tmp_path / "b.hdf5", [np.ones((6, 7), np.float32)] * 2)
     eps = load_episodes(f"{tmp_path / 'a.hdf5'},{tmp_path / 'b.hdf5'}", num_episodes=4)
     assert [e.name for e in eps] == ["a/demo_0", "b/demo_0", "a/demo_1", "b/demo_1"]
+
+
+def test_demo_order_follows_task_and_episode_index_not_write_order(tmp_path):
+    """Parallel collection writes demos as workers finish; readers must not depend on that timing."""
+    import h5py
+
+    from common.data.episodes import load_hdf5_episodes
+
+    path = tmp_path / "demos.hdf5"
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        for number, (task, episode) in enumerate([(1, 0), (0, 1), (0, 0), (1, 1)]):
+            g = data.create_group(f"demo_{number}")
+            g.create_dataset("actions", data=np.full((9, 7), 0.05 * (10 * task + episode)))
+            g.attrs.update(task_id=task, episode_index=episode)
+    eps = load_hdf5_episodes(path)
+    assert [(e.task_id, int(e.attrs["episode_index"])) for e in eps] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [e.name for e in eps] == ["demo_2", "demo_1", "demo_0", "demo_3"]

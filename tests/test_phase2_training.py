@@ -72,7 +72,7 @@ def env(tmp_path_factory):
     demos = write_demos(root / "demos.hdf5")
     for layernorm in (True, False):
         train_tokenizer(TokenizerTrainConfig(
-            data=str(demos), epochs=1, num_episodes=NUM_EPS, latent_dim=4, batch_size=256, models_dir=str(models),
+            data=str(demos), epochs=1, num_episodes=NUM_EPS, layout="chunk", latent_dim=4, batch_size=256, models_dir=str(models),
             progress=False, use_layernorm=layernorm,
         ))
     from phase2_draft_retrain.modal_train_draft_with_projection import cli
@@ -142,7 +142,7 @@ def test_tokenizer_hash_mismatch_and_explicit_opt_in(env, tmp_path):
         load_policy(head, draft, naive)
     pol = load_policy(head, draft, naive, allow_tokenizer_mismatch=True)  # Strategy B
     assert pol.tokenizer_mismatch and pol.tokenizer_hash != naive.content_hash
-    other = dataclasses.replace(naive, model=ActionRFSQAE(latent_dim=3, conditioning="none"), content_hash="0" * 16)
+    other = dataclasses.replace(naive, model=ActionRFSQAE(layout="chunk", latent_dim=3, conditioning="none"), content_hash="0" * 16)
     with pytest.raises(CheckpointError, match="tokens_per_layer 4 .*vs 3"):
         load_policy(head, draft, other, allow_tokenizer_mismatch=True)
     # a draft trained on another head's features is refused
@@ -173,7 +173,7 @@ def test_missing_low_dim_and_missing_data_and_missing_tokenizer(env, tmp_path, c
 
     no_obs = write_demos(tmp_path / "no_obs.hdf5", with_low_dim=False)
     with pytest.raises(ValueError, match="has no obs/low_dim; --backbone state needs"):
-        cli(TINY + ["--data", str(no_obs), "--models-dir", str(env["models"])])
+        cli(TINY + ["--data", str(no_obs), "--models-dir", str(env["models"]), "--overwrite"])
     with pytest.raises(SystemExit):
         cli(TINY)
     assert "--data is required" in capsys.readouterr().err
@@ -238,7 +238,7 @@ def test_modal_function_body_runs_locally_draft_only(env):
     head_hash = torch.load(models / "best_rfsq_head.pt", weights_only=True)["content_hash"]
     cfg = PolicyTrainConfig(data=str(env["demos"]), models_dir=str(models), train="draft", epochs=1, batch_size=64,
                             d_model=32, num_blocks=1, num_heads=2, draft_width=16, timing_repeats=5, progress=False,
-                            draft_mode="chained", draft_augment_copies=2)
+                            draft_mode="chained", draft_augment_copies=2, overwrite=True)
     out = train_remote.local(dataclasses.asdict(cfg))
     assert out["head_hash"] == head_hash and out["main_seconds"] == 0.0
     ckpt = torch.load(models / "best_draft_with_projection.pt", weights_only=True)
@@ -276,3 +276,34 @@ def test_perturbed_distillation_set_labels_noisy_inputs_with_the_main_models_cho
 def test_draft_flag_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
         PolicyTrainConfig(data="x.hdf5", **kw)
+
+
+def test_main_hidden_draft_trains_loads_and_decodes_losslessly(env, tmp_path):
+    """A draft that reads the main model's position-0 hidden state: trained by distillation, rebuilt
+    from its checkpoint, and exact under speculative decoding with the head it was trained on."""
+    import shutil
+
+    from common.decoding.speculative import speculative_decode
+
+    models = tmp_path / "models"
+    shutil.copytree(env["models"], models)
+    cfg = PolicyTrainConfig(data=str(env["demos"]), models_dir=str(models), results_dir=str(tmp_path / "results"),
+                            train="draft", epochs=2, batch_size=64, d_model=32, num_blocks=1, num_heads=2,
+                            draft_width=16, timing_repeats=5, progress=False, draft_mode="chained", draft_input="main_hidden",
+                            overwrite=True)
+    from common.policy.train import train_policy
+
+    summary = train_policy(cfg)
+    d = summary["draft"]
+    assert len(d["agreement_per_layer"]) == cfg.coarse_layers and 0 <= d["mean_accepted_layers"] <= cfg.coarse_layers
+    policy = load_policy(models / "best_rfsq_head.pt", models / "best_draft_with_projection.pt", load_tokenizer(models / "rfsq_robust_best.pt"))
+    assert policy.draft.input == "main_hidden" and policy.draft.feature_dim == policy.head.d_model
+    tok = load_tokenizer(models / "rfsq_robust_best.pt")
+    chosen, _ = load_policy_episodes(cfg.data_paths, num_episodes=NUM_EPS)
+    feats = compute_features(policy.policy, _split(cfg, tok, chosen[:2]), device=torch.device("cpu"))
+    for i in range(0, len(feats), 7):
+        codes, stats = speculative_decode(policy.head, policy.draft, feats[i : i + 1])
+        assert torch.equal(codes, policy.head.greedy_decode(feats[i : i + 1]))
+        assert stats.main_passes == policy.head.num_layers - stats.accepted_layers[0]
+    with pytest.raises(ValueError, match="needs --draft-targets main"):
+        PolicyTrainConfig(data="x.hdf5", draft_input="main_hidden", draft_targets="labels")

@@ -42,7 +42,7 @@ def models(tmp_path_factory):
             g.attrs["language_instruction"] = instruction
     models = root / "models"
     for layernorm in (True, False):
-        train_tokenizer(TokenizerTrainConfig(data=str(demos), epochs=1, num_episodes=6, latent_dim=4, batch_size=256,
+        train_tokenizer(TokenizerTrainConfig(data=str(demos), epochs=1, num_episodes=6, layout="chunk", latent_dim=4, batch_size=256,
                                              models_dir=str(models), progress=False, use_layernorm=layernorm))
     results = str(root / "results")
     train_policy(PolicyTrainConfig(data=str(demos), models_dir=str(models), results_dir=results, **TINY_POLICY))
@@ -85,7 +85,7 @@ def test_resume_refuses_episodes_run_with_other_checkpoints(models, tmp_path):
     evaluate(_cfg(copy, tmp_path / "run", num_trials=1), progress=False)
     # a retrained draft (other seed) changes the draft checkpoint's content hash
     train_policy(PolicyTrainConfig(data=str(models["root"] / "demos.hdf5"), models_dir=str(copy["models"]), train="draft",
-                                   results_dir=str(tmp_path / "results"), **{**TINY_POLICY, "seed": 5}))
+                                   results_dir=str(tmp_path / "results"), overwrite=True, **{**TINY_POLICY, "seed": 5}))
     with pytest.raises(ValueError, match=r"finished episodes were run with other draft checkpoints than .*best_draft_with_projection\.pt"):
         evaluate(_cfg(copy, tmp_path / "run", num_trials=2), progress=False)
     # a fresh --out is fine
@@ -161,7 +161,9 @@ def test_modal_module_imports_without_token_flags_match_and_shard_runs(models, t
     assert {o for p in click_cmd.params for o in p.opts} == set(rsd_entry.cli_flags(EvalConfig))
     assert "--no-use-speculative-decoding" in {o for p in click_cmd.params for o in p.secondary_opts}
     cfg = _cfg(models, tmp_path / "shard", max_steps=4)
-    shards = mod.shard_jobs(_cfg(models, tmp_path / "shard", tasks="0-1", num_trials=25))
+    from common.eval.shards import shard_jobs
+
+    shards = shard_jobs(_cfg(models, tmp_path / "shard", tasks="0-1", num_trials=25))
     assert sorted((t, tr) for t, trials in shards for tr in trials) == planned_jobs(_cfg(models, tmp_path / "s", tasks="0-1", num_trials=25))
     rows = mod.run_shard.local(cfg.__dict__, 0, [1])
     assert len(rows) == 1 and rows[0]["trial"] == 1 and rows[0]["status"] in ("success", "failure")
@@ -200,3 +202,17 @@ def test_compare_tables_only_rebuilds_from_finished_runs_and_checks_trials(model
     assert "| robust-A | 1 |" in (tmp_path / "comparison.md").read_text()
     with pytest.raises(ValueError, match="was run with 1 trials per task, expected 2"):
         compare(CompareConfig(num_trials=2, tables_only=True, **base))
+
+
+def test_prefix_depth_decoding_runs_fewer_main_passes_and_stays_lossless(models, tmp_path):
+    """--decode-layers 2: both decodes stop after 2 layers (the tokenizer decodes the prefix), the
+    tokens still equal main-only greedy, and the run gets its own name."""
+    cfg = _cfg(models, tmp_path / "k2", num_trials=1, decode_layers=2)
+    assert cfg.run_name.endswith("_k2")
+    info = evaluate(cfg, progress=False)
+    assert info["errors"] == 0 and info["lossless_identical_fraction"] == 1.0
+    assert info["main_only_passes_per_chunk"] == 2 and info["main_passes_per_chunk"] <= 2
+    with pytest.raises(ValueError, match="--decode-layers 9"):
+        from common.eval.policy import TokenPolicy
+
+        TokenPolicy(_cfg(models, tmp_path / "k9", decode_layers=9))

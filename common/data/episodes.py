@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def _instruction_from_attrs(data_attrs, demo_attrs) -> str:
 
 
 def load_hdf5_episodes(path: str | Path, *, num_episodes: int | None = None) -> list[Episode]:
-    """Read ``data/demo_N`` episodes (sorted by N) from a LIBERO-format HDF5 file.
+    """Read ``data/demo_N`` episodes from a LIBERO-format HDF5 file, in (task, episode index) order when
+    the demos record them (our collector's files), else by N (official files).
 
     ``num_episodes`` keeps the first N demos. Every problem raises one ``ValueError`` naming the file.
     """
@@ -65,9 +67,12 @@ def load_hdf5_episodes(path: str | Path, *, num_episodes: int | None = None) -> 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file (generate demos with `python -m phase1_improved.collect_demos`)")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, expected a LIBERO-format HDF5 demo file")
     if not h5py.is_hdf5(path):
-        raise ValueError(f"{path}: not an HDF5 file")
+        raise ValueError(f"{path}: {'an empty file' if path.stat().st_size == 0 else 'not an HDF5 file'}, expected a LIBERO-format HDF5 demo file")
     episodes: list[Episode] = []
+    clipped_rows = 0
     with h5py.File(path, "r") as f:
         if "data" not in f:
             raise ValueError(f"{path}: no 'data' group (expected the LIBERO layout data/demo_N/actions)")
@@ -75,6 +80,11 @@ def load_hdf5_episodes(path: str | Path, *, num_episodes: int | None = None) -> 
         names = sorted((k for k in data.keys() if k.startswith("demo")), key=_demo_sort_key)
         if not names:
             raise ValueError(f"{path}: 'data' group holds no demos (expected data/demo_N)")
+        if all("episode_index" in data[n].attrs and "task_id" in data[n].attrs for n in names):
+            # IMPORTANT: parallel collection writes demos in the order workers finish them, which
+            # varies from run to run; (task, episode index) is fixed by the seed, so every later
+            # split and label sees the same episodes in the same order whatever the timing was.
+            names.sort(key=lambda n: (int(data[n].attrs["task_id"]), int(data[n].attrs["episode_index"]), _demo_sort_key(n)))
         if num_episodes is not None:
             if num_episodes < 1:
                 raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
@@ -87,6 +97,9 @@ def load_hdf5_episodes(path: str | Path, *, num_episodes: int | None = None) -> 
             if actions.ndim != 2:
                 raise ValueError(f"{path}:data/{name}/actions must be [T, {ACTION_DIM}]; got {actions.shape}")
             low_dim = demo["obs/low_dim"][()].astype(np.float32) if "obs/low_dim" in demo else None
+            outside = int((np.abs(actions) > 1.0).any(axis=-1).sum()) if actions.ndim == 2 else 0
+            if outside:
+                clipped_rows += outside
             episodes.append(
                 Episode(
                     actions=actions,
@@ -97,6 +110,12 @@ def load_hdf5_episodes(path: str | Path, *, num_episodes: int | None = None) -> 
                     attrs={k: _attr_str(v) if isinstance(v, bytes) else v for k, v in demo.attrs.items()},
                 )
             )
+    if clipped_rows:
+        total = sum(len(e) for e in episodes)
+        warnings.warn(
+            f"{path}: {clipped_rows} of {total} action rows have values outside [-1, 1] (LIBERO clips them when "
+            "executed; the action normalizer clips them to its q01/q99 range)", stacklevel=2,
+        )
     return episodes
 
 
@@ -161,13 +180,17 @@ def load_episodes(data: str | Path, *, num_episodes: int | None = None, seed: in
         return synthetic_episodes(num_episodes or 50, seed=seed)
     paths = [p.strip() for p in str(data).split(",") if p.strip()]
     if len(paths) == 1:
-        return load_hdf5_episodes(paths[0], num_episodes=num_episodes)
-    per_file = [load_hdf5_episodes(p) for p in paths]
-    for path, eps in zip(paths, per_file):
-        for e in eps:
-            e.name = f"{Path(path).stem}/{e.name}"
-    interleaved = [e for group in itertools.zip_longest(*per_file) for e in group if e is not None]
-    return interleaved[:num_episodes] if num_episodes else interleaved
+        episodes = load_hdf5_episodes(paths[0], num_episodes=num_episodes)
+    else:
+        per_file = [load_hdf5_episodes(p) for p in paths]
+        for path, eps in zip(paths, per_file):
+            for e in eps:
+                e.name = f"{Path(path).stem}/{e.name}"
+        interleaved = [e for group in itertools.zip_longest(*per_file) for e in group if e is not None]
+        episodes = interleaved[:num_episodes] if num_episodes else interleaved
+    if num_episodes and len(episodes) < num_episodes:
+        warnings.warn(f"--num-episodes {num_episodes}: {data} holds only {len(episodes)} demos; using all {len(episodes)}", stacklevel=2)
+    return episodes
 
 
 # --- splitting and chunking ----------------------------------------------------------------------
@@ -185,13 +208,26 @@ def split_episodes(episodes: list[Episode], *, val_fraction: float = 0.2, seed: 
     return train, val
 
 
-def make_chunks(episodes: list[Episode], *, chunk_len: int, stride: int = 1) -> np.ndarray:
-    """Sliding windows ``[N, chunk_len, 7]`` of raw actions, inside each episode (no padding)."""
+def make_chunks(episodes: list[Episode], *, chunk_len: int, stride: int = 1, split: str = "") -> np.ndarray:
+    """Sliding windows ``[N, chunk_len, 7]`` of raw actions, inside each episode (no padding).
+
+    Episodes shorter than one chunk give no window: they are counted in a warning; if no episode of
+    ``split`` (e.g. "validation", for the messages) is long enough, that is an error naming them."""
     if chunk_len < 1 or stride < 1:
         raise ValueError(f"chunk_len and stride must be >= 1; got {chunk_len}, {stride}")
-    longest = max((len(e) for e in episodes), default=0)
-    if longest < chunk_len:
-        raise ValueError(f"chunk_len={chunk_len} is longer than every episode (longest has {longest} steps)")
+    which = f"{split} split" if split else "episode set"
+    short = [e for e in episodes if len(e) < chunk_len]
+    if len(short) == len(episodes):
+        listed = ", ".join(f"{e.name or '?'} ({len(e)} steps)" for e in short[:5]) + (" ..." if len(short) > 5 else "")
+        raise ValueError(
+            f"chunk_len={chunk_len}: every episode of the {which} is shorter than one chunk "
+            f"({len(short)} episode(s): {listed or 'none'}); use more episodes, another --seed for the split, or a smaller --chunk-len"
+        )
+    if short:
+        warnings.warn(
+            f"{len(short)} of {len(episodes)} episodes of the {which} are shorter than chunk_len={chunk_len} and give no "
+            f"chunk ({', '.join(e.name or '?' for e in short[:5])}{' ...' if len(short) > 5 else ''})", stacklevel=2,
+        )
     chunks = [
         e.actions[s : s + chunk_len] for e in episodes for s in range(0, len(e) - chunk_len + 1, stride)
     ]

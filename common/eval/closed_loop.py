@@ -15,6 +15,13 @@ Replanning: the policy decodes an 8-step chunk and executes the first ``replan_s
 open-loop, then replans from the new observation — half a chunk halves the open-loop drift of a
 state-based policy at twice the decode calls (openvla-oft executes all 8; ``--replan-steps 8``).
 
+Faults (``tests/test_fault_handling.py``): everything the run needs is checked before the first
+episode (``check_setup``: tasks, ``--num-trials`` against each task's init states, ``--replan-steps``
+against the tokenizer's chunk, checkpoints readable); ``eval_config.json`` is written only then.
+One run at a time writes an ``--out`` (``<out>/.lock``). Ctrl-C / SIGTERM: finished rows stay in
+``episodes.jsonl``, the pool is cancelled and its workers stopped at once (workers ignore SIGINT and
+exit if the parent dies), the interrupt propagates (exit 130 / 143 at the CLI).
+
 Decoding: with ``compare_main_only`` (default), every chunk is decoded both speculatively and
 main-only from the same features; the speculative tokens drive the robot, the fraction of chunks
 with identical tokens is reported (``--assert-lossless`` stops at the first difference with
@@ -24,6 +31,7 @@ with identical tokens is reported (``--assert-lossless`` stops at the first diff
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -39,8 +47,9 @@ from tqdm.auto import tqdm
 from common.eval.config import EvalConfig, LosslessViolation
 from common.eval.policy import TokenPolicy
 from common.eval.summary import summarize, write_outputs
-from common.checkpoints import checkpoint_content_hash
+from common.checkpoints import checkpoint_content_hash, read_checkpoint
 from common.jsonl import append_jsonl, read_jsonl
+from common.locks import exit_with_parent, output_lock
 from common.provenance import write_json
 
 # --- episode / task -------------------------------------------------------------------------------
@@ -49,10 +58,13 @@ def run_episode(env, policy: TokenPolicy, trial: int, *, task_index: int, max_st
     obs = env.reset_to_trial(trial)
     chunks, steps, success = [], 0, False
     while steps < max_steps and not success:
-        actions, info = policy.plan(env.low_dim_obs(obs), task_index)
+        actions, info = policy.plan(policy.policy_input(env, obs), task_index)
         chunks.append(info)
+        info["env_step_s"] = 0.0  # physics + camera rendering of the executed steps
         for action in actions[:replan_steps]:
+            t0 = time.perf_counter()
             obs, _, done, _ = env.step(action)
+            info["env_step_s"] += time.perf_counter() - t0
             steps += 1
             if frames is not None:
                 frames.append(obs["agentview_rgb"])
@@ -83,11 +95,14 @@ def _worker_state(cfg: EvalConfig, task_id: int, *, cameras: tuple[str, ...]) ->
     if _WORKER.get("cfg") != cfg:
         _WORKER.clear()
         _WORKER.update(cfg=cfg, policy=TokenPolicy(cfg))
+    policy = _WORKER["policy"]
+    cameras = tuple(dict.fromkeys((*policy.cameras, *cameras)))  # the backbone's cameras (VLA) + video
     key = (cfg.task_suite, task_id, cameras)
     if _WORKER.get("env_key") != key:
         if _WORKER.get("env") is not None:
             _WORKER["env"].close()
-        _WORKER["env"] = LiberoTaskEnv(suite=cfg.task_suite, task_id=task_id, cameras=cameras, seed=cfg.seed, max_steps=cfg.max_steps or None)
+        _WORKER["env"] = LiberoTaskEnv(suite=cfg.task_suite, task_id=task_id, cameras=cameras, camera_size=policy.camera_size,
+                                       seed=cfg.seed, max_steps=cfg.max_steps or None)
         _WORKER["env_key"] = key
     return _WORKER["policy"], _WORKER["env"]
 
@@ -114,6 +129,7 @@ def run_trial_job(cfg: EvalConfig, task_id: int, trial: int) -> dict:
 
 def run_trials(cfg: EvalConfig, task_id: int, trials: list[int]) -> list[dict]:
     """All given trials of one task in this process (the Modal shard body)."""
+    check_setup(cfg)
     return [run_trial_job(cfg, task_id, t) for t in trials]
 
 
@@ -142,18 +158,53 @@ def unique_rows(rows: list[dict], planned: set[tuple[int, int]]) -> list[dict]:
     return list(seen.values())
 
 
-def _init_worker(torch_threads: int) -> None:
-    """Process-pool initializer: a spawned worker's own edge (its thread count)."""
+def _init_worker(torch_threads: int, parent_pid: int) -> None:
+    """Process-pool initializer: a spawned worker's own edge (its thread count; it exits with the
+    run that started it and leaves Ctrl-C to it)."""
+    exit_with_parent(parent_pid)
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
 
 
 def planned_jobs(cfg: EvalConfig) -> list[tuple[int, int]]:
-    """(task, trial) pairs in task-major order; trial i is init state i for every task."""
+    """(task, trial) pairs in task-major order; trial i is init state i for every task.
+
+    ``--num-trials`` above a task's number of init states is an error (there is no trial 50 of a
+    task with 50 init states), raised before anything runs."""
     from common.sim.libero_env import get_suite, parse_task_spec
 
-    num_tasks = get_suite(cfg.task_suite).get_num_tasks()
-    return [(task, trial) for task in parse_task_spec(cfg.tasks, num_tasks) for trial in range(cfg.num_trials)]
+    suite = get_suite(cfg.task_suite)
+    tasks = parse_task_spec(cfg.tasks, suite.get_num_tasks())
+    for task in tasks:
+        available = len(suite.get_task_init_states(task))
+        if cfg.num_trials > available:
+            raise ValueError(
+                f"--num-trials {cfg.num_trials}: {cfg.task_suite} task {task} has {available} init states "
+                f"(trial i runs init state i); use --num-trials <= {available}"
+            )
+    return [(task, trial) for task in tasks for trial in range(cfg.num_trials)]
+
+
+def check_setup(cfg: EvalConfig) -> tuple[list[tuple[int, int]], dict[str, str]]:
+    """Everything an evaluation needs, checked before the first episode: the planned (task, trial)
+    pairs, every checkpoint present and readable (their content hashes), ``--replan-steps`` within
+    the tokenizer's chunk. Returns (jobs, checkpoint hashes)."""
+    jobs = planned_jobs(cfg)
+    paths = cfg.checkpoint_paths()
+    missing = {name: path for name, path in paths.items() if not path.exists()}
+    if missing:
+        raise FileNotFoundError(
+            "; ".join(f"{p}: checkpoint not found (the {name} of --tokenizer {cfg.tokenizer} --strategy {cfg.strategy})" for name, p in missing.items())
+            + "; train Phase 1 and Phase 2 first, or pass --models-dir"
+        )
+    hashes = checkpoint_hashes(cfg)
+    chunk_len = int(read_checkpoint(paths["tokenizer"], kind="rfsq_tokenizer")["config"].get("chunk_len", 0))
+    if chunk_len and cfg.replan_steps > chunk_len:
+        raise ValueError(
+            f"--replan-steps {cfg.replan_steps} is longer than the tokenizer's chunk ({chunk_len} steps, {paths['tokenizer']}); "
+            f"use 1..{chunk_len}"
+        )
+    return jobs, hashes
 
 
 def checkpoint_hashes(cfg: EvalConfig) -> dict[str, str]:
@@ -166,28 +217,62 @@ def checkpoint_hashes(cfg: EvalConfig) -> dict[str, str]:
     return out
 
 
+def _check_resume(cfg: EvalConfig, out: Path, key_path: Path, checkpoints: dict[str, str], has_rows: bool) -> None:
+    """Finished rows are reusable only by the same configuration and the very same models. A saved
+    key without finished rows (a setup that failed before any episode) constrains nothing."""
+    if not (key_path.exists() and has_rows):
+        return
+    saved = json.loads(key_path.read_text())
+    if saved["resume_key"] != cfg.resume_key():
+        raise ValueError(f"{out}: holds results of a different configuration ({key_path}); choose another --out")
+    changed = sorted(k for k, h in saved.get("checkpoints", checkpoints).items() if checkpoints.get(k) != h)
+    if changed:
+        raise ValueError(
+            f"{out}: finished episodes were run with other {', '.join(changed)} checkpoints than "
+            f"{', '.join(str(cfg.checkpoint_paths()[k]) for k in changed)} now hold; choose another --out or delete {out}"
+        )
+
+
+def _run_pool(cfg: EvalConfig, todo: list[tuple[int, int]], workers: int, record) -> None:
+    """Episodes in a spawn process pool, recorded as they finish. On any exception or interrupt the
+    pending episodes are cancelled and the workers stopped at once (a running episode is lost and
+    reruns on resume; a finished one is already in the JSONL)."""
+    # spawn: MuJoCo/EGL state must not be forked; each worker keeps one env and one policy
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=_init_worker, initargs=(cfg.torch_threads, os.getpid()))
+    try:
+        futures = [pool.submit(run_trial_job, cfg, task, trial) for task, trial in todo]
+        for fut in as_completed(futures):
+            record(fut.result())
+    except BaseException:
+        processes = list((pool._processes or {}).values())  # the executor has no public way to stop running calls
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:
+            proc.terminate()
+        for proc in processes:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        raise
+    pool.shutdown(wait=True)
+
+
 def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     """Run (or resume) the evaluation; returns the eval_info dict (also written to ``out``)."""
     out = cfg.out_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out / ".lock", f"evaluation results in {out}"):
+        return _evaluate_locked(cfg, out, progress=progress)
+
+
+def _evaluate_locked(cfg: EvalConfig, out: Path, *, progress: bool) -> dict:
     rows_path = out / "episodes.jsonl"
     key_path = out / "eval_config.json"
-    checkpoints = checkpoint_hashes(cfg)
-    if key_path.exists():
-        saved = json.loads(key_path.read_text())
-        if saved["resume_key"] != cfg.resume_key():
-            raise ValueError(f"{out}: holds results of a different configuration ({key_path}); choose another --out")
-        # finished episodes are only reusable when they were run with the very same models
-        changed = sorted(k for k, h in saved.get("checkpoints", checkpoints).items() if checkpoints.get(k) != h)
-        if changed:
-            raise ValueError(
-                f"{out}: finished episodes were run with other {', '.join(changed)} checkpoints than "
-                f"{', '.join(str(cfg.checkpoint_paths()[k]) for k in changed)} now hold; choose another --out or delete {out}"
-            )
+    jobs, checkpoints = check_setup(cfg)
+    finished = read_rows(rows_path)
+    _check_resume(cfg, out, key_path, checkpoints, has_rows=bool(finished))
     write_json(key_path, {"resume_key": cfg.resume_key(), "config": asdict(cfg), "checkpoints": checkpoints})
 
-    jobs = planned_jobs(cfg)
-    done = {(r["task"], r["trial"]) for r in read_rows(rows_path)}
+    done = {(r["task"], r["trial"]) for r in finished}
     todo = [j for j in jobs if j not in done]
     started = time.perf_counter()
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"eval {cfg.run_name}", disable=not progress)
@@ -198,17 +283,14 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
         bar.update(1)
         bar.set_postfix(success=row["status"])
 
-    if workers == 1:
-        for task, trial in todo:
-            record(run_trial_job(cfg, task, trial))
-    elif todo:
-        # spawn: MuJoCo/EGL state must not be forked; each worker keeps one env and one policy
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(cfg.torch_threads,)) as pool:
-            futures = [pool.submit(run_trial_job, cfg, task, trial) for task, trial in todo]
-            for fut in as_completed(futures):
-                record(fut.result())
-    bar.close()
+    try:
+        if workers == 1:
+            for task, trial in todo:
+                record(run_trial_job(cfg, task, trial))
+        elif todo:
+            _run_pool(cfg, todo, workers, record)
+    finally:
+        bar.close()
     wall = time.perf_counter() - started
     planned = set(jobs)
     rows = unique_rows(read_rows(rows_path), planned)

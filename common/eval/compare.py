@@ -35,17 +35,18 @@ VARIANTS = {  # name -> (tokenizer, strategy)
 class ComparisonConfig:
     """Flags of ``python -m phase3.compare``."""
 
-    task_suite: str = "libero_object"
-    tasks: str = "0-9"
-    num_trials: int = 10
-    variants: str = "naive,robust-A,robust-B"
+    task_suite: str = "libero_object"  # LIBERO suite (see phase3/modal_phase3_libero_eval.py --help)
+    tasks: str = "0-9"  # task ids: 'all', a range '0-9' or a list '0,3,5'
+    num_trials: int = 10  # episodes per task and variant; trial i = init state i (at most 50)
+    variants: str = "naive,robust-A,robust-B"  # comma-separated subset of naive, robust-A, robust-B
     # per-variant trial counts, e.g. "robust-B=10": a variant already conclusive at fewer trials
     # need not spend the full budget (the table states each variant's trials); "" = --num-trials for all
     variant_trials: str = ""
-    replan_steps: int = 4
+    replan_steps: int = 4  # actions executed per decoded chunk before replanning (env steps)
+    decode_layers: int = 0  # decode only the first N RFSQ layers in every variant (0 = all; see EvalConfig)
     max_steps: int = 0  # 0 = the suite's standard limit
-    workers: int = 0
-    seed: int = 0
+    workers: int = 0  # parallel episode processes; 0 = number of CPU cores
+    seed: int = 0  # env seed
     models_dir: str = ""  # "" = $RSD_MODELS_DIR or ./artifacts/models
     results_dir: str = ""  # "" = $RSD_RESULTS_DIR or ./results
     out: str = ""  # "" = <results dir>/phase3/compare_<suite>
@@ -132,6 +133,7 @@ def _variant_infos(cfg: ComparisonConfig, out: Path) -> dict[str, dict]:
         ecfg = EvalConfig(
             task_suite=cfg.task_suite, tasks=cfg.tasks, num_trials=cfg.trials_for_variant[name], use_speculative_decoding=True,
             tokenizer=tokenizer, strategy=strategy, replan_steps=cfg.replan_steps, max_steps=cfg.max_steps, workers=cfg.workers, seed=cfg.seed,
+            decode_layers=cfg.decode_layers,
             compare_main_only=True, models_dir=cfg.models_dir, results_dir=cfg.results_dir, out=str(out / name),
         )
         infos[name] = evaluate(ecfg)
@@ -157,7 +159,8 @@ def run_comparison(cfg: ComparisonConfig) -> dict:
     tasks = sorted(int(t) for t in next(iter(infos.values()))["per_task"])
     expert = expert_rate(Path(cfg.expert_results) if cfg.expert_results else expert_success_results(results), cfg.task_suite, tasks)
     lines = [
-        f"Suite `{cfg.task_suite}`, tasks {cfg.tasks}, trial i = init state i (trials per task in the table), replan every {cfg.replan_steps} steps.",
+        f"Suite `{cfg.task_suite}`, tasks {cfg.tasks}, trial i = init state i (trials per task in the table), replan every {cfg.replan_steps} steps"
+        + (f", first {cfg.decode_layers} layers decoded." if cfg.decode_layers else "."),
         f"Scripted expert on the same tasks: {_pct(expert)}.",
         "",
         "| variant | trials / task | success | fine-grained | policy ms / env step (spec) | (main-only) | token decode ms / chunk (spec) | (main-only) | token-decode speedup | main passes / chunk (spec / main-only) | mean accepted layers | draft cost (main passes) | lossless identical | errors |",

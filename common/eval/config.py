@@ -36,18 +36,18 @@ def is_fine_grained(suite: str, instruction: str) -> bool:
 class EvalConfig:
     """Flags of ``phase3/modal_phase3_libero_eval.py`` (same on the local CLI and ``modal run``)."""
 
-    task_suite: str = "libero_object"
-    tasks: str = "0-9"
-    num_trials: int = 50
-    use_speculative_decoding: bool = True
+    task_suite: str = "libero_object"  # libero_spatial | libero_object | libero_goal | libero_10 | libero_90
+    tasks: str = "0-9"  # task ids of the suite: 'all', a range '0-9' or a list '0,3,5'
+    num_trials: int = 50  # episodes per task; trial i starts from init state i (at most 50 per task)
+    use_speculative_decoding: bool = True  # draft proposes coarse tokens, main verifies (else main-only decoding)
     tokenizer: str = "robust"  # robust | naive
     strategy: str = "A"  # A: models trained on this tokenizer's tokens; B: naive-token models + robust decoder
     acceptance: str = "exact"  # exact (lossless) | relaxed (lossy, reported separately)
-    tolerance: int = 0
-    replan_steps: int = 4
+    tolerance: int = 0  # relaxed acceptance: largest accepted |draft - main| token difference (levels)
+    replan_steps: int = 4  # actions executed per decoded chunk before replanning (1..chunk length, env steps)
     workers: int = 0  # 0 = number of CPU cores
     max_steps: int = 0  # 0 = the suite's standard limit
-    seed: int = 0
+    seed: int = 0  # env seed (the init state fixes the scene; the seed only affects robosuite's own sampling)
     save_videos: int = 0  # first N trials of each task rendered to GIF (slow: cameras on)
     compare_main_only: bool = True  # decode every chunk both ways: lossless check + same-run latency
     assert_lossless: bool = False  # stop with LosslessViolation on the first differing chunk (else count it)
@@ -58,7 +58,16 @@ class EvalConfig:
     models_dir: str = ""  # "" = $RSD_MODELS_DIR or ./artifacts/models (Modal: /models)
     results_dir: str = ""  # "" = $RSD_RESULTS_DIR or ./results (Modal: /data/results)
     out: str = ""  # "" = <results dir>/phase3/<run name>
-    torch_threads: int = 1
+    torch_threads: int = 1  # torch threads per worker process (0 = torch default)
+    # "" = the backbone the head checkpoint was trained with; state | openvla-oft must match it (checked
+    # on load). Modal --plan uses it to pick the function (CPU or GPU) when the checkpoint is only on the volume.
+    backbone: str = ""
+    gpu: str = "H100"  # Modal GPU type of the openvla-oft shards (H100, A100-80GB, L40S, ...); unused by state / locally
+    plan: bool = False  # print the shards, function, GPU type and episodes per container, then exit (no token, no remote call)
+    spawn: bool = False  # Modal: .spawn() one detached driver (with `modal run --detach`) instead of waiting for the shards
+    # prefix-depth decoding: decode (and execute) only the first N RFSQ layers; the robust code decodes
+    # exactly from any coarse prefix, and the main model then runs N passes instead of L (0 = all layers)
+    decode_layers: int = 0
 
     def __post_init__(self):
         if self.task_suite not in SUITES:
@@ -73,6 +82,8 @@ class EvalConfig:
             raise ValueError(f"--decode-dtype must be float64 or float32; got {self.decode_dtype!r}")
         if self.draft_dtype not in ("", "float64", "float32"):
             raise ValueError(f"--draft-dtype must be float64, float32 or empty (= --decode-dtype); got {self.draft_dtype!r}")
+        if self.backbone not in ("", "state", "openvla-oft"):
+            raise ValueError(f"--backbone must be state, openvla-oft or empty (= from the head checkpoint); got {self.backbone!r}")
         if self.acceptance not in ("exact", "relaxed"):
             raise ValueError(f"--acceptance must be exact or relaxed; got {self.acceptance!r}")
         if self.acceptance == "exact" and self.tolerance != 0:
@@ -80,7 +91,7 @@ class EvalConfig:
         for name in ("num_trials", "replan_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        for name in ("workers", "max_steps", "save_videos", "tolerance"):
+        for name in ("workers", "max_steps", "save_videos", "tolerance", "decode_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
 
@@ -88,6 +99,7 @@ class EvalConfig:
     def run_name(self) -> str:
         dec = "spec" if self.use_speculative_decoding else "main_only"
         acc = "" if self.acceptance == "exact" else f"_relaxed{self.tolerance}"
+        acc += f"_k{self.decode_layers}" if self.decode_layers else ""
         return f"{self.task_suite}_{self.tokenizer}_{self.strategy}_{dec}{acc}"
 
     def out_dir(self) -> Path:
@@ -103,6 +115,8 @@ class EvalConfig:
     def resume_key(self) -> dict:
         """Fields that must match for a rerun to reuse finished episodes."""
         d = asdict(self)
-        for k in ("workers", "out", "results_dir", "save_videos", "torch_threads", "num_trials", "tasks", "assert_lossless"):
+        # where and how it runs (and Modal scheduling), not what it evaluates
+        for k in ("workers", "out", "results_dir", "save_videos", "torch_threads", "num_trials", "tasks", "assert_lossless",
+                  "gpu", "plan", "spawn", "backbone"):
             d.pop(k)
         return d

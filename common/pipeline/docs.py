@@ -33,6 +33,7 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "expert_success": ("expert_success.md", "expert_success.json", "python -m benchmarks.expert_success"),
     "bench_collection": ("bench_collection.md", "bench_collection.json", "python -m benchmarks.bench_collection"),
     "bench_eval_workers": ("bench_eval_workers.md", "bench_eval_workers.json", "python -m benchmarks.bench_eval_workers"),
+    "bench_vla_cpu_costs": ("bench_vla_cpu_costs.md", "bench_vla_cpu_costs.json", "python -m benchmarks.bench_vla_cpu_costs"),
     "phase1_real_all": ("phase1_real_all/comparison.md", "phase1_real_all/comparison.json",
                         "python -m phase1_improved.test_layernorm_improvement --out results/phase1_real_all"),
     "phase2": ("phase2/train_summary.md", "phase2/train_summary.json",
@@ -48,6 +49,9 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                              "--tokenizer robust --strategy A --draft-dtype float32 --out results/phase3/draft_float32_libero_object"),
     "phase3_libero_spatial": ("phase3/compare_libero_spatial/comparison.md", "phase3/compare_libero_spatial/comparison.json",
                               "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 50 --variant-trials robust-B=10"),
+    "bench_rate_distortion": ("bench_rate_distortion.md", "bench_rate_distortion.json",
+                              "python -m benchmarks.bench_rate_distortion --epochs 15 (demos: see phase1_improved/AGENT_GUIDE.md)"),
+    "action_statistics": ("action_statistics.md", "action_statistics.json", "python -m benchmarks.action_statistics"),
     # the local pipeline's report folder (report/ beside results/), written by `make run`
     "pipeline": ("../report/data/pipeline/pipeline_summary.md", "../report/data/pipeline/pipeline_summary.json", "make run"),
 }

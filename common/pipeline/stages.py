@@ -1,5 +1,7 @@
-"""Fingerprinted pipeline stages: a stage reruns only when its settings or the content of its inputs
-changed (``<root>/stamps/<stage>.json``)."""
+"""Fingerprinted pipeline stages: a stage reruns when its settings or the content of its inputs
+changed, or when one of its outputs is missing or no longer what it wrote (``<root>/stamps/<stage>.json``
+records the fingerprint and the content hash of every output; a stamp without output hashes, from
+before they were recorded, cannot vouch for its outputs and the stage reruns)."""
 
 from __future__ import annotations
 
@@ -29,19 +31,39 @@ class Stages:
         self.log = log
         self.timings: dict[str, dict[str, Any]] = {}
 
+    def _up_to_date(self, stamp: Path, fingerprint: str, outputs: list[Path]) -> str:
+        """"" when the stage can be skipped, else why it reruns."""
+        if not stamp.exists():
+            return "no stamp"
+        saved = json.loads(stamp.read_text())
+        if saved.get("fingerprint") != fingerprint:
+            return "settings or inputs changed"
+        missing = [p.name for p in outputs if not p.exists()]
+        if missing:
+            return f"missing {missing}"
+        recorded = saved.get("outputs")
+        if recorded is None:
+            return "stamp predates output hashes"
+        changed = [p.name for p in outputs if recorded.get(str(p)) != file_hash(p)]
+        return f"outputs changed since written: {changed}" if changed else ""
+
     def run(self, name: str, inputs: dict, outputs: list[Path], fn: Callable[[], str]) -> None:
         fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         stamp = self.stamps / f"{name}.json"
-        if stamp.exists() and json.loads(stamp.read_text())["fingerprint"] == fingerprint and all(p.exists() for p in outputs):
-            self.log(f"[{name}] up to date (fingerprint {fingerprint}), skipped")
+        reason = self._up_to_date(stamp, fingerprint, outputs)
+        if not reason:
+            self.log(f"[{name}] up to date (fingerprint {fingerprint}, outputs unchanged), skipped")
             self.timings[name] = {"seconds": 0.0, "skipped": True}
             return
+        if stamp.exists():
+            self.log(f"[{name}] rerun: {reason}")
         started = time.perf_counter()
         summary = fn()
         seconds = time.perf_counter() - started
         missing = [str(p) for p in outputs if not p.exists()]
         if missing:
             raise RuntimeError(f"stage {name} finished but did not write {missing}")
-        write_json(stamp, {"fingerprint": fingerprint, "inputs": inputs, "seconds": seconds})
+        hashes = {str(p): file_hash(p) for p in outputs}
+        write_json(stamp, {"fingerprint": fingerprint, "inputs": inputs, "outputs": hashes, "seconds": seconds})
         self.timings[name] = {"seconds": seconds, "skipped": False}
         self.log(f"[{name}] {summary} ({seconds:.0f} s)")

@@ -7,14 +7,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.artifacts import ROBUST_TOKENIZER, data_dir_of, models_dir_of, policy_paths, results_dir_of
-from common.policy.draft import DRAFT_MODES
+from common.policy.draft import DRAFT_INPUTS, DRAFT_MODES
 from common.policy.feature_cache import feature_cache_path
 from common.policy.model import BACKBONES
 from common.training_loop import LoopSettings, RunFiles
 
 STAGES = ("main", "draft")
 # Flags that may change between a run and its --resume.
-RESUMABLE_CHANGES = ("resume", "progress", "epochs", "torch_threads", "train", "timing_repeats", "device")
+RESUMABLE_CHANGES = ("resume", "overwrite", "progress", "epochs", "torch_threads", "train", "timing_repeats", "device")
 
 
 @dataclass
@@ -22,10 +22,10 @@ class PolicyTrainConfig:
     """Flags of ``modal_train_draft_with_projection`` (same names on the local CLI and ``modal run``)."""
 
     num_episodes: int = 200  # total demos over all --data files (round-robin over tasks); 0 = all
-    epochs: int = 50
-    batch_size: int = 32
-    lr: float = 3e-4
-    seed: int = 0
+    epochs: int = 50  # passes over the training steps, per stage (main and draft)
+    batch_size: int = 32  # steps (observation, token chunk) per optimizer step
+    lr: float = 3e-4  # peak AdamW learning rate (warmup, then cosine decay to 0)
+    seed: int = 0  # seeds the episode split, the initialization and the shuffles
     data: str = ""  # HDF5 path, or comma-separated paths (e.g. object + spatial demos)
     rfsq_checkpoint: str = ""  # "" = <models dir>/rfsq_robust_best.pt
     backbone: str = "state"  # state | openvla-oft
@@ -35,30 +35,35 @@ class PolicyTrainConfig:
     models_dir: str = ""  # "" = $RSD_MODELS_DIR or ./artifacts/models (Modal: /models)
     results_dir: str = ""  # "" = $RSD_RESULTS_DIR or ./results (Modal: /data/results): the training summary
     data_dir: str = ""  # "" = $RSD_DATA_DIR or ./data (Modal: /data): where the feature cache is looked up
-    val_fraction: float = 0.2
-    d_model: int = 256
-    num_blocks: int = 4
-    num_heads: int = 4
-    draft_width: int = 128
-    draft_hidden_layers: int = 2
+    val_fraction: float = 0.2  # fraction of EPISODES held out for validation (never frames)
+    d_model: int = 256  # main model (RFSQ head) width
+    num_blocks: int = 4  # main model transformer blocks
+    num_heads: int = 4  # attention heads per block (must divide --d-model)
+    draft_width: int = 128  # draft model hidden width
+    draft_hidden_layers: int = 2  # draft model hidden layers after its input projection
     # parallel = all K layers from one linear head; chained = layer l conditioned on the draft's own
     # tokens of layers < l, as the main model is (still one draft call; see common/policy/draft.py)
     draft_mode: str = "parallel"
     # What the draft learns: "main" = the main model's own greedy coarse tokens (distillation: what
     # speculative decoding accepts), "labels" = the tokenizer's tokens of the demo actions.
     draft_targets: str = "main"
+    # What the draft reads: "features" (the backbone's, one call before the main model) or
+    # "main_hidden" (the main model's position-0 hidden state + its layer-0 tokens: it then proposes
+    # layers 1..K for a few small ops; needs --draft-targets main and --coarse-layers <= layers - 2)
+    draft_input: str = "features"
     # Distillation targets are free to compute on ANY input, so the draft can also learn the main
     # model's choices on perturbed inputs: copy c adds Gaussian noise of (c+1)/copies * noise * (each
     # input dimension's std over the training steps). In closed loop the robot drifts off the demo
     # states, where a draft fit only to demo states agrees with the main model much less often.
-    draft_augment_copies: int = 0
-    draft_augment_noise: float = 0.1
+    draft_augment_copies: int = 0  # perturbed copies of the training inputs for distillation (0 = none)
+    draft_augment_noise: float = 0.1  # largest perturbation, in units of each input dimension's std
     feature_cache: str = ""  # openvla-oft: cache file(s) parallel to --data; "" = <data dir>/features/<stem>.openvla_oft_features.h5
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW weight decay
     timing_repeats: int = 200  # batch-1 calls per model for the measured cost ratio
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    resume: bool = False
-    progress: bool = True
+    resume: bool = False  # continue each stage from its *_last.pt (the same configuration; more --epochs allowed)
+    overwrite: bool = False  # replace the outputs of an earlier run (default: refuse when they exist)
+    progress: bool = True  # show progress bars
     torch_threads: int = 1  # tiny models: one thread is fastest on a shared CPU; 0 = torch default
 
     def __post_init__(self):
@@ -69,6 +74,10 @@ class PolicyTrainConfig:
             )
         if self.draft_mode not in DRAFT_MODES:
             raise ValueError(f"--draft-mode must be one of {DRAFT_MODES}; got {self.draft_mode!r}")
+        if self.draft_input not in DRAFT_INPUTS:
+            raise ValueError(f"--draft-input must be one of {DRAFT_INPUTS}; got {self.draft_input!r}")
+        if self.draft_input == "main_hidden" and self.draft_targets != "main":
+            raise ValueError("--draft-input main_hidden needs --draft-targets main (its prefix is the main model's layer 0)")
         if self.draft_targets not in ("main", "labels"):
             raise ValueError(f"--draft-targets must be main or labels; got {self.draft_targets!r}")
         if self.draft_augment_copies < 0 or self.draft_augment_noise < 0:
@@ -101,6 +110,8 @@ class PolicyTrainConfig:
             raise ValueError(f"--val-fraction must be in (0, 1); got {self.val_fraction}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda; got {self.device!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the earlier run, --overwrite replaces it: pass one of them")
         if self.tag and not all(c.isalnum() or c in "-_." for c in self.tag):
             raise ValueError(f"--tag may only hold letters, digits, '-', '_' and '.'; got {self.tag!r}")
         if self.feature_cache and len(self.feature_cache_paths) != len(self.data_paths):
@@ -130,6 +141,11 @@ class PolicyTrainConfig:
 
     def output_paths(self, tag: str) -> dict[str, Path]:
         return policy_paths(self.root(), results_dir_of(self.results_dir), tag)
+
+    def stage_outputs(self, paths: dict[str, Path]) -> list[Path]:
+        """The files the requested stages write (what a fresh run refuses to replace)."""
+        keys = {"main": ("head", "head_last", "head_metrics"), "draft": ("draft", "draft_last", "draft_metrics")}
+        return [paths[k] for stage in self.stages for k in keys[stage]]
 
     def loop_settings(self, *, stage: str, salt: int, num_train: int) -> LoopSettings:
         total = max(1, self.epochs * -(-num_train // self.batch_size))

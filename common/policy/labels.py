@@ -4,7 +4,8 @@
   ``task_id`` / ``language_instruction``). Policy task indices are unique per (file, task_id) and
   recorded in every checkpoint (``config["task_table"]``).
 * ``num_episodes`` caps the TOTAL number of demos, taken round-robin over the (file, task) groups in
-  demo order, so a cap keeps every task represented.
+  demo order, so a cap keeps every task represented; a cap above the demos available warns and
+  uses them all (the training summary records the number used).
 * Label of step t = the tokenizer's codes of the action chunk that starts at t (``future_chunks``:
   actions t..t+chunk_len-1; near the episode end the window is padded by repeating the episode's last
   action, so every step has a label), normalized with the tokenizer checkpoint's own normalizer.
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +61,8 @@ def load_policy_episodes(data_paths: list[str], *, num_episodes: int = 0) -> tup
     if len(set(stems)) != len(stems):
         raise ValueError(f"--data files must have distinct names (episodes are keyed by file stem); got {data_paths}")
     for fi, path in enumerate(data_paths):
-        suite = file_suite(path) if Path(path).exists() else ""
-        eps = load_hdf5_episodes(path)
+        eps = load_hdf5_episodes(path)  # first: it names the file for every problem (missing, not HDF5, ...)
+        suite = file_suite(path)
         for ep in eps:
             key = (fi, ep.task_id)
             if key not in groups:
@@ -72,6 +74,12 @@ def load_policy_episodes(data_paths: list[str], *, num_episodes: int = 0) -> tup
                 "index": len(task_table), "file": str(path), "file_stem": stems[fi], "suite": suite,
                 "task_id": int(task_id), "instruction": instr,
             })
+    available = sum(len(v) for v in groups.values())
+    if num_episodes > available:
+        warnings.warn(
+            f"--num-episodes {num_episodes}: --data holds only {available} demos; using all {available} "
+            "(the summary records the number used)", stacklevel=2,
+        )
     index_of = {(r["file_stem"], r["task_id"]): r["index"] for r in task_table}
     order = sorted(groups, key=lambda k: index_of[(stems[k[0]], k[1])])
     limit = num_episodes if num_episodes > 0 else sum(len(v) for v in groups.values())

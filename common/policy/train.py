@@ -27,31 +27,37 @@ the draft vs one main pass cost (params, analytic FLOPs, measured batch-1 CPU ti
 Outputs (models dir): ``best_rfsq_head{_tag}.pt`` (kind ``rfsq_head``: backbone + head in one
 ``PolicyModel``), ``best_draft_with_projection{_tag}.pt`` (kind ``draft_with_projection``), their
 ``*_last.pt`` / ``*_metrics.jsonl``; results: ``<results dir>/phase2/train_summary{_tag}.json|.md``
-(file names: ``common/artifacts.py``).
+(file names: ``common/artifacts.py``). A summary in the results dir that belongs to another
+models dir is never overwritten: such a run is refused up front (give each models dir its own
+``--results-dir``, or pass ``--overwrite``).
 ``--tag ""`` derives the suffix from the tokenizer: "" for robust (the seed's names), "naive"
 for the naive tokenizer, the conditioning name otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from typing import Any, Callable
 
 import torch
 
-from common.artifacts import policy_tag
+from common.artifacts import models_dir_of, policy_tag
 from common.checkpoints import CheckpointError, load_state_strict, read_checkpoint, save_checkpoint
 from common.data.episodes import split_episodes
 from common.policy.config import PolicyTrainConfig
 from common.policy.draft import DraftWithProjection
 from common.policy.labels import LABEL_CONVENTION, PolicyData, batches, build_split, load_policy_episodes
-from common.policy.metrics import compute_features, draft_main_agreement, evaluate_draft, evaluate_main, greedy_codes, measure_costs
+from common.policy.metrics import (
+    compute_features, draft_main_agreement, evaluate_draft, evaluate_main, greedy_codes, hidden_states, measure_costs,
+)
 from common.policy.model import DRAFT_KIND, HEAD_KIND, PolicyModel
 from common.policy.summary import summary_markdown
 from common.provenance import provenance, write_json
 from common.tokenizer.model import LoadedTokenizer, load_tokenizer
-from common.training_loop import fit_epochs
+from common.locks import check_writable_dir, output_lock
+from common.training_loop import fit_epochs, refuse_to_replace
 
 MAIN_STATE_KIND = "phase2_main_training_state"
 DRAFT_STATE_KIND = "phase2_draft_training_state"
@@ -188,13 +194,19 @@ def perturbed_distillation_set(
 
 def _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_codes, val_codes, device, meta, on_checkpoint) -> dict:
     m = tok.model
-    if not 1 <= cfg.coarse_layers <= m.num_layers - 1:
-        raise ValueError(f"--coarse-layers must be in [1, {m.num_layers - 1}] for a {m.num_layers}-layer tokenizer; got {cfg.coarse_layers}")
+    top = m.num_layers - (2 if cfg.draft_input == "main_hidden" else 1)
+    if not 1 <= cfg.coarse_layers <= top:
+        raise ValueError(f"--coarse-layers must be in [1, {top}] for a {m.num_layers}-layer tokenizer and --draft-input {cfg.draft_input}; got {cfg.coarse_layers}")
     torch.manual_seed(cfg.seed + 1)
+    hidden = cfg.draft_input == "main_hidden"
     draft = DraftWithProjection(
-        feature_dim=policy.feature_dim, width=cfg.draft_width, coarse_layers=cfg.coarse_layers,
+        feature_dim=policy.head.d_model if hidden else policy.feature_dim, width=cfg.draft_width, coarse_layers=cfg.coarse_layers,
         tokens_per_layer=m.tokens_per_layer, num_levels=m.num_levels, hidden_layers=cfg.draft_hidden_layers, mode=cfg.draft_mode,
+        input=cfg.draft_input,
     ).to(device)
+    # what the draft reads in training: the backbone features, or the main model's position-0 hidden
+    # state for them (train_codes then carry the main model's layer 0 as the draft's prefix)
+    train_in = hidden_states(policy.head, train_f, device=device) if hidden else train_f
     costs = measure_costs(policy.head, draft, repeats=cfg.timing_repeats, seed=cfg.seed)
     ckpt_config = {
         **draft.config, "backbone_kind": cfg.backbone, "tokenizer": _tokenizer_info(tok), "head_hash": head_hash,
@@ -205,10 +217,10 @@ def _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_codes
     }
 
     def batch_loss(idx):
-        return draft.loss(train_f[idx].to(device), train_codes[idx].to(device).long())
+        return draft.loss(train_in[idx].to(device), train_codes[idx].to(device).long())
 
     def evaluate():
-        ev = evaluate_draft(draft, val_f, val_codes, device=device)
+        ev = evaluate_draft(draft, val_f, val_codes, device=device, head=policy.head)
         ev.update(draft_main_agreement(policy.head, draft, val_f, device=device))
         # best draft: most accepted layers when distilled (the speedup), else coarse accuracy
         key = (ev["mean_accepted_layers"], ev["val_coarse_acc"]) if cfg.draft_targets == "main" else (ev["val_coarse_acc"], -ev["val_ce"])
@@ -238,8 +250,6 @@ def train_policy(cfg: PolicyTrainConfig, *, on_checkpoint: Callable[[], None] | 
 
     ``on_checkpoint`` runs after every checkpoint write (Modal passes ``volume.commit``).
     """
-    started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     device = _resolve_device(cfg)
     tok_path = cfg.tokenizer_path()
     if not tok_path.exists():
@@ -250,8 +260,37 @@ def train_policy(cfg: PolicyTrainConfig, *, on_checkpoint: Callable[[], None] | 
     tok = load_tokenizer(tok_path)
     tag = cfg.tag or policy_tag(tok.model.conditioning)
     paths = cfg.output_paths(tag)
-    paths["head"].parent.mkdir(parents=True, exist_ok=True)
+    _check_before_training(cfg, tok, paths)
+    with output_lock(paths["head"].parent / f".policy{'_' + tag if tag else ''}.lock", f"Phase 2 models {paths['head']} / {paths['draft']}"):
+        refuse_to_replace(cfg.stage_outputs(paths), resume=cfg.resume, overwrite=cfg.overwrite)
+        return _train_policy_locked(cfg, tok, tag, paths, device, on_checkpoint)
 
+
+def _check_before_training(cfg: PolicyTrainConfig, tok: LoadedTokenizer, paths: dict) -> None:
+    """What would otherwise fail after training: --coarse-layers vs the tokenizer, output folders
+    writable, and a results summary that belongs to another models dir (it would be overwritten)."""
+    layers = tok.model.num_layers
+    if "draft" in cfg.stages and not 1 <= cfg.coarse_layers <= layers - 1:
+        raise ValueError(f"--coarse-layers must be in [1, {layers - 1}] for the {layers}-layer tokenizer {tok.path}; got {cfg.coarse_layers}")
+    check_writable_dir(paths["head"].parent, "--models-dir")
+    check_writable_dir(paths["summary_json"].parent, "--results-dir")
+    summary = paths["summary_json"]
+    if summary.exists() and not cfg.overwrite:
+        try:
+            theirs = json.loads(summary.read_text()).get("train_config", {}).get("models_dir", "")
+        except ValueError:
+            theirs = None  # a damaged summary is simply rewritten
+        if theirs is not None and models_dir_of(theirs).resolve() != cfg.root().resolve():
+            raise FileExistsError(
+                f"{summary}: holds the summary of the models in {models_dir_of(theirs)}, this run trains into {cfg.root()}; "
+                "pass a --results-dir of its own (one per models dir) or --overwrite to replace that summary"
+            )
+
+
+def _train_policy_locked(cfg: PolicyTrainConfig, tok: LoadedTokenizer, tag: str, paths: dict, device: torch.device,
+                         on_checkpoint: Callable[[], None] | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
     t_data = time.perf_counter()
     chosen, task_table = load_policy_episodes(cfg.data_paths, num_episodes=cfg.num_episodes)
     train_eps, val_eps = split_episodes(chosen, val_fraction=cfg.val_fraction, seed=cfg.seed)

@@ -31,6 +31,11 @@ Episodes: episode k of a task uses init state k % num_init_states and an expert 
 file resumes: existing demos stay, each task is filled up to demos_per_task successful demos,
 and episode indices continue where the last run stopped (so retries are new episodes).
 
+Faults: one collection at a time writes a file (``.<file name>.lock`` next to it); an existing
+``--out`` that is not an HDF5 file is refused before anything runs; workers ignore Ctrl-C and exit
+with their parent (``common/locks.py``), and on an interrupt or SIGTERM the parent stops them at
+once (every demo already written stays; the next run resumes).
+
 Physics runs without cameras (fast); with record_images each kept episode is replayed from its
 recorded states in a second, camera-enabled env (rendering is the slow part, ~5 frames/s).
 """
@@ -48,9 +53,10 @@ from typing import Any
 
 import numpy as np
 
-from common.sim.demo_file import TMP_GROUP, _existing_counts, _write_demo, _write_file_attrs
+from common.sim.demo_file import TMP_GROUP, _existing_counts, _write_demo, _write_file_attrs, check_demo_out
 from common.artifacts import data_dir_of
-from common.sim.libero_env import SUITES, get_suite, library_versions, make_env_args, parse_task_spec
+from common.locks import exit_with_parent, output_lock
+from common.sim.libero_env import SUITES, get_suite, library_versions, make_env_args, parse_task_spec, quat_to_axis_angle
 
 _MAX_ATTEMPT_FACTOR = 3  # give a task up after 3x demos_per_task (+10) failed-or-not attempts
 _WORKER_POLL_S = 5.0
@@ -60,19 +66,24 @@ _WORKER_POLL_S = 5.0
 class CollectConfig:
     """Flags of ``phase1_improved/collect_demos.py`` (same on the local CLI and ``modal run``)."""
 
-    suite: str = "libero_object"
+    suite: str = "libero_object"  # libero_spatial | libero_object | libero_goal | libero_10 | libero_90
     tasks: str = "0-9"  # 'all', '0-9' or '0,3,5'
-    demos_per_task: int = 50
-    workers: int = 2
+    demos_per_task: int = 50  # successful demos to keep per task (a rerun fills up to this)
+    workers: int = 2  # parallel simulator processes (~1.8 GB memory each)
     out: str = "libero_object_demos.hdf5"  # relative to the data dir
     data_dir: str = ""  # "" = $RSD_DATA_DIR or ./data (Modal: /data)
-    seed: int = 0
-    keep_failures: bool = False
-    record_images: bool = False
-    camera_size: int = 128
+    seed: int = 0  # expert seed base; episode k of task t gets a seed derived from (seed, t, k)
+    keep_failures: bool = False  # also store unsuccessful episodes (success=False attribute)
+    record_images: bool = False  # replay kept demos with agentview + wrist cameras (slow, ~5 frames/s)
+    camera_size: int = 128  # camera images are camera_size x camera_size pixels
     action_noise: float = 0.0  # std of Gaussian noise on the expert's arm actions
+    operator: str = "none"  # "none" | "human" (common/sim/operator_model.py); stored as data.attrs["operator"]
 
     def __post_init__(self) -> None:
+        from common.sim.operator_model import OPERATORS
+
+        if self.operator not in OPERATORS:
+            raise ValueError(f"operator must be one of {OPERATORS}, got {self.operator!r}")
         if self.suite not in SUITES:
             raise ValueError(f"unknown suite {self.suite!r}; valid suites: {', '.join(SUITES)}")
         if self.demos_per_task <= 0:
@@ -97,12 +108,26 @@ def run_collection(config: CollectConfig, *, progress: bool = True) -> dict:
     """``collect_demos`` for a ``CollectConfig`` (what both front ends and the pipeline call)."""
     from common.sim.scripted_expert import ExpertConfig
 
+    import h5py
+
+    out_path = config.out_path()
+    check_demo_out(out_path)
+    if out_path.exists() and h5py.is_hdf5(out_path):  # one file holds one kind of demos: never mix operators
+        # (a file that is not HDF5 is refused by collect_demos with its own message)
+        with h5py.File(out_path, "r") as f:
+            found = str(f["data"].attrs.get("operator", "none")) if "data" in f else config.operator
+        if found != config.operator:
+            raise ValueError(f"{out_path} holds operator={found!r} demos; cannot add operator={config.operator!r} demos")
     task_ids = parse_task_spec(config.tasks, get_suite(config.suite).get_num_tasks())
-    return collect_demos(
-        config.suite, task_ids, config.demos_per_task, config.out_path(), workers=config.workers, seed=config.seed,
+    summary = collect_demos(
+        config.suite, task_ids, config.demos_per_task, out_path, workers=config.workers, seed=config.seed,
         keep_failures=config.keep_failures, record_images=config.record_images, camera_size=config.camera_size,
-        expert_config=ExpertConfig(action_noise=config.action_noise, seed=config.seed), progress=progress,
+        expert_config=ExpertConfig(action_noise=config.action_noise, seed=config.seed, operator=config.operator),
+        progress=progress,
     )
+    with h5py.File(out_path, "a") as f:
+        f["data"].attrs["operator"] = config.operator
+    return {**summary, "operator": config.operator}
 
 
 def episode_seed(seed: int, task_id: int, episode_index: int) -> int:
@@ -111,18 +136,6 @@ def episode_seed(seed: int, task_id: int, episode_index: int) -> int:
 
 
 # ---------------------------------------------------------------------------- worker side
-def _quat2axisangle(quat_xyzw: np.ndarray) -> np.ndarray:
-    """robosuite's quat2axisangle, vectorised: (x, y, z, w) -> axis * angle."""
-    q = np.array(quat_xyzw, dtype=np.float64)
-    q[..., 3] = np.clip(q[..., 3], -1.0, 1.0)
-    den = np.sqrt(np.maximum(1.0 - q[..., 3] ** 2, 0.0))
-    angle = 2.0 * np.arccos(q[..., 3])
-    safe = den > 1e-8
-    out = np.zeros(q.shape[:-1] + (3,))
-    out[safe] = q[safe, :3] * (angle[safe] / den[safe])[..., None]
-    return out
-
-
 def _run_episode(env, expert, job: dict[str, Any]) -> dict[str, Any]:
     """Physics-only rollout; returns arrays for one demo."""
     init_index = job["episode_index"] % env.num_init_states
@@ -150,7 +163,7 @@ def _run_episode(env, expert, job: dict[str, Any]) -> dict[str, Any]:
         rec["dones"].append(done)
         if done:
             break
-    eef_ori = _quat2axisangle(np.asarray(rec["eef_quat"]))
+    eef_ori = quat_to_axis_angle(np.asarray(rec["eef_quat"]))
     eef_pos = np.asarray(rec["eef_pos"], dtype=np.float64)
     obs_out = {
         "ee_pos": eef_pos,
@@ -187,8 +200,10 @@ def _render_images(camera_env, demo: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in frames.items()}
 
 
-def _worker_main(job_queue, result_queue, expert_config: dict[str, Any]) -> None:
-    """One process: keeps one physics env (and one camera env) for the current task."""
+def _worker_main(job_queue, result_queue, expert_config: dict[str, Any], parent_pid: int) -> None:
+    """One process: keeps one physics env (and one camera env) for the current task; exits with
+    its parent (and leaves Ctrl-C to it)."""
+    exit_with_parent(parent_pid)
     from common.sim.libero_env import LiberoTaskEnv
     from common.sim.scripted_expert import ExpertConfig, ScriptedExpert
 
@@ -196,7 +211,12 @@ def _worker_main(job_queue, result_queue, expert_config: dict[str, Any]) -> None
     env = camera_env = expert = None
     try:
         while True:
-            job = job_queue.get()
+            try:
+                job = job_queue.get(timeout=_WORKER_POLL_S)
+            except queue.Empty:
+                if os.getppid() != parent_pid:
+                    break  # orphaned (the platform has no parent-death signal)
+                continue
             if job is None:
                 break
             key = (job["suite"], job["task_id"], job["record_images"], job["camera_size"])
@@ -277,10 +297,10 @@ def collect_demos(
     config_dict = dataclasses.asdict(config)
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    check_demo_out(out_path)
     infos = {t: _task_info(suite, t) for t in task_ids}
 
-    with h5py.File(out_path, "a") as f:
+    with output_lock(out_path.parent / f".{out_path.name}.lock", f"demo file {out_path}"), h5py.File(out_path, "a") as f:
         data = f.require_group("data")
         if data.attrs.get("suite", suite) != suite:
             raise ValueError(f"{out_path} holds {data.attrs['suite']} demos; cannot add {suite} demos")
@@ -329,9 +349,11 @@ def collect_demos(
 
         ctx = mp.get_context("spawn")  # forked MuJoCo/GL state is unsafe in children
         job_queue, result_queue = ctx.Queue(), ctx.Queue()
-        procs = [ctx.Process(target=_worker_main, args=(job_queue, result_queue, config_dict), daemon=True) for _ in range(workers)]
+        procs = [ctx.Process(target=_worker_main, args=(job_queue, result_queue, config_dict, os.getpid()), daemon=True)
+                 for _ in range(workers)]
         for p in procs:
             p.start()
+        bar = None
         try:
             outstanding = 0
             for _ in range(2 * workers):  # keep every worker busy with one job queued behind
@@ -373,15 +395,30 @@ def collect_demos(
                     job_queue.put(job)
                     outstanding += 1
             bar.close()
-        finally:
-            for _ in procs:
-                job_queue.put(None)
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.terminate()
+        except BaseException:  # an error, Ctrl-C or SIGTERM: stop now; demos written so far stay
+            if bar is not None:
+                bar.close()
+            _stop_workers(procs, job_queue, graceful=False)
+            raise
+        _stop_workers(procs, job_queue, graceful=True)
         given_up = [t for t in task_ids if new_success[t] < needed[t]]
     return _summary(out_path, suite, task_ids, existing, kept, attempts, new_success, given_up)
+
+
+def _stop_workers(procs, job_queue, *, graceful: bool) -> None:
+    """Graceful: each worker finishes and exits on its end marker. Otherwise: terminate at once
+    (an episode in progress is lost; it is rerun as a new episode on resume)."""
+    if graceful:
+        for _ in procs:
+            job_queue.put(None)
+    else:
+        for p in procs:
+            p.terminate()
+    for p in procs:
+        p.join(timeout=30 if graceful else 10)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
 
 
 def _env_args(suite: str, task_id: int, info: dict[str, Any]) -> dict[str, Any]:

@@ -1,17 +1,29 @@
 """Reading and writing demonstration files in the official LIBERO HDF5 layout (see
-``common/sim/demo_collection.py`` for the layout): resume counts, one demo per atomic group write,
-file attributes."""
+``common/sim/demo_collection.py`` for the layout): the output check, resume counts, one demo per
+atomic group write, file attributes."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.locks import check_writable_dir
 from common.sim.libero_env import library_versions
 
 TMP_GROUP = "_incomplete_demo"
+
+
+def check_demo_out(out_path: Path) -> None:
+    """``--out`` is a new file or an HDF5 file (a demo file to resume) in a writable folder."""
+    import h5py
+
+    check_writable_dir(out_path.parent, "--out folder")
+    if out_path.exists() and not (out_path.is_file() and h5py.is_hdf5(out_path)):
+        kind = "an empty file" if out_path.is_file() and out_path.stat().st_size == 0 else "not an HDF5 file"
+        raise ValueError(f"--out {out_path}: exists and is {kind}; choose another --out (a new file or an earlier demo file)")
 
 
 def _existing_counts(data, task_ids: list[int]) -> tuple[dict[int, int], dict[int, int], int]:

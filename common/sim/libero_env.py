@@ -47,6 +47,7 @@ SUITE_MAX_STEPS: dict[str, int] = {
 }
 NUM_WAIT_STEPS = 10
 DUMMY_ACTION: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+MAX_RESET_ATTEMPTS = 100  # robosuite's placement sampler rarely fails; retry a failed placement this often
 NUM_INIT_STATES = 50  # nominal; `LiberoTaskEnv.num_init_states` reads the real count
 CAMERAS: dict[str, str] = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
 IMAGE_KEYS: dict[str, str] = {"agentview": "agentview_rgb", "wrist": "eye_in_hand_rgb"}
@@ -233,12 +234,33 @@ class LiberoTaskEnv:
         """
         init_state = self.init_state(trial_index)
         self.env.seed(self.seed)
-        self.env.reset()
+        self.reset()
         # IMPORTANT: set_init_state must come after reset(); reset re-samples object placements.
         obs = self.env.set_init_state(init_state)
         for _ in range(NUM_WAIT_STEPS):
             obs, _, _, _ = self.env.step(np.asarray(DUMMY_ACTION))
         return self._postprocess(obs)
+
+    def reset(self) -> dict[str, np.ndarray]:
+        """The underlying robosuite reset, retried only when object placement fails.
+
+        IMPORTANT: not ``ControlEnv.reset``: LIBERO retries there in a ``while`` loop whose
+        ``finally: continue`` swallows every exception, ``KeyboardInterrupt`` included, so Ctrl-C
+        during a reset was lost, and a reset interrupted half-way failed on every retry (a process
+        spinning at 100% CPU forever). Here only ``RandomizationError`` is retried, a bounded
+        number of times; anything else, an interrupt above all, propagates.
+        """
+        from robosuite.utils.errors import RandomizationError
+
+        for _ in range(MAX_RESET_ATTEMPTS):
+            try:
+                return self.env.env.reset()
+            except RandomizationError:
+                continue
+        raise RuntimeError(
+            f"{self.suite} task {self.task_id}: object placement failed {MAX_RESET_ATTEMPTS} times in a row during reset "
+            f"(robosuite RandomizationError; BDDL file {self._bddl_file})"
+        )
 
     def step(self, action: Sequence[float]) -> tuple[dict[str, np.ndarray], float, bool, dict]:
         action = np.asarray(action, dtype=np.float64)
@@ -327,3 +349,15 @@ class LiberoTaskEnv:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def quat_to_axis_angle(quat_xyzw: np.ndarray) -> np.ndarray:
+    """robosuite's quat2axisangle, vectorised: (x, y, z, w) -> axis * angle."""
+    q = np.array(quat_xyzw, dtype=np.float64)
+    q[..., 3] = np.clip(q[..., 3], -1.0, 1.0)
+    den = np.sqrt(np.maximum(1.0 - q[..., 3] ** 2, 0.0))
+    angle = 2.0 * np.arccos(q[..., 3])
+    safe = den > 1e-8
+    out = np.zeros(q.shape[:-1] + (3,))
+    out[safe] = q[safe, :3] * (angle[safe] / den[safe])[..., None]
+    return out
