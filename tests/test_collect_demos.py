@@ -130,3 +130,27 @@ def test_human_operator_demos_are_marked_and_never_mixed(tmp_path):
     with pytest.raises(ValueError, match="holds operator='human' demos; cannot add operator='none'"):
         run_collection(CollectConfig(suite="libero_object", tasks="0", demos_per_task=2, workers=1,
                                      out=str(tmp_path / "human.hdf5")), progress=False)
+
+
+def test_dart_demos_store_the_experts_intent_and_the_loader_learns_it(tmp_path):
+    """With action noise the executed actions carry the noise (the file still replays); the expert's
+    intended actions are stored beside them and become the episode's actions (DART labels)."""
+    h5py = pytest.importorskip("h5py")
+    from common.data.episodes import load_hdf5_episodes
+    from common.sim.demo_file import _write_demo
+    from common.sim.demo_worker import rollout_episode
+    from common.sim.libero_env import LiberoTaskEnv
+    from common.sim.scripted_expert import ExpertConfig, ScriptedExpert
+
+    with LiberoTaskEnv(suite="libero_object", task_id=0, max_steps=20) as env:
+        expert = ScriptedExpert(env, ExpertConfig(action_noise=0.2, seed=3))
+        demo = rollout_episode(env, expert, {"suite": "libero_object", "task_id": 0, "episode_index": 0, "seed": 3})
+    executed, intended = demo["actions"], demo["expert_actions"]
+    assert executed.shape == intended.shape == (20, 7)
+    assert np.abs(executed[:, :6] - intended[:, :6]).max() > 0.05  # the noise moved the executed actions
+    assert np.array_equal(executed[:, 6], intended[:, 6])  # the gripper is never perturbed
+    path = tmp_path / "dart.hdf5"
+    with h5py.File(path, "w") as f:
+        _write_demo(f.create_group("data"), 0, demo, "pick up the alphabet soup and place it in the basket")
+    (ep,) = load_hdf5_episodes(path)
+    assert np.array_equal(ep.actions, intended.astype(ep.actions.dtype)) and np.array_equal(ep.executed_actions, executed.astype(ep.actions.dtype))

@@ -24,12 +24,15 @@ SYNTHETIC = "synthetic"
 
 @dataclass
 class Episode:
-    actions: np.ndarray  # [T, 7] raw env actions
+    # [T, 7] raw env actions: what the expert intended at each step (the labels), which for demos
+    # collected with action noise (DART) differ from the executed ones kept in ``executed_actions``
+    actions: np.ndarray
     task_id: int = 0
     instruction: str = ""
     low_dim_obs: np.ndarray | None = None  # [T, D] fixed-layout state vector, when recorded
     name: str = ""
     attrs: dict = field(default_factory=dict)
+    executed_actions: np.ndarray | None = None  # [T, 7] when they differ from ``actions`` (DART demos)
 
     def __len__(self) -> int:
         return int(self.actions.shape[0])
@@ -94,6 +97,12 @@ def load_hdf5_episodes(path: str | Path, *, num_episodes: int | None = None) -> 
             if "actions" not in demo:
                 raise ValueError(f"{path}: data/{name} has no 'actions' dataset")
             actions = check_actions(demo["actions"][()], where=f"{path}:data/{name}/actions")
+            executed = None
+            if "expert_actions" in demo:  # DART demos: learn the expert's intent, keep what was executed
+                executed = actions
+                actions = check_actions(demo["expert_actions"][()], where=f"{path}:data/{name}/expert_actions")
+                if actions.shape != executed.shape:
+                    raise ValueError(f"{path}:data/{name}: expert_actions {actions.shape} and actions {executed.shape} differ in shape")
             if actions.ndim != 2:
                 raise ValueError(f"{path}:data/{name}/actions must be [T, {ACTION_DIM}]; got {actions.shape}")
             low_dim = demo["obs/low_dim"][()].astype(np.float32) if "obs/low_dim" in demo else None
@@ -108,6 +117,7 @@ def load_hdf5_episodes(path: str | Path, *, num_episodes: int | None = None) -> 
                     low_dim_obs=low_dim,
                     name=name,
                     attrs={k: _attr_str(v) if isinstance(v, bytes) else v for k, v in demo.attrs.items()},
+                    executed_actions=executed,
                 )
             )
     if clipped_rows:

@@ -47,19 +47,17 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from common.sim.demo_file import TMP_GROUP, _existing_counts, _write_demo, _write_file_attrs, check_demo_out
 from common.artifacts import data_dir_of
-from common.locks import exit_with_parent, output_lock
-from common.sim.libero_env import SUITES, get_suite, library_versions, make_env_args, parse_task_spec, quat_to_axis_angle
+from common.locks import output_lock
+from common.sim.demo_worker import WORKER_POLL_S, worker_main
+from common.sim.libero_env import SUITES, get_suite, library_versions, make_env_args, parse_task_spec
 
 _MAX_ATTEMPT_FACTOR = 3  # give a task up after 3x demos_per_task (+10) failed-or-not attempts
-_WORKER_POLL_S = 5.0
 
 
 @dataclasses.dataclass
@@ -76,7 +74,10 @@ class CollectConfig:
     keep_failures: bool = False  # also store unsuccessful episodes (success=False attribute)
     record_images: bool = False  # replay kept demos with agentview + wrist cameras (slow, ~5 frames/s)
     camera_size: int = 128  # camera images are camera_size x camera_size pixels
-    action_noise: float = 0.0  # std of Gaussian noise on the expert's arm actions
+    # std of Gaussian noise on the expert's executed arm actions (DART: the robot leaves the expert's
+    # path; each demo also stores the expert's intended actions, `expert_actions`, which the tokenizer
+    # and the policy learn, so the data show how the expert corrects from where the robot went)
+    action_noise: float = 0.0
     operator: str = "none"  # "none" | "human" (common/sim/operator_model.py); stored as data.attrs["operator"]
 
     def __post_init__(self) -> None:
@@ -133,117 +134,6 @@ def run_collection(config: CollectConfig, *, progress: bool = True) -> dict:
 def episode_seed(seed: int, task_id: int, episode_index: int) -> int:
     """Deterministic per-episode expert seed."""
     return (int(seed) * 1_000_003 + int(task_id) * 10_007 + int(episode_index)) % (2**31)
-
-
-# ---------------------------------------------------------------------------- worker side
-def _run_episode(env, expert, job: dict[str, Any]) -> dict[str, Any]:
-    """Physics-only rollout; returns arrays for one demo."""
-    init_index = job["episode_index"] % env.num_init_states
-    obs = env.reset_to_trial(init_index)
-    expert.reseed(job["seed"])
-    expert.reset()
-    objects = sorted(env.env.env.objects_dict)
-    rec: dict[str, list] = {k: [] for k in ("actions", "states", "rewards", "dones", "low_dim", "eef_pos", "eef_quat", "gripper", "joints")}
-    obj_rec: dict[str, list] = {f"{n}_{s}": [] for n in objects for s in ("pos", "quat")}
-    done = False
-    for _ in range(env.max_steps):
-        rec["states"].append(env.get_state())
-        rec["low_dim"].append(env.low_dim_obs(obs))
-        rec["eef_pos"].append(obs["robot0_eef_pos"])
-        rec["eef_quat"].append(obs["robot0_eef_quat"])
-        rec["gripper"].append(obs["robot0_gripper_qpos"])
-        rec["joints"].append(obs["robot0_joint_pos"])
-        for name in objects:
-            obj_rec[f"{name}_pos"].append(obs[f"{name}_pos"])
-            obj_rec[f"{name}_quat"].append(obs[f"{name}_quat"])
-        action = expert.act(obs)
-        obs, reward, done, _ = env.step(action)
-        rec["actions"].append(action)
-        rec["rewards"].append(reward)
-        rec["dones"].append(done)
-        if done:
-            break
-    eef_ori = quat_to_axis_angle(np.asarray(rec["eef_quat"]))
-    eef_pos = np.asarray(rec["eef_pos"], dtype=np.float64)
-    obs_out = {
-        "ee_pos": eef_pos,
-        "ee_ori": eef_ori,
-        "ee_states": np.concatenate([eef_pos, eef_ori], axis=1),
-        "gripper_states": np.asarray(rec["gripper"], dtype=np.float64),
-        "joint_states": np.asarray(rec["joints"], dtype=np.float64),
-        "low_dim": np.asarray(rec["low_dim"], dtype=np.float32),
-        **{k: np.asarray(v, dtype=np.float64) for k, v in obj_rec.items()},
-    }
-    return {
-        **job,
-        "init_state_index": init_index,
-        "success": bool(done),
-        "actions": np.asarray(rec["actions"], dtype=np.float64),
-        "states": np.asarray(rec["states"], dtype=np.float64),
-        "rewards": np.asarray(rec["rewards"], dtype=np.float64),
-        "dones": np.asarray(rec["dones"], dtype=np.uint8),
-        "obs": obs_out,
-    }
-
-
-def _render_images(camera_env, demo: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Replay recorded states in a camera env (same seed -> same fixture placement)."""
-    camera_env.reset_to_trial(demo["init_state_index"])
-    frames: dict[str, list] = {"agentview_rgb": [], "eye_in_hand_rgb": []}
-    for i, state in enumerate(demo["states"]):
-        obs = camera_env.set_state(state)
-        # The replay must reproduce the rollout; a mismatch means the two envs differ.
-        if not np.allclose(obs["robot0_eef_pos"], demo["obs"]["ee_pos"][i], atol=1e-5):
-            raise RuntimeError(f"image replay diverged from the rollout at step {i} (task {demo['task_id']})")
-        for key in frames:
-            frames[key].append(obs[key])
-    return {k: np.stack(v) for k, v in frames.items()}
-
-
-def _worker_main(job_queue, result_queue, expert_config: dict[str, Any], parent_pid: int) -> None:
-    """One process: keeps one physics env (and one camera env) for the current task; exits with
-    its parent (and leaves Ctrl-C to it)."""
-    exit_with_parent(parent_pid)
-    from common.sim.libero_env import LiberoTaskEnv
-    from common.sim.scripted_expert import ExpertConfig, ScriptedExpert
-
-    current: tuple | None = None
-    env = camera_env = expert = None
-    try:
-        while True:
-            try:
-                job = job_queue.get(timeout=_WORKER_POLL_S)
-            except queue.Empty:
-                if os.getppid() != parent_pid:
-                    break  # orphaned (the platform has no parent-death signal)
-                continue
-            if job is None:
-                break
-            key = (job["suite"], job["task_id"], job["record_images"], job["camera_size"])
-            if key != current:
-                for old in (env, camera_env):
-                    if old is not None:
-                        old.close()
-                env = LiberoTaskEnv(suite=job["suite"], task_id=job["task_id"])
-                expert = ScriptedExpert(env, ExpertConfig(**expert_config))
-                camera_env = None
-                if job["record_images"]:
-                    camera_env = LiberoTaskEnv(
-                        suite=job["suite"], task_id=job["task_id"],
-                        cameras=("agentview", "wrist"), camera_size=job["camera_size"],
-                    )
-                current = key
-            demo = _run_episode(env, expert, job)
-            if camera_env is not None and (demo["success"] or job["keep_failures"]):
-                demo["obs"].update(_render_images(camera_env, demo))
-            result_queue.put(("demo", demo))
-    except BaseException:  # report to the parent, which raises: never a silent worker death
-        result_queue.put(("error", traceback.format_exc()))
-        raise
-    finally:
-        for old in (env, camera_env):
-            if old is not None:
-                old.close()
 
 
 # ---------------------------------------------------------------------------- parent side
@@ -349,7 +239,7 @@ def collect_demos(
 
         ctx = mp.get_context("spawn")  # forked MuJoCo/GL state is unsafe in children
         job_queue, result_queue = ctx.Queue(), ctx.Queue()
-        procs = [ctx.Process(target=_worker_main, args=(job_queue, result_queue, config_dict, os.getpid()), daemon=True)
+        procs = [ctx.Process(target=worker_main, args=(job_queue, result_queue, config_dict, os.getpid()), daemon=True)
                  for _ in range(workers)]
         for p in procs:
             p.start()
@@ -365,7 +255,7 @@ def collect_demos(
             bar = tqdm(total=total_needed, desc=f"{suite} demos", disable=not progress)
             while outstanding:
                 try:
-                    kind, payload = result_queue.get(timeout=_WORKER_POLL_S)
+                    kind, payload = result_queue.get(timeout=WORKER_POLL_S)
                 except queue.Empty:
                     dead = {p.pid: p.exitcode for p in procs if not p.is_alive()}
                     if dead:

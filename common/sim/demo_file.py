@@ -49,6 +49,10 @@ def _write_demo(data, number: int, demo: dict[str, Any], instruction: str) -> No
     group = data.create_group(TMP_GROUP)
     for key in ("actions", "states", "rewards", "dones"):
         group.create_dataset(key, data=demo[key])
+    if "expert_actions" in demo and not np.array_equal(demo["expert_actions"], demo["actions"]):
+        # with action noise (DART): what the expert intended at each visited state; the executed,
+        # noisy actions stay in `actions` so the file still replays exactly
+        group.create_dataset("expert_actions", data=demo["expert_actions"])
     obs_group = group.create_group("obs")
     for key, value in demo["obs"].items():
         if value.dtype == np.uint8 and value.ndim == 4:

@@ -416,11 +416,15 @@ class ScriptedExpert:
         arm = np.concatenate([move, rot])
         if self._operator is not None:
             arm, gripper = self._operator.apply(arm, gripper)
+        cap, s = self.config.action_cap, self.config.smoothing
+        # the expert's intended action at this state, without the injected noise (a DART label: the
+        # noise moves the robot off the expert's path, the label says how the expert would correct)
+        clean = np.clip(s * self._prev_arm + (1.0 - s) * arm, -cap, cap)
+        self.last_clean_action = np.concatenate([clean, [gripper]]).astype(np.float64)
         if self.config.action_noise > 0:
             arm = arm + self._rng.normal(0.0, self.config.action_noise, 6)
-        if self.config.smoothing > 0:
-            arm = self.config.smoothing * self._prev_arm + (1.0 - self.config.smoothing) * arm
-        cap = self.config.action_cap
+        if s > 0:
+            arm = s * self._prev_arm + (1.0 - s) * arm
         arm = np.clip(arm, -cap, cap)
         self._prev_arm = arm
         return np.concatenate([arm, [gripper]]).astype(np.float64)
