@@ -13,6 +13,7 @@ run never overwrites the committed default report.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the local pipeline")
     run.add_argument("--profile", choices=sorted(PROFILES), default="default")
     run.add_argument("--root", default="", help="artifacts folder (default artifacts/pipeline/<profile>)")
+    run.add_argument("--layout", choices=("dct", "chunk", "timestep"), default="",
+                     help="tokenizer layout for this run (default: the profile's)")
     run.add_argument("--report-dir", default="", help="report folder (default: report/ for the default profile, report/<profile>/ otherwise)")
     sub.add_parser("report", help="regenerate the results sections of README / MIGRATION / guides")
     sub.add_parser("check-docs", help="fail if a generated docs section differs from the results")
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "run":
         profile = PROFILES[args.profile]
+        if args.layout:
+            profile = dataclasses.replace(profile, layout=args.layout)
         root = Path(args.root) if args.root else REPO_ROOT / "artifacts" / "pipeline" / profile.name
         report_dir = Path(args.report_dir) if args.report_dir else default_report_dir(profile.name)
         rsd_entry.setup_process(torch_threads=1)  # tiny models: one thread is fastest (and what every stage assumes)

@@ -23,6 +23,7 @@ Writes ``results/bench_rate_distortion.{json,md,png}``.
 from __future__ import annotations
 
 import math
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -48,6 +49,7 @@ class RateDistortionConfig:
     plain_loop_steps: int = 3000  # the user loop on the human-like set (0 = skip)
     seed: int = 0
     out: str = ""  # "" = $RSD_RESULTS_DIR
+    tables_only: bool = False  # rebuild the markdown and the plot from the existing JSON, training nothing
 
 
 # name -> constructor arguments (robust unless "naive" in the name)
@@ -64,7 +66,7 @@ DESIGNS: dict[str, dict] = {
     "naive dct/56": dict(layout="dct", conditioning="none"),
 }
 LUCIDRAINS_ON = ("chunk/16", "dct/56")
-DEFAULT_DESIGN = "dct/56"  # what ActionRFSQAE / TokenizerTrainConfig build by default
+DCT_DESIGN = "dct/56"  # the exact layout (ActionRFSQAE(layout="dct")); the default layout is chunk/16
 
 
 @torch.no_grad()
@@ -120,6 +122,15 @@ def fit(model: ActionRFSQAE, data: dict, tcfg: TokenizerTrainConfig, desc: str) 
 
 
 def run(cfg: RateDistortionConfig) -> dict:
+    if cfg.tables_only:
+        out = results_dir_of(cfg.out)
+        path = out / "bench_rate_distortion.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: --tables-only needs an earlier full run's JSON; run without --tables-only first")
+        result = json.loads(path.read_text())
+        (out / "bench_rate_distortion.md").write_text(render(result) + "\n")
+        plot(result, out / "bench_rate_distortion.png")
+        return result
     torch.set_num_threads(1)
     datasets = {"scripted": cfg.scripted, "human-like": cfg.human, "synthetic": "synthetic"}
     results: dict[str, dict] = {}
@@ -209,10 +220,10 @@ def render(result: dict) -> str:
             vs = f"{m[-1] / naive['mse_per_layer'][-1]:.1e}" if naive else "—"
             lines.append(f"| {name} | {r['tokens_per_layer']} | {tokens} | {tokens * r['bits_per_token']:.0f} | " + " | ".join(cells) + f" | {ratio} | {vs} |")
         lines.append("")
-    lines += [f"Default tokenizer (`{DEFAULT_DESIGN}`): held-out MSE after k layers, and the factor each added layer cuts it by", "",
+    lines += [f"The exact DCT tokenizer (`{DCT_DESIGN}`): held-out MSE after k layers, and the factor each added layer cuts it by", "",
               "| data | " + " | ".join(f"k={k}" for k in range(1, 9)) + " |", "|---|" + "---|" * 8]
     for dname, d in result["datasets"].items():
-        m = d["rows"][DEFAULT_DESIGN]["mse_per_layer"]
+        m = d["rows"][DCT_DESIGN]["mse_per_layer"]
         cells = [f"{m[0]:.2e}"] + [f"{m[k]:.2e} ({m[k - 1] / max(m[k], 1e-30):.0f}x)" for k in range(1, len(m))]
         lines.append(f"| {dname} | " + " | ".join(cells) + " |")
     lines.append("")

@@ -112,12 +112,19 @@ def _plain_loop(model, train, steps=300):
     return model
 
 
-def test_a_plain_user_loop_with_the_default_constructor_meets_the_goals():
-    """Default constructor, a user's loop, then eval(): robust 8-layer MSE <= 1e-4 and >= 90% below naive."""
+def test_the_default_layout_is_the_chunk_autoencoder_with_16_tokens_per_layer():
+    """The default follows the closed-loop A/B (results/pipeline_layout_ab): a policy predicts 16 tokens
+    per layer far better than the DCT layout's 56."""
+    model = ActionRFSQAE()
+    assert model.layout == "chunk" and model.tokens_per_layer == 16 and model.num_layers == 8
+
+
+def test_a_plain_user_loop_with_the_dct_layout_meets_the_goals():
+    """layout="dct", a user's loop, then eval(): robust 8-layer MSE <= 1e-4 and >= 90% below naive."""
     x, _ = _human_like_chunks()
     train, val = x[: len(x) * 3 // 4], x[len(x) * 3 // 4 :]
-    robust = _plain_loop(ActionRFSQAE(use_layernorm=True), train)
-    naive = _plain_loop(ActionRFSQAE(use_layernorm=False), train)
+    robust = _plain_loop(ActionRFSQAE(use_layernorm=True, layout="dct"), train)
+    naive = _plain_loop(ActionRFSQAE(use_layernorm=False, layout="dct"), train)
     assert robust.calibration_pending
     robust.eval(), naive.eval()
     assert robust.is_calibrated
@@ -193,10 +200,10 @@ def test_old_default_checkpoint_config_still_loads(tmp_path):
 def test_train_tokenizer_handles_a_fixed_transform(tmp_path):
     from common.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
-    cfg = TokenizerTrainConfig(num_episodes=6, epochs=1, progress=False, models_dir=str(tmp_path))
+    cfg = TokenizerTrainConfig(layout="dct", num_episodes=6, epochs=1, progress=False, models_dir=str(tmp_path))
     summary = train_tokenizer(cfg)
     loaded = load_tokenizer(summary["best_checkpoint"])
-    assert loaded.model.layout == "dct" and loaded.model.tokens_per_layer == 56  # the default
+    assert loaded.model.layout == "dct" and loaded.model.tokens_per_layer == 56  # all 8 frequencies of 7 dims
     assert summary["best_val_mse"] < 1e-6
     four = train_tokenizer(dataclasses.replace(cfg, dct_frequencies=4, overwrite=True, models_dir=str(tmp_path / "four")))
     assert load_tokenizer(four["best_checkpoint"]).model.tokens_per_layer == 28

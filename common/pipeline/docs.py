@@ -33,6 +33,8 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "expert_success": ("expert_success.md", "expert_success.json", "python -m benchmarks.expert_success"),
     "bench_collection": ("bench_collection.md", "bench_collection.json", "python -m benchmarks.bench_collection"),
     "bench_eval_workers": ("bench_eval_workers.md", "bench_eval_workers.json", "python -m benchmarks.bench_eval_workers"),
+    "pipeline_layout_ab": ("pipeline_layout_ab/layout_ab.md", "pipeline_layout_ab/layout_ab.json",
+                           "python -m rsd_pipeline run --profile default --layout dct|chunk --root ... ; python -m benchmarks.pipeline_layout_ab --runs dct=...,chunk=..."),
     "bench_vla_cpu_costs": ("bench_vla_cpu_costs.md", "bench_vla_cpu_costs.json", "python -m benchmarks.bench_vla_cpu_costs"),
     "phase1_real_all": ("phase1_real_all/comparison.md", "phase1_real_all/comparison.json",
                         "python -m phase1_improved.test_layernorm_improvement --out results/phase1_real_all"),

@@ -39,7 +39,7 @@ class Profile:
     eval_trials: int
     eval_max_steps: int  # 0 = the suite's standard limit
     workers: int
-    layout: str = "dct"  # tokenizer layout (the library default; "chunk" = the v1 autoencoder)
+    layout: str = "chunk"  # tokenizer layout (the library default; "dct" = the exact DCT layout)
     latent_dim: int = 16  # chunk layout only
 
 

@@ -51,7 +51,7 @@ class TokenizerTrainConfig:
     data: str = "synthetic"  # "synthetic", or LIBERO-format HDF5 path(s), comma-separated
     chunk_len: int = 8  # actions per chunk (env steps; 20 Hz control)
     stride: int = 1  # steps between the starts of consecutive training chunks
-    layout: str = "dct"  # dct (default: exact DCT, no autoencoder) | chunk | timestep (common/tokenizer/model.py)
+    layout: str = "chunk"  # chunk (default: 16 tokens per layer) | dct (exact, 56 tokens per layer) | timestep (common/tokenizer/model.py)
     latent_dim: int = 16  # chunk: latent size; timestep: per-step size (not used by dct)
     dct_frequencies: int = 0  # dct: lowest frequencies kept per action dim; 0 = all chunk_len (exact)
     reach: str = "absmax"  # robust stages >= 1: absmax | quantile | std (residual_fsq.py)
