@@ -63,7 +63,7 @@ class ForcedAcceptanceDraft(torch.nn.Module):
 
 
 def _median_ms(fn, repeats: int) -> float:
-    for _ in range(min(20, repeats)):
+    for _ in range(min(10, repeats)):
         fn()
     times = []
     for _ in range(repeats):
@@ -82,25 +82,27 @@ def measure(repeats: int, dtype: torch.dtype) -> list[dict]:
         main = RFSQHead(feature_dim=FEATURE_DIM, num_layers=L, tokens_per_layer=T, num_levels=V, d_model=d,
                         num_heads=heads, num_blocks=blocks).to(dtype).eval()
         main_codes = main.greedy_decode(features)
-        t_greedy = _median_ms(lambda: main_only_decode(main, features), repeats)
+        t_probe = _median_ms(lambda: main_only_decode(main, features), 5)
+        reps = max(20, min(repeats, int(2000 / t_probe)))  # about 2 s per measurement for the big models
+        t_greedy = _median_ms(lambda: main_only_decode(main, features), reps)
         t_pass = t_greedy / L
         with torch.inference_mode():
-            t_verify = _median_ms(lambda: main.verify(features, main_codes[..., :K]), repeats)
+            t_verify = _median_ms(lambda: main.verify(features, main_codes[..., :K]), reps)
         for draft_name, (width, hidden, mode) in DRAFT_SIZES.items():
             torch.manual_seed(1)
             draft = DraftWithProjection(feature_dim=FEATURE_DIM, width=width, coarse_layers=K, tokens_per_layer=T,
                                         num_levels=V, hidden_layers=hidden, mode=mode).to(dtype).eval()
-            t_draft = _median_ms(lambda: draft.propose(features), repeats)
+            t_draft = _median_ms(lambda: draft.propose(features), reps)
             c, v = t_draft / t_pass, (t_verify - t_pass) / t_pass
             for a in range(K + 1):
                 oracle = ForcedAcceptanceDraft(draft, main_codes, a)
                 codes, stats = speculative_decode(main, oracle, features)
                 assert torch.equal(codes, main_codes) and stats.accepted_layers == [a], (main_name, draft_name, a)
-                t_spec = _median_ms(lambda: speculative_decode(main, oracle, features), repeats)
+                t_spec = _median_ms(lambda: speculative_decode(main, oracle, features), reps)
                 rows.append({
                     "main": main_name, "d_model": d, "num_blocks": blocks, "main_params": main.num_parameters(),
                     "draft": draft_name, "draft_params": draft.num_parameters(), "accepted_layers": a,
-                    "main_pass_ms": t_pass, "main_only_ms_per_chunk": t_greedy, "verify_ms": t_verify,
+                    "repeats": reps, "main_pass_ms": t_pass, "main_only_ms_per_chunk": t_greedy, "verify_ms": t_verify,
                     "draft_ms": t_draft, "speculative_ms_per_chunk": t_spec, "c": c, "v": v,
                     "speedup_measured": t_greedy / t_spec, "speedup_formula": L / (L - a + c + v),
                 })
