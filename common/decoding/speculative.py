@@ -143,30 +143,30 @@ def speculative_decode(
         # layers < a: the draft's tokens (== main greedy in exact mode); layer a: main's verify row a
         layers = [proposed[..., i].long() for i in range(a)] + [main_greedy[..., a]]
         cache.truncate_(a + 1)
-        passes, positions = 1, K + 1
-        while len(layers) < L:
-            layers.append(main.extend_(cache, layers[-1]).argmax(dim=-1))
-            passes += 1
-            positions += 1
-    main_time = timer.last["main"]
+        passes, positions = _finish(main, cache, layers, L)
+    stats = _stats(L, K, acceptance, int(tolerance), accepted, a, 1 + passes, K + 1 + positions, draft_time, timer.last["main"])
+    return torch.stack(layers, dim=2), stats
 
-    codes = torch.stack(layers, dim=2)
+
+def _finish(main: RFSQHead, cache, layers: list[torch.Tensor], L: int) -> tuple[int, int]:
+    """Sequential single-position passes until ``L`` layers are decoded (appended in place);
+    returns the passes and positions this took."""
+    n = 0
+    while len(layers) < L:
+        layers.append(main.extend_(cache, layers[-1]).argmax(dim=-1))
+        n += 1
+    return n, n
+
+
+def _stats(L: int, K: int, acceptance: str, tolerance: int, accepted: torch.Tensor, a: int, passes: int, positions: int,
+           draft_time: float, main_time: float) -> SpecStats:
     assert passes == L - a, (passes, L, a)  # the documented accounting
-    stats = SpecStats(
-        num_layers=L,
-        coarse_layers=K,
-        acceptance=acceptance,
-        tolerance=int(tolerance),
-        accepted_layers=[int(x) for x in accepted.tolist()],
-        used_prefix=a,
-        main_passes=passes,
-        main_positions=positions,
-        draft_passes=1,
-        draft_time_s=draft_time,
-        main_time_s=main_time,
+    return SpecStats(
+        num_layers=L, coarse_layers=K, acceptance=acceptance, tolerance=tolerance,
+        accepted_layers=[int(x) for x in accepted.tolist()], used_prefix=a, main_passes=passes,
+        main_positions=positions, draft_passes=1, draft_time_s=draft_time, main_time_s=main_time,
         lossy=acceptance == "relaxed" and tolerance > 0,
     )
-    return codes, stats
 
 
 def _speculative_from_hidden(main: RFSQHead, draft: DraftWithProjection, features: torch.Tensor, *,
@@ -188,19 +188,8 @@ def _speculative_from_hidden(main: RFSQHead, draft: DraftWithProjection, feature
         a = int(accepted.min())
         layers = [layer0] + [proposed[..., i].long() for i in range(a)] + [main_greedy[..., a]]
         cache.truncate_(a + 2)
-        passes, positions = 2, K + 2
-        while len(layers) < L:
-            layers.append(main.extend_(cache, layers[-1]).argmax(dim=-1))
-            passes += 1
-            positions += 1
-    main_time = first_pass + timer.last["main"]
-    assert passes == L - a, (passes, L, a)
-    stats = SpecStats(
-        num_layers=L, coarse_layers=K, acceptance=acceptance, tolerance=tolerance,
-        accepted_layers=[int(x) for x in accepted.tolist()], used_prefix=a, main_passes=passes,
-        main_positions=positions, draft_passes=1, draft_time_s=draft_time, main_time_s=main_time,
-        lossy=acceptance == "relaxed" and tolerance > 0,
-    )
+        passes, positions = _finish(main, cache, layers, L)
+    stats = _stats(L, K, acceptance, tolerance, accepted, a, 2 + passes, K + 2 + positions, draft_time, first_pass + timer.last["main"])
     return torch.stack(layers, dim=2), stats
 
 
