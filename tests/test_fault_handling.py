@@ -432,3 +432,25 @@ def test_help_of_every_entry_point_explains_every_flag():
     text = rsd_entry.build_parser(PolicyTrainConfig).format_help()
     assert "AdamW weight decay (default: 0.01)" in text
     assert "What the draft learns" in text  # a comment block above the field
+
+
+def test_a_rerun_stage_starts_from_a_clean_folder_not_the_old_runs_partial_work(tmp_path):
+    """A stage redone because its inputs changed (e.g. an evaluation of retrained models) must not
+    resume the earlier run's episodes: its stale folders are removed first."""
+    folder, out, log = tmp_path / "eval", tmp_path / "eval" / "summary.json", []
+
+    def stage():
+        assert not (folder / "old_episode.jsonl").exists()
+        folder.mkdir(exist_ok=True)
+        out.write_text("{}")
+        return "evaluated"
+
+    stages = Stages(tmp_path, log.append)
+    folder.mkdir()
+    (folder / "old_episode.jsonl").write_text('{"task": 0}\n')
+    stages.run("eval", {"models": "a"}, [out], stage, stale=(folder,))
+    (folder / "old_episode.jsonl").write_text('{"task": 0}\n')
+    stages.run("eval", {"models": "a"}, [out], stage, stale=(folder,))  # up to date: nothing removed
+    assert (folder / "old_episode.jsonl").exists()
+    stages.run("eval", {"models": "b"}, [out], stage, stale=(folder,))
+    assert not (folder / "old_episode.jsonl").exists() and out.exists()

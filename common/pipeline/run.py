@@ -135,8 +135,10 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
     p3 = phase3_comparison(results, profile.suite) / "comparison.json"
     fingerprint = {"cfg": settings(ccfg, ignore=("models_dir", "results_dir")),
                    "models": policy_hashes, "tokenizers": tok_hashes}
+    # a rerun evaluates new models or settings: the earlier run's episodes must not be resumed
     stages.run("phase3_compare", fingerprint, [p3],
-               lambda: "variants: " + ", ".join(f"{k} {v['success_rate']:.0%}" for k, v in run_comparison(ccfg)["variants"].items()))
+               lambda: "variants: " + ", ".join(f"{k} {v['success_rate']:.0%}" for k, v in run_comparison(ccfg)["variants"].items()),
+               stale=(p3.parent,))
 
     summary = {
         "profile": asdict(profile),

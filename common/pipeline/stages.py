@@ -6,6 +6,7 @@ before they were recorded, cannot vouch for its outputs and the stage reruns).""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 import time
 from pathlib import Path
@@ -47,7 +48,9 @@ class Stages:
         changed = [p.name for p in outputs if recorded.get(str(p)) != file_hash(p)]
         return f"outputs changed since written: {changed}" if changed else ""
 
-    def run(self, name: str, inputs: dict, outputs: list[Path], fn: Callable[[], str]) -> None:
+    def run(self, name: str, inputs: dict, outputs: list[Path], fn: Callable[[], str], *, stale: tuple[Path, ...] = ()) -> None:
+        """Run ``fn`` unless the stage is up to date. ``stale``: folders of an earlier run of this stage
+        that a rerun must not resume from (e.g. evaluation episodes of other models); removed first."""
         fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         stamp = self.stamps / f"{name}.json"
         reason = self._up_to_date(stamp, fingerprint, outputs)
@@ -57,6 +60,9 @@ class Stages:
             return
         if stamp.exists():
             self.log(f"[{name}] rerun: {reason}")
+        for folder in stale:
+            if folder.exists():
+                shutil.rmtree(folder)
         started = time.perf_counter()
         summary = fn()
         seconds = time.perf_counter() - started
