@@ -1,29 +1,44 @@
-"""What speculative decoding costs and saves, per main-model and draft size (batch 1, this CPU).
+"""What speculative decoding costs and saves, per main-model and draft size (batch 1, CPU or one GPU).
 
-    python -m benchmarks.bench_decode_sweep [--out results/bench_decode_sweep] [--repeats 200] [--dtype float64]
+    python -m benchmarks.bench_decode_sweep [--device cpu|cuda] [--dtype float64|float32] [--sizes 64x1,128x2]
+                                            [--repeats 200] [--out DIR]
+    python -m benchmarks.bench_decode_sweep --sizes 64x1 --repeats 20 --out /tmp/sweep   # quick CPU check
+    bash benchmarks/device_sweep.sh                                                       # the GPU sweep
 
 For every (main size, draft size) pair it measures, on the same random features:
   t_pass    one main pass (main-only greedy decode time / L),
   c         one draft call, in main passes,
   v         the verify pass over K+1 positions minus one single-position pass, in main passes,
   S         main-only decode time / speculative decode time, at forced acceptance a = 0 .. K,
-and puts the formula's prediction S = L / (L - a + c + v) next to the measurement. Acceptance is
+and puts the formula's prediction S = L / (L - a + c + v) next to each measured S. Acceptance is
 forced with an oracle draft that runs the real draft (so its cost is real) and then proposes the
 main model's own greedy tokens for the first a layers and wrong tokens after: this measures the
 cost terms, not what a trained draft achieves (Phase 2 / Phase 3 report that). Random weights are
 fine here: the time of a pass does not depend on the weights' values.
-Writes ``bench_decode_sweep.json`` / ``.md`` / ``.png`` to ``--out``.
+
+Defaults: CPU runs float64 on one thread and writes to results/bench_decode_sweep/; ``--device cuda``
+runs float32 (full-precision matmuls, no TF32) and writes to results/bench_decode_sweep_gpu/, so
+the CPU results are never overwritten. On CUDA every timed call is bracketed by
+torch.cuda.synchronize() and preceded by warm-up calls; speculative_decode's own stage timer also
+synchronises between the draft and main stages, as it does in the closed-loop evaluation.
+Writes ``bench_decode_sweep.json`` / ``.md`` / ``.png`` to the output folder; the JSON is also
+rewritten after every main size, so a run cut short keeps what it measured ("complete": false).
+Needs only torch, matplotlib and tqdm besides the standard library (no simulator, no h5py), so
+``PYTHONPATH=. python3 -m benchmarks.bench_decode_sweep`` runs on a bare GPU machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from common.decoding.speculative import main_only_decode, speculative_decode
 from common.policy.draft import DraftWithProjection
@@ -42,6 +57,26 @@ DRAFT_SIZES = {  # name -> (width, hidden_layers, mode)
     "draft-512x3 chained (Phase 3)": (512, 3, "chained"),
 }
 FEATURE_DIM, L, T, V, K = 128, 8, 16, 7, 3
+DEFAULT_OUT = {"cpu": REPO_ROOT / "results" / "bench_decode_sweep", "cuda": REPO_ROOT / "results" / "bench_decode_sweep_gpu"}
+DEFAULT_DTYPE = {"cpu": "float64", "cuda": "float32"}
+DEFAULT_BUDGET_S = {"cpu": 2.0, "cuda": 1.0}  # wall time aimed at per measurement (the repeat count adapts)
+MIN_REPEATS = 20
+
+
+def size_key(main_name: str) -> str:
+    """'main-128x2 (make run)' -> '128x2', the name ``--sizes`` uses."""
+    return main_name.split()[0].removeprefix("main-")
+
+
+def select_sizes(spec: str | None) -> dict[str, tuple[int, int, int]]:
+    if not spec:
+        return dict(MAIN_SIZES)
+    wanted = [s.strip() for s in spec.split(",") if s.strip()]
+    known = {size_key(name): name for name in MAIN_SIZES}
+    unknown = [s for s in wanted if s not in known]
+    if unknown or not wanted:
+        raise SystemExit(f"bench_decode_sweep --sizes: expected a comma list of {', '.join(known)}, found {spec!r}")
+    return {known[s]: MAIN_SIZES[known[s]] for s in known if s in wanted}  # keep the sweep's order
 
 
 class ForcedAcceptanceDraft(torch.nn.Module):
@@ -62,78 +97,108 @@ class ForcedAcceptanceDraft(torch.nn.Module):
         return self.proposal
 
 
-def _median_ms(fn, repeats: int) -> float:
-    for _ in range(min(10, repeats)):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+class Clock:
+    """Median wall time of a call; on CUDA the queue is drained before and after each timed call."""
+
+    def __init__(self, device: torch.device, budget_s: float):
+        self.sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.budget_ms = 1e3 * budget_s
+
+    def median_ms(self, fn: Callable[[], object], repeats: int, warmup: int = 10) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            self.sync()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times)
+
+    def repeats_for(self, fn: Callable[[], object], max_repeats: int) -> int:
+        """Enough calls to fill the time budget, at least MIN_REPEATS (or max_repeats if smaller)."""
+        probe_ms = self.median_ms(fn, 5, warmup=5)
+        return max(min(MIN_REPEATS, max_repeats), min(max_repeats, int(self.budget_ms / max(probe_ms, 1e-6))))
 
 
-def measure(repeats: int, dtype: torch.dtype) -> list[dict]:
-    rows = []
-    gen = torch.Generator().manual_seed(0)
-    features = torch.randn(1, FEATURE_DIM, generator=gen).to(dtype)
-    for main_name, (d, blocks, heads) in MAIN_SIZES.items():
-        torch.manual_seed(0)
-        main = RFSQHead(feature_dim=FEATURE_DIM, num_layers=L, tokens_per_layer=T, num_levels=V, d_model=d,
-                        num_heads=heads, num_blocks=blocks).to(dtype).eval()
+def measure_main(main_name: str, shape: tuple[int, int, int], features: torch.Tensor, clock: Clock, repeats: int,
+                 device: torch.device, dtype: torch.dtype) -> list[dict]:
+    d, blocks, heads = shape
+    torch.manual_seed(0)
+    main = RFSQHead(feature_dim=FEATURE_DIM, num_layers=L, tokens_per_layer=T, num_levels=V, d_model=d,
+                    num_heads=heads, num_blocks=blocks).to(device=device, dtype=dtype).eval()
+    with torch.inference_mode():
         main_codes = main.greedy_decode(features)
-        t_probe = _median_ms(lambda: main_only_decode(main, features), 5)
-        reps = max(20, min(repeats, int(2000 / t_probe)))  # about 2 s per measurement for the big models
-        t_greedy = _median_ms(lambda: main_only_decode(main, features), reps)
-        t_pass = t_greedy / L
+    reps = clock.repeats_for(lambda: main_only_decode(main, features), repeats)
+    t_greedy = clock.median_ms(lambda: main_only_decode(main, features), reps)
+    t_pass = t_greedy / L
+    with torch.inference_mode():
+        t_verify = clock.median_ms(lambda: main.verify(features, main_codes[..., :K]), reps)
+    rows = []
+    for draft_name, (width, hidden, mode) in DRAFT_SIZES.items():
+        torch.manual_seed(1)
+        draft = DraftWithProjection(feature_dim=FEATURE_DIM, width=width, coarse_layers=K, tokens_per_layer=T,
+                                    num_levels=V, hidden_layers=hidden, mode=mode).to(device=device, dtype=dtype).eval()
         with torch.inference_mode():
-            t_verify = _median_ms(lambda: main.verify(features, main_codes[..., :K]), reps)
-        for draft_name, (width, hidden, mode) in DRAFT_SIZES.items():
-            torch.manual_seed(1)
-            draft = DraftWithProjection(feature_dim=FEATURE_DIM, width=width, coarse_layers=K, tokens_per_layer=T,
-                                        num_levels=V, hidden_layers=hidden, mode=mode).to(dtype).eval()
-            t_draft = _median_ms(lambda: draft.propose(features), reps)
-            c, v = t_draft / t_pass, (t_verify - t_pass) / t_pass
-            for a in range(K + 1):
-                oracle = ForcedAcceptanceDraft(draft, main_codes, a)
-                codes, stats = speculative_decode(main, oracle, features)
-                assert torch.equal(codes, main_codes) and stats.accepted_layers == [a], (main_name, draft_name, a)
-                t_spec = _median_ms(lambda: speculative_decode(main, oracle, features), reps)
-                rows.append({
-                    "main": main_name, "d_model": d, "num_blocks": blocks, "main_params": main.num_parameters(),
-                    "draft": draft_name, "draft_params": draft.num_parameters(), "accepted_layers": a,
-                    "repeats": reps, "main_pass_ms": t_pass, "main_only_ms_per_chunk": t_greedy, "verify_ms": t_verify,
-                    "draft_ms": t_draft, "speculative_ms_per_chunk": t_spec, "c": c, "v": v,
-                    "speedup_measured": t_greedy / t_spec, "speedup_formula": L / (L - a + c + v),
-                })
-            print(f"{main_name:>28} | {draft_name:>30} | pass {t_pass:.3f} ms  c {c:.2f}  v {v:.2f}  "
-                  f"S(a=K) {rows[-1]['speedup_measured']:.2f}x (formula {rows[-1]['speedup_formula']:.2f}x)", flush=True)
+            t_draft = clock.median_ms(lambda: draft.propose(features), reps)
+        c, v = t_draft / t_pass, (t_verify - t_pass) / t_pass
+        for a in range(K + 1):
+            oracle = ForcedAcceptanceDraft(draft, main_codes, a)
+            codes, stats = speculative_decode(main, oracle, features)
+            # float32 on a GPU may in principle flip an argmax tie between the K+1-position verify pass and the
+            # single-position passes; record it (and time the acceptance that happened) rather than lose the run
+            observed, lossless = stats.accepted_layers[0], bool(torch.equal(codes, main_codes))
+            if observed != a or not lossless:
+                print(f"WARNING {main_name} / {draft_name}: forced a={a}, observed a={observed}, "
+                      f"codes equal main-only: {lossless}", flush=True)
+            t_spec = clock.median_ms(lambda: speculative_decode(main, oracle, features), reps)
+            rows.append({
+                "main": main_name, "d_model": d, "num_blocks": blocks, "main_params": main.num_parameters(),
+                "draft": draft_name, "draft_params": draft.num_parameters(), "accepted_layers": a,
+                "accepted_layers_observed": observed, "codes_equal_main_only": lossless,
+                "repeats": reps, "main_pass_ms": t_pass, "main_only_ms_per_chunk": t_greedy, "verify_ms": t_verify,
+                "draft_ms": t_draft, "speculative_ms_per_chunk": t_spec, "c": c, "v": v,
+                "speedup_measured": t_greedy / t_spec, "speedup_formula": L / (L - observed + c + v),
+            })
+        tqdm.write(f"{main_name:>28} | {draft_name:>30} | pass {t_pass:.3f} ms  c {c:.2f}  v {v:.2f}  "
+                   f"S(a=K) {rows[-1]['speedup_measured']:.2f}x (formula {rows[-1]['speedup_formula']:.2f}x)")
     return rows
 
 
-def markdown(rows: list[dict], dtype: str) -> str:
+def device_label(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    return f"CPU {platform.processor() or platform.machine()}, {threads} thread(s)"
+
+
+def markdown(rows: list[dict], dtype: str, label: str) -> str:
     lines = [
-        f"Batch 1, {dtype}, {torch.get_num_threads()} thread(s), L = {L} layers x {T} tokens, K = {K} drafted layers; "
-        "S at forced acceptance a (oracle draft, real draft cost). Formula: S = L / (L - a + c + v).",
+        f"Device: {label}; batch 1, {dtype}, torch {torch.__version__}; L = {L} layers x {T} tokens, K = {K} drafted layers. "
+        "S = main-only time / speculative time at forced acceptance a (oracle draft, real draft cost), "
+        "measured, with the formula S = L / (L - a + c + v) in brackets.",
         "",
         "| main | params | draft | one main pass (ms) | main-only ms / chunk | c (draft, passes) | v (verify extra, passes) | "
-        "S a=0 | S a=1 | S a=2 | S a=3 (formula) | spec ms / chunk at a=3 |",
+        "S a=0 (formula) | S a=1 (formula) | S a=2 (formula) | S a=3 (formula) | spec ms / chunk at a=3 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r["main"], r["draft"]) for r in rows}, key=lambda k: (list(MAIN_SIZES).index(k[0]), list(DRAFT_SIZES).index(k[1])))
     for main_name, draft_name in keys:
         rs = sorted((r for r in rows if r["main"] == main_name and r["draft"] == draft_name), key=lambda r: r["accepted_layers"])
         r0 = rs[0]
-        s = [f"{r['speedup_measured']:.2f}x" for r in rs]
+        s = " | ".join(f"{r['speedup_measured']:.2f}x ({r['speedup_formula']:.2f}x)" for r in rs)
         lines.append(
             f"| {main_name} | {r0['main_params']:,} | {draft_name} | {r0['main_pass_ms']:.3f} | {r0['main_only_ms_per_chunk']:.2f} | "
-            f"{r0['c']:.2f} | {r0['v']:.2f} | {s[0]} | {s[1]} | {s[2]} | {s[3]} ({rs[-1]['speedup_formula']:.2f}x) | "
-            f"{rs[-1]['speculative_ms_per_chunk']:.2f} |"
+            f"{r0['c']:.2f} | {r0['v']:.2f} | {s} | {rs[-1]['speculative_ms_per_chunk']:.2f} |"
         )
+    off = [r for r in rows if r["accepted_layers_observed"] != r["accepted_layers"] or not r["codes_equal_main_only"]]
+    if off:
+        lines += ["", f"Warning: {len(off)} row(s) did not reach the forced acceptance or differed from main-only "
+                      "(argmax ties at this precision); their formula uses the observed a. See the JSON."]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, label: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -144,7 +209,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot(x, [r["speedup_formula"] for r in top], "x--", label=f"{draft_name}: formula")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set(xscale="log", xlabel="main model parameters", ylabel=f"token-decode speedup at a = {K} (all drafted layers accepted)",
-           title="Speculative decoding vs main-only, batch 1 CPU")
+           title=f"Speculative decoding vs main-only, batch 1, {label}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,25 +217,54 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench_decode_sweep --device cuda: expected a CUDA GPU, found none (torch {torch.__version__})")
+    return torch.device(name)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_decode_sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "bench_decode_sweep"))
-    parser.add_argument("--repeats", type=int, default=200, help="timed calls per measurement (median)")
-    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="precision of both models")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (batch 1: one is fastest)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", default=None, help="output folder (default results/bench_decode_sweep, _gpu on cuda)")
+    parser.add_argument("--repeats", type=int, default=200, help="most timed calls per measurement (median)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall time aimed at per measurement; fewer calls for slow models (default 2 on cpu, 1 on cuda)")
+    parser.add_argument("--dtype", choices=("float64", "float32"), default=None,
+                        help="precision of both models (default float64 on cpu, float32 on cuda)")
+    parser.add_argument("--sizes", default=None, help=f"comma list of main sizes, default all: {','.join(map(size_key, MAIN_SIZES))}")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (batch 1: one is fastest)")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit(f"bench_decode_sweep --repeats: expected >= 1, found {args.repeats}")
+    sizes = select_sizes(args.sizes)
+    device = resolve_device(args.device)
+    dtype_name = args.dtype or DEFAULT_DTYPE[device.type]
+    dtype = getattr(torch, dtype_name)
+    out = Path(args.out) if args.out else DEFAULT_OUT[device.type]
     torch.set_num_threads(args.threads)
     import matplotlib
 
     matplotlib.use("Agg")
-    rows = measure(args.repeats, getattr(torch, args.dtype))
-    out = Path(args.out)
-    result = {"rows": rows, "dtype": args.dtype, "repeats": args.repeats, "threads": args.threads,
-              "L": L, "K": K, "tokens_per_layer": T, "provenance": provenance(seed=0)}
+    clock = Clock(device, args.budget_s if args.budget_s is not None else DEFAULT_BUDGET_S[device.type])
+    label = device_label(device, args.threads)
+    features = torch.randn(1, FEATURE_DIM, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    result = {
+        "rows": [], "complete": False, "device": device.type, "device_name": label, "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda, "dtype": dtype_name, "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "repeats": args.repeats, "budget_s": clock.budget_ms / 1e3, "threads": args.threads, "sizes": [size_key(n) for n in sizes],
+        "L": L, "K": K, "tokens_per_layer": T, "provenance": provenance(seed=0),
+    }
+    print(f"bench_decode_sweep: {label}, {dtype_name}, torch {torch.__version__} -> {out}", flush=True)
+    for main_name, shape in tqdm(sizes.items(), desc="main sizes", unit="size"):
+        result["rows"] += measure_main(main_name, shape, features, clock, args.repeats, device, dtype)
+        write_json(out / "bench_decode_sweep.json", result)  # a run cut short keeps what it measured
+    result["complete"] = True
     write_json(out / "bench_decode_sweep.json", result)
-    (out / "bench_decode_sweep.md").write_text(markdown(rows, args.dtype))
-    plot(rows, out / "bench_decode_sweep.png")
-    print(markdown(rows, args.dtype))
+    table = markdown(result["rows"], dtype_name, label)
+    (out / "bench_decode_sweep.md").write_text(table)
+    plot(result["rows"], out / "bench_decode_sweep.png", label)
+    print(table)
     return result
 
 

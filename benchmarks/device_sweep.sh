@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The decode size sweep on one GPU (issue 13): run from the repository root on the device machine,
+#     bash benchmarks/device_sweep.sh
+# It needs python3 with torch (CUDA), matplotlib and tqdm; the package itself need not be installed.
+# Results land in $OUT/sweep/ and, copied, directly in $OUT (bench_decode_sweep.json / .md / .png);
+# the JSON is rewritten after every main size, so a run cut short by the timeout keeps what it measured.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/device_sweep_out}
+mkdir -p "$OUT/sweep"
+
+nvidia-smi -L
+python3 -c 'import torch; print(torch.__version__)'
+
+timeout 400 python3 -m benchmarks.bench_decode_sweep --device cuda --out "$OUT/sweep"
+status=$?
+echo "bench_decode_sweep exit status: $status"
+
+for f in "$OUT"/sweep/bench_decode_sweep.{json,md,png}; do
+    [ -f "$f" ] && cp "$f" "$OUT/"
+done
+ls -l "$OUT"
+exit $status
