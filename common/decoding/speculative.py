@@ -63,9 +63,12 @@ class SpecStats:
     draft_time_s: float = 0.0
     main_time_s: float = 0.0
     lossy: bool = False  # True for relaxed acceptance with tolerance > 0
+    # the main model's logits [B, T, V] for the last decoded layer (what expected-value decoding reads);
+    # a tensor, so left out of ``as_dict``
+    last_logits: Any = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "last_logits"}
 
 
 def _draft_input(draft) -> str:
@@ -143,19 +146,22 @@ def speculative_decode(
         # layers < a: the draft's tokens (== main greedy in exact mode); layer a: main's verify row a
         layers = [proposed[..., i].long() for i in range(a)] + [main_greedy[..., a]]
         cache.truncate_(a + 1)
-        passes, positions = _finish(main, cache, layers, L)
+        passes, positions, last_logits = _finish(main, cache, layers, L, logits[:, a])
     stats = _stats(L, K, acceptance, int(tolerance), accepted, a, 1 + passes, K + 1 + positions, draft_time, timer.last["main"])
+    stats.last_logits = last_logits
     return torch.stack(layers, dim=2), stats
 
 
-def _finish(main: RFSQHead, cache, layers: list[torch.Tensor], L: int) -> tuple[int, int]:
+def _finish(main: RFSQHead, cache, layers: list[torch.Tensor], L: int, last_logits: torch.Tensor) -> tuple[int, int, torch.Tensor]:
     """Sequential single-position passes until ``L`` layers are decoded (appended in place);
-    returns the passes and positions this took."""
+    returns the passes and positions this took and the logits of the last layer (``last_logits``,
+    those of the layer already last, when no pass is needed)."""
     n = 0
     while len(layers) < L:
-        layers.append(main.extend_(cache, layers[-1]).argmax(dim=-1))
+        last_logits = main.extend_(cache, layers[-1])
+        layers.append(last_logits.argmax(dim=-1))
         n += 1
-    return n, n
+    return n, n, last_logits
 
 
 def _stats(L: int, K: int, acceptance: str, tolerance: int, accepted: torch.Tensor, a: int, passes: int, positions: int,
@@ -188,8 +194,9 @@ def _speculative_from_hidden(main: RFSQHead, draft: DraftWithProjection, feature
         a = int(accepted.min())
         layers = [layer0] + [proposed[..., i].long() for i in range(a)] + [main_greedy[..., a]]
         cache.truncate_(a + 2)
-        passes, positions = _finish(main, cache, layers, L)
+        passes, positions, last_logits = _finish(main, cache, layers, L, logits[:, a])
     stats = _stats(L, K, acceptance, tolerance, accepted, a, 2 + passes, K + 2 + positions, draft_time, first_pass + timer.last["main"])
+    stats.last_logits = last_logits
     return torch.stack(layers, dim=2), stats
 
 
@@ -200,7 +207,7 @@ def main_only_decode(
     """Baseline: main-model greedy decoding, L (or ``num_layers``) sequential cached passes -> (codes [B,T,L], stats)."""
     timer = timer if timer is not None else StageTimer()
     with timer.stage("main"):
-        codes = main.greedy_decode(features, num_layers)
+        codes, last_logits = main.greedy_decode(features, num_layers, return_last_logits=True)
     L = codes.shape[2]
     stats = SpecStats(
         num_layers=L,
@@ -214,5 +221,6 @@ def main_only_decode(
         draft_passes=0,
         draft_time_s=0.0,
         main_time_s=timer.last["main"],
+        last_logits=last_logits,
     )
     return codes, stats

@@ -44,6 +44,7 @@ class ComparisonConfig:
     variant_trials: str = ""
     replan_steps: int = 4  # actions executed per decoded chunk before replanning (env steps)
     decode_layers: int = 0  # decode only the first N RFSQ layers in every variant (0 = all; see EvalConfig)
+    decode_rule: str = "argmax"  # last decoded layer: argmax | expected (mean level value; see EvalConfig)
     max_steps: int = 0  # 0 = the suite's standard limit
     workers: int = 0  # parallel episode processes; 0 = number of CPU cores
     seed: int = 0  # env seed
@@ -133,7 +134,7 @@ def _variant_infos(cfg: ComparisonConfig, out: Path) -> dict[str, dict]:
         ecfg = EvalConfig(
             task_suite=cfg.task_suite, tasks=cfg.tasks, num_trials=cfg.trials_for_variant[name], use_speculative_decoding=True,
             tokenizer=tokenizer, strategy=strategy, replan_steps=cfg.replan_steps, max_steps=cfg.max_steps, workers=cfg.workers, seed=cfg.seed,
-            decode_layers=cfg.decode_layers,
+            decode_layers=cfg.decode_layers, decode_rule=cfg.decode_rule,
             compare_main_only=True, models_dir=cfg.models_dir, results_dir=cfg.results_dir, out=str(out / name),
         )
         infos[name] = evaluate(ecfg)
@@ -160,7 +161,8 @@ def run_comparison(cfg: ComparisonConfig) -> dict:
     expert = expert_rate(Path(cfg.expert_results) if cfg.expert_results else expert_success_results(results), cfg.task_suite, tasks)
     lines = [
         f"Suite `{cfg.task_suite}`, tasks {cfg.tasks}, trial i = init state i (trials per task in the table), replan every {cfg.replan_steps} steps"
-        + (f", first {cfg.decode_layers} layers decoded." if cfg.decode_layers else "."),
+        + (f", first {cfg.decode_layers} layers decoded" if cfg.decode_layers else "")
+        + (", last decoded layer by its expected value." if cfg.decode_rule == "expected" else "."),
         f"Scripted expert on the same tasks: {_pct(expert)}.",
         "",
         "| variant | trials / task | success | fine-grained | policy ms / env step (spec) | (main-only) | token decode ms / chunk (spec) | (main-only) | token-decode speedup | main passes / chunk (spec / main-only) | mean accepted layers | draft cost (main passes) | lossless identical | errors |",

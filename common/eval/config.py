@@ -12,6 +12,7 @@ from common.sim.libero_env import SUITES
 
 STRATEGIES = ("A", "B")
 TOKENIZERS = ("robust", "naive")
+DECODE_RULES = ("argmax", "expected")
 
 # Fine-grained tasks: where a few millimetres decide success — grasping a bowl by its thin rim
 # (every libero_spatial task picks a black bowl and must leave it within 3 cm on the plate), or
@@ -68,6 +69,10 @@ class EvalConfig:
     # prefix-depth decoding: decode (and execute) only the first N RFSQ layers; the robust code decodes
     # exactly from any coarse prefix, and the main model then runs N passes instead of L (0 = all layers)
     decode_layers: int = 0
+    # how the last decoded layer becomes an action: "argmax" (its greedy tokens) or "expected" (the mean
+    # of its level values under the main model's distribution; the layers before it stay argmax, so
+    # speculative verification of them stays exact)
+    decode_rule: str = "argmax"
 
     def __post_init__(self):
         if self.task_suite not in SUITES:
@@ -84,6 +89,8 @@ class EvalConfig:
             raise ValueError(f"--draft-dtype must be float64, float32 or empty (= --decode-dtype); got {self.draft_dtype!r}")
         if self.backbone not in ("", "state", "openvla-oft"):
             raise ValueError(f"--backbone must be state, openvla-oft or empty (= from the head checkpoint); got {self.backbone!r}")
+        if self.decode_rule not in DECODE_RULES:
+            raise ValueError(f"--decode-rule must be one of {DECODE_RULES}; got {self.decode_rule!r}")
         if self.acceptance not in ("exact", "relaxed"):
             raise ValueError(f"--acceptance must be exact or relaxed; got {self.acceptance!r}")
         if self.acceptance == "exact" and self.tolerance != 0:
@@ -100,6 +107,7 @@ class EvalConfig:
         dec = "spec" if self.use_speculative_decoding else "main_only"
         acc = "" if self.acceptance == "exact" else f"_relaxed{self.tolerance}"
         acc += f"_k{self.decode_layers}" if self.decode_layers else ""
+        acc += "_ev" if self.decode_rule == "expected" else ""
         return f"{self.task_suite}_{self.tokenizer}_{self.strategy}_{dec}{acc}"
 
     def out_dir(self) -> Path:
@@ -119,4 +127,6 @@ class EvalConfig:
         for k in ("workers", "out", "results_dir", "save_videos", "torch_threads", "num_trials", "tasks", "assert_lossless",
                   "gpu", "plan", "spawn", "backbone"):
             d.pop(k)
+        if d["decode_rule"] == "argmax":  # the default: runs written before the flag existed still resume
+            d.pop("decode_rule")
         return d

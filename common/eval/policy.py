@@ -50,6 +50,11 @@ class TokenPolicy:
         self.draft_dtype = {"float64": torch.float64, "float32": torch.float32}.get(cfg.draft_dtype, self.dtype)
         self.policy.head.to(self.dtype)
         self.policy.draft.to(self.draft_dtype)
+        self.token_code = None
+        if cfg.decode_rule == "expected":
+            from common.tokenizer.token_code import TokenCode
+
+            self.token_code = TokenCode(self.tokenizer.model)
         self._plans = 0  # plan() calls so far (alternates the timing order of the two decodes)
         self.checkpoints = {
             "tokenizer": {"path": str(paths["tokenizer"]), "content_hash": self.tokenizer.content_hash},
@@ -113,6 +118,7 @@ class TokenPolicy:
         cfg, timer = self.cfg, StageTimer()
         features = self._features(observation, task_index, timer).to(self.dtype)
         info: dict[str, Any] = {}
+        decoded: dict[str, torch.Tensor] = {}  # the driving decode's last-layer logits
         depth = cfg.decode_layers or None  # None: all layers
 
         def decode():
@@ -125,6 +131,7 @@ class TokenPolicy:
             else:
                 codes, stats = main_only_decode(self.policy.head, features, timer=timer, num_layers=depth)
             info.update(main_passes=stats.main_passes, main_s=stats.main_time_s)
+            decoded["last_logits"] = stats.last_logits
             return codes
 
         def reference():
@@ -147,7 +154,11 @@ class TokenPolicy:
         else:
             codes = decode()
         with timer.stage("tokenizer_decode"):
-            normalized = self.tokenizer.model.decode_from_indices(codes)[0].numpy()
+            if self.token_code is None:
+                normalized = self.tokenizer.model.decode_from_indices(codes)[0].numpy()
+            else:  # the last decoded layer as the mean of its level values (the layers before it: argmax)
+                probs = torch.softmax(decoded["last_logits"].double(), dim=-1)
+                normalized = self.token_code.decode_expected(codes[..., :-1], probs)[0].numpy()
         actions = self.tokenizer.normalizer.unnormalize(normalized)
         # totals: preprocess/backbone accumulate over the extractor's samples (one per chunk here)
         info.update(backbone_s=timer.totals["backbone"], tokenizer_decode_s=timer.last["tokenizer_decode"])

@@ -354,14 +354,17 @@ class RFSQHead(nn.Module):
         return self._run(x, cache), cache
 
     @torch.inference_mode()
-    def greedy_decode(self, features: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
+    def greedy_decode(self, features: torch.Tensor, num_layers: int | None = None, *, return_last_logits: bool = False):
         """Main-only greedy decoding of the first ``num_layers`` layers (default all L): one sequential
-        single-position pass each -> codes [B, T, num_layers] (the tokenizer decodes any coarse prefix)."""
+        single-position pass each -> codes [B, T, num_layers] (the tokenizer decodes any coarse prefix).
+        ``return_last_logits``: also the logits [B, T, V] the last layer was read from (expected-value decoding)."""
         n = self.num_layers if num_layers is None else int(num_layers)
         if not 1 <= n <= self.num_layers:
             raise ValueError(f"num_layers: expected 1 <= n <= {self.num_layers}, found {num_layers}")
         cache, logits = self.start(features)
         layers = [logits.argmax(dim=-1)]
         for _ in range(1, n):
-            layers.append(self.extend_(cache, layers[-1]).argmax(dim=-1))
-        return torch.stack(layers, dim=2)
+            logits = self.extend_(cache, layers[-1])
+            layers.append(logits.argmax(dim=-1))
+        codes = torch.stack(layers, dim=2)
+        return (codes, logits) if return_last_logits else codes
