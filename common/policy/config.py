@@ -57,6 +57,12 @@ class PolicyTrainConfig:
     # states, where a draft fit only to demo states agrees with the main model much less often.
     draft_augment_copies: int = 0  # perturbed copies of the training inputs for distillation (0 = none)
     draft_augment_noise: float = 0.1  # largest perturbation, in units of each input dimension's std
+    # Per chunk and layer, the probability that the main model reads its own argmax instead of the
+    # demo's tokens, with the later layers' targets relabelled to correct it (common/policy/losses.py)
+    own_prefix_prob: float = 0.0
+    # Weight of the ordinal loss term: each token's mean level value vs its target's (what
+    # --decode-rule expected decodes); 0 = plain cross-entropy
+    expected_value_weight: float = 0.0
     feature_cache: str = ""  # openvla-oft: cache file(s) parallel to --data; "" = <data dir>/features/<stem>.openvla_oft_features.h5
     weight_decay: float = 0.01  # AdamW weight decay
     timing_repeats: int = 200  # batch-1 calls per model for the measured cost ratio
@@ -102,6 +108,10 @@ class PolicyTrainConfig:
             raise ValueError(f"--draft-hidden-layers must be >= 0; got {self.draft_hidden_layers}")
         if self.d_model % self.num_heads:
             raise ValueError(f"--d-model ({self.d_model}) must be divisible by --num-heads ({self.num_heads})")
+        if not 0.0 <= self.own_prefix_prob <= 1.0:
+            raise ValueError(f"--own-prefix-prob must be in [0, 1]; got {self.own_prefix_prob}")
+        if self.expected_value_weight < 0:
+            raise ValueError(f"--expected-value-weight must be >= 0; got {self.expected_value_weight}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0; got {self.lr}")
         if self.weight_decay < 0:

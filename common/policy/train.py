@@ -57,6 +57,8 @@ from common.policy.summary import summary_markdown
 from common.provenance import provenance, write_json
 from common.tokenizer.model import LoadedTokenizer, load_tokenizer
 from common.locks import check_writable_dir, output_lock
+from common.policy.losses import MainLoss
+from common.tokenizer.token_code import TokenCode
 from common.training_loop import fit_epochs, refuse_to_replace
 
 MAIN_STATE_KIND = "phase2_main_training_state"
@@ -109,9 +111,15 @@ def _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkp
     }
     normalizer = tok.normalizer.to_dict()
 
+    code = TokenCode(m).to(device) if (cfg.own_prefix_prob or cfg.expected_value_weight) else None
+    main_loss = MainLoss(
+        policy.head, code, own_prefix_prob=cfg.own_prefix_prob, expected_value_weight=cfg.expected_value_weight,
+        value_scale=MainLoss.value_scale_of(code, train.codes) if code is not None else 1.0, seed=cfg.seed + 11,
+    )
+
     def batch_loss(idx):
         x, t, c = train.inputs[idx].to(device), train.task_ids[idx].to(device), train.codes[idx].to(device).long()
-        return policy.head.loss(policy.features(x, t), c)
+        return main_loss(policy.features(x, t), c)
 
     def evaluate():
         ev = evaluate_main(policy, val, device=device)
