@@ -216,3 +216,28 @@ def test_prefix_depth_decoding_runs_fewer_main_passes_and_stays_lossless(models,
         from common.eval.policy import TokenPolicy
 
         TokenPolicy(_cfg(models, tmp_path / "k9", decode_layers=9))
+
+
+def test_expected_value_decoding_uses_the_last_layers_mean_and_keeps_argmax_layers_lossless(models, tmp_path):
+    """--decode-rule expected: the layers before the last are the verified argmax tokens; the last decoded
+    layer becomes the probability-weighted mean of its level values (a chunk of actions differs from argmax)."""
+    from common.eval.policy import TokenPolicy
+    from common.tokenizer.token_code import TokenCode
+
+    cfg = _cfg(models, tmp_path / "ev", num_trials=1, decode_layers=2, decode_rule="expected")
+    assert cfg.run_name.endswith("_k2_ev")
+    policy = TokenPolicy(cfg)
+    obs = torch.linspace(-1, 1, LOW_DIM_OBS_DIM).numpy()
+    actions, info = policy.plan(obs, 0)
+    assert info["identical_to_main_only"] and info["main_passes"] <= 2
+    features = policy.policy.features(torch.as_tensor(obs, dtype=torch.float32)[None], torch.tensor([0])).double()
+    codes, logits = policy.policy.head.greedy_decode(features, 2, return_last_logits=True)
+    expected = TokenCode(policy.tokenizer.model).decode_expected(codes[..., :1], torch.softmax(logits, -1))
+    np.testing.assert_allclose(actions, policy.tokenizer.normalizer.unnormalize(expected[0].numpy()), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        argmax = policy.tokenizer.normalizer.unnormalize(policy.tokenizer.model.decode_from_indices(codes)[0].numpy())
+    assert not np.allclose(actions, argmax)
+    info = evaluate(cfg, progress=False)
+    assert info["errors"] == 0 and info["lossless_identical_fraction"] == 1.0
+    with pytest.raises(ValueError, match="--decode-rule"):
+        _cfg(models, tmp_path / "bad", decode_rule="mean")
