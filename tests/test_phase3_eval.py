@@ -241,3 +241,19 @@ def test_expected_value_decoding_uses_the_last_layers_mean_and_keeps_argmax_laye
     assert info["errors"] == 0 and info["lossless_identical_fraction"] == 1.0
     with pytest.raises(ValueError, match="--decode-rule"):
         _cfg(models, tmp_path / "bad", decode_rule="mean")
+
+
+def test_auto_decode_executes_the_depth_and_rule_phase2_chose_on_held_out_data(models, tmp_path):
+    from common.checkpoints import read_checkpoint
+    from common.policy.model import HEAD_KIND
+
+    choice = read_checkpoint(models["models"] / "best_rfsq_head.pt", kind=HEAD_KIND)["metrics"]["decode_choice"]
+    assert 1 <= choice["layers"] <= 8 and choice["rule"] in ("argmax", "expected")
+    assert len(choice["val_action_mse_by_depth"]["expected"]) == 8
+    cfg = _cfg(models, tmp_path / "auto", num_trials=1, auto_decode=True)
+    assert cfg.run_name.endswith("_auto")
+    info = evaluate(cfg, progress=False)
+    assert info["decoding"] == [{"layers": choice["layers"], "rule": choice["rule"]}]
+    assert info["main_only_passes_per_chunk"] == choice["layers"] and info["lossless_identical_fraction"] == 1.0
+    with pytest.raises(ValueError, match="--auto-decode takes the depth"):
+        _cfg(models, tmp_path / "bad", auto_decode=True, decode_layers=2)

@@ -88,3 +88,36 @@ def test_main_loss_defaults_to_cross_entropy_and_relabels_own_prefixes():
     assert ev > ce
     with pytest.raises(ValueError, match="own_prefix_prob"):
         MainLoss(head, code, own_prefix_prob=1.5)
+
+
+def test_decode_choice_measures_every_depth_and_picks_the_smallest_within_tolerance():
+    from common.policy.decode_choice import action_errors_by_depth, choose_decoding
+
+    errors = {"argmax": [0.05, 0.021, 0.0200, 0.0200], "expected": [0.03, 0.0203, 0.0201, 0.0200]}
+    choice = choose_decoding(errors, tolerance=0.02)
+    assert (choice["layers"], choice["rule"]) == (2, "expected")  # 0.0203 <= 0.0200 * 1.02; argmax 0.021 is not
+    assert choose_decoding(errors, tolerance=0.0)["layers"] == 3
+    # on a real (tiny) head: one entry per depth and rule; a head that predicts the true codes has zero error at full depth
+    model, actions = _calibrated("chunk")
+    codes = model.encode(actions[:8])
+    torch.manual_seed(0)
+    head = RFSQHead(feature_dim=4, tokens_per_layer=model.tokens_per_layer, d_model=16, num_heads=2, num_blocks=1)
+    errors = action_errors_by_depth(head, torch.randn(8, 4), codes, model)
+    assert len(errors["argmax"]) == len(errors["expected"]) == 8 and min(errors["argmax"]) > 0
+
+    class Oracle(torch.nn.Module):  # greedy decoding reads these logits: one-hot on the true codes
+        num_layers, num_levels = 8, 7
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def greedy_decode(self, feats):
+            return codes
+
+        def forward(self, feats, prefix):
+            return 50.0 * torch.nn.functional.one_hot(codes, 7).permute(0, 2, 1, 3).float()
+
+    exact = action_errors_by_depth(Oracle(), torch.zeros(8, 4), codes, model)
+    assert exact["argmax"][-1] == 0.0 and exact["expected"][-1] < 1e-10
+    assert exact["argmax"][0] > exact["argmax"][2] > exact["argmax"][-1]

@@ -22,6 +22,7 @@ from common.artifacts import (
 )
 from common.eval.closed_loop import evaluate
 from common.eval.config import EvalConfig
+from common.eval.summary import decoding_label
 from common.provenance import provenance, write_json
 
 VARIANTS = {  # name -> (tokenizer, strategy)
@@ -45,6 +46,8 @@ class ComparisonConfig:
     replan_steps: int = 4  # actions executed per decoded chunk before replanning (env steps)
     decode_layers: int = 0  # decode only the first N RFSQ layers in every variant (0 = all; see EvalConfig)
     decode_rule: str = "argmax"  # last decoded layer: argmax | expected (mean level value; see EvalConfig)
+    # every variant decodes the depth and rule its head checkpoint chose on held-out data (see EvalConfig)
+    auto_decode: bool = False
     max_steps: int = 0  # 0 = the suite's standard limit
     workers: int = 0  # parallel episode processes; 0 = number of CPU cores
     seed: int = 0  # env seed
@@ -134,7 +137,7 @@ def _variant_infos(cfg: ComparisonConfig, out: Path) -> dict[str, dict]:
         ecfg = EvalConfig(
             task_suite=cfg.task_suite, tasks=cfg.tasks, num_trials=cfg.trials_for_variant[name], use_speculative_decoding=True,
             tokenizer=tokenizer, strategy=strategy, replan_steps=cfg.replan_steps, max_steps=cfg.max_steps, workers=cfg.workers, seed=cfg.seed,
-            decode_layers=cfg.decode_layers, decode_rule=cfg.decode_rule,
+            decode_layers=cfg.decode_layers, decode_rule=cfg.decode_rule, auto_decode=cfg.auto_decode,
             compare_main_only=True, models_dir=cfg.models_dir, results_dir=cfg.results_dir, out=str(out / name),
         )
         infos[name] = evaluate(ecfg)
@@ -162,18 +165,19 @@ def run_comparison(cfg: ComparisonConfig) -> dict:
     lines = [
         f"Suite `{cfg.task_suite}`, tasks {cfg.tasks}, trial i = init state i (trials per task in the table), replan every {cfg.replan_steps} steps"
         + (f", first {cfg.decode_layers} layers decoded" if cfg.decode_layers else "")
-        + (", last decoded layer by its expected value." if cfg.decode_rule == "expected" else "."),
+        + (", last decoded layer by its expected value" if cfg.decode_rule == "expected" else "")
+        + (", each variant decoding the depth and rule its head chose on held-out data (decoded column)." if cfg.auto_decode else "."),
         f"Scripted expert on the same tasks: {_pct(expert)}.",
         "",
-        "| variant | trials / task | success | fine-grained | policy ms / env step (spec) | (main-only) | token decode ms / chunk (spec) | (main-only) | token-decode speedup | main passes / chunk (spec / main-only) | mean accepted layers | draft cost (main passes) | lossless identical | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | trials / task | success | fine-grained | decoded | policy ms / env step (spec) | (main-only) | token decode ms / chunk (spec) | (main-only) | token-decode speedup | main passes / chunk (spec / main-only) | mean accepted layers | draft cost (main passes) | lossless identical | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, info in infos.items():
         lat, step = info["latency_ms"], info["step_latency"] or {}
         spec_tok = lat.get("main_ms", {}).get("mean", float("nan")) + lat.get("draft_ms", {}).get("mean", 0.0)
         lines.append(
             f"| {name} | {cfg.trials_for_variant[name]} | {_pct(info['success_rate'])} | {_pct(info['fine_grained_success_rate'])} | "
-            f"{_num(step.get('policy_ms_per_env_step'))} | {_num(step.get('main_only_policy_ms_per_env_step'))} | "
+            f"{decoding_label(info)} | {_num(step.get('policy_ms_per_env_step'))} | {_num(step.get('main_only_policy_ms_per_env_step'))} | "
             f"{_num(spec_tok)} | {_num(lat.get('ref_main_ms', {}).get('mean'))} | {_num(info['token_decode_speedup'])}x | "
             f"{_num(info['main_passes_per_chunk'])} / {_num(info['main_only_passes_per_chunk'])} | {_num(info['mean_accepted_layers'])} | "
             f"{_num(draft_cost_in_main_passes(info))} | "

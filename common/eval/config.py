@@ -73,6 +73,9 @@ class EvalConfig:
     # of its level values under the main model's distribution; the layers before it stay argmax, so
     # speculative verification of them stays exact)
     decode_rule: str = "argmax"
+    # decode the depth and rule Phase 2 chose on held-out data by action error (the head checkpoint's
+    # ``decode_choice``, common/policy/decode_choice.py) instead of --decode-layers / --decode-rule
+    auto_decode: bool = False
 
     def __post_init__(self):
         if self.task_suite not in SUITES:
@@ -91,6 +94,8 @@ class EvalConfig:
             raise ValueError(f"--backbone must be state, openvla-oft or empty (= from the head checkpoint); got {self.backbone!r}")
         if self.decode_rule not in DECODE_RULES:
             raise ValueError(f"--decode-rule must be one of {DECODE_RULES}; got {self.decode_rule!r}")
+        if self.auto_decode and (self.decode_layers or self.decode_rule != "argmax"):
+            raise ValueError("--auto-decode takes the depth and rule from the head checkpoint: drop --decode-layers / --decode-rule")
         if self.acceptance not in ("exact", "relaxed"):
             raise ValueError(f"--acceptance must be exact or relaxed; got {self.acceptance!r}")
         if self.acceptance == "exact" and self.tolerance != 0:
@@ -108,6 +113,7 @@ class EvalConfig:
         acc = "" if self.acceptance == "exact" else f"_relaxed{self.tolerance}"
         acc += f"_k{self.decode_layers}" if self.decode_layers else ""
         acc += "_ev" if self.decode_rule == "expected" else ""
+        acc += "_auto" if self.auto_decode else ""
         return f"{self.task_suite}_{self.tokenizer}_{self.strategy}_{dec}{acc}"
 
     def out_dir(self) -> Path:
@@ -127,6 +133,7 @@ class EvalConfig:
         for k in ("workers", "out", "results_dir", "save_videos", "torch_threads", "num_trials", "tasks", "assert_lossless",
                   "gpu", "plan", "spawn", "backbone"):
             d.pop(k)
-        if d["decode_rule"] == "argmax":  # the default: runs written before the flag existed still resume
-            d.pop("decode_rule")
+        for key, default in (("decode_rule", "argmax"), ("auto_decode", False)):
+            if d[key] == default:  # runs written before the flag existed still resume
+                d.pop(key)
         return d

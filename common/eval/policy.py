@@ -34,6 +34,13 @@ class TokenPolicy:
         self.tokenizer = load_tokenizer(paths["tokenizer"], require_conditioning="layernorm" if cfg.tokenizer == "robust" else "none")
         # Strategy B deliberately pairs naive-token models with the robust decoder (explicit opt-in).
         self.policy = load_policy(paths["head"], paths["draft"], self.tokenizer, allow_tokenizer_mismatch=cfg.strategy == "B")
+        self.decode_layers, self.decode_rule = cfg.decode_layers, cfg.decode_rule
+        if cfg.auto_decode:
+            choice = self.policy.head_metrics.get("decode_choice")
+            if not choice:
+                raise ValueError(f"--auto-decode: {paths['head']} records no decode_choice (retrain Phase 2 with this code, "
+                                 "or pass --decode-layers / --decode-rule)")
+            self.decode_layers, self.decode_rule = int(choice["layers"]), str(choice["rule"])
         if cfg.decode_layers > self.policy.head.num_layers:
             raise ValueError(f"--decode-layers {cfg.decode_layers}: {paths['head']} decodes {self.policy.head.num_layers} layers; use 1..{self.policy.head.num_layers} (0 = all)")
         if cfg.backbone and cfg.backbone != self.policy.backbone_kind:
@@ -51,7 +58,7 @@ class TokenPolicy:
         self.policy.head.to(self.dtype)
         self.policy.draft.to(self.draft_dtype)
         self.token_code = None
-        if cfg.decode_rule == "expected":
+        if self.decode_rule == "expected":
             from common.tokenizer.token_code import TokenCode
 
             self.token_code = TokenCode(self.tokenizer.model)
@@ -119,7 +126,7 @@ class TokenPolicy:
         features = self._features(observation, task_index, timer).to(self.dtype)
         info: dict[str, Any] = {}
         decoded: dict[str, torch.Tensor] = {}  # the driving decode's last-layer logits
-        depth = cfg.decode_layers or None  # None: all layers
+        depth = self.decode_layers or None  # None: all layers
 
         def decode():
             if cfg.use_speculative_decoding:
@@ -161,7 +168,8 @@ class TokenPolicy:
                 normalized = self.token_code.decode_expected(codes[..., :-1], probs)[0].numpy()
         actions = self.tokenizer.normalizer.unnormalize(normalized)
         # totals: preprocess/backbone accumulate over the extractor's samples (one per chunk here)
-        info.update(backbone_s=timer.totals["backbone"], tokenizer_decode_s=timer.last["tokenizer_decode"])
+        info.update(backbone_s=timer.totals["backbone"], tokenizer_decode_s=timer.last["tokenizer_decode"],
+                    decoded_layers=int(codes.shape[2]), decode_rule=self.decode_rule)
         if "preprocess" in timer.totals:
             info["preprocess_s"] = timer.totals["preprocess"]
         features_s = info["backbone_s"] + info.get("preprocess_s", 0.0)

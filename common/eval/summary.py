@@ -68,6 +68,7 @@ def summarize(cfg: EvalConfig, rows: list[dict], *, wall_seconds: float, episode
         }
     errors = [{"task": r["task"], "trial": r["trial"], "error": r["error"]} for r in rows if r["status"] == "error"]
     identical = [c["identical_to_main_only"] for c in chunks if "identical_to_main_only" in c]
+    decoded = sorted({(c["decoded_layers"], c["decode_rule"]) for c in chunks if "decoded_layers" in c})
     return {
         "run_name": cfg.run_name,
         "config": asdict(cfg),
@@ -85,6 +86,8 @@ def summarize(cfg: EvalConfig, rows: list[dict], *, wall_seconds: float, episode
         "step_latency": step_latency,
         "acceptance_per_layer": acceptance_per_layer,
         "mean_accepted_layers": float(np.mean([c["accepted_layers"] for c in chunks])) if cfg.use_speculative_decoding and chunks else None,
+        # what was executed: decoded layers and the last layer's rule (one pair unless the run mixes models)
+        "decoding": [{"layers": k, "rule": r} for k, r in decoded],
         "main_passes_per_chunk": float(np.mean(passes)) if passes else None,
         "main_only_passes_per_chunk": float(np.mean(ref_passes)) if ref_passes else None,
         "main_pass_ratio": (float(np.mean(passes)) / float(np.mean(ref_passes))) if ref_passes else None,
@@ -183,6 +186,7 @@ def render_table(info: dict) -> str:
         lines.append(f"| {name} | {s['mean']:.2f} | {s['p50']:.2f} | {s['p95']:.2f} |")
     lines += [
         "",
+        f"Decoded: {decoding_label(info)}. "
         f"Main passes per chunk: {_fmt(info['main_passes_per_chunk'])} (main-only {_fmt(info['main_only_passes_per_chunk'])}); "
         f"mean accepted layers {_fmt(info['mean_accepted_layers'])}; acceptance per layer "
         f"{[round(a, 3) for a in info['acceptance_per_layer']] if info['acceptance_per_layer'] else '—'}; "
@@ -190,6 +194,12 @@ def render_table(info: dict) -> str:
     ]
     lines += render_latency_breakdown(info)
     return "\n".join(lines)
+
+
+def decoding_label(info: dict) -> str:
+    """E.g. "2 layers, last by expected value" (runs written before the field existed: "—")."""
+    parts = [f"{d['layers']} layers" + (", last by expected value" if d["rule"] == "expected" else "") for d in info.get("decoding", [])]
+    return "; ".join(parts) or "—"
 
 
 def write_outputs(info: dict, out: Path) -> None:

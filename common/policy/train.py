@@ -57,6 +57,7 @@ from common.policy.summary import summary_markdown
 from common.provenance import provenance, write_json
 from common.tokenizer.model import LoadedTokenizer, load_tokenizer
 from common.locks import check_writable_dir, output_lock
+from common.policy.decode_choice import action_errors_by_depth, choose_decoding
 from common.policy.losses import MainLoss
 from common.tokenizer.token_code import TokenCode
 from common.training_loop import fit_epochs, refuse_to_replace
@@ -144,8 +145,10 @@ def _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkp
     load_state_strict(policy, ckpt, paths["head"])
     policy.to(device).eval()
     metrics = dict(ckpt["metrics"])
-    if "val_greedy_token_acc" not in metrics:
+    if "val_greedy_token_acc" not in metrics or "decode_choice" not in metrics:
         metrics.update(evaluate_main(policy, val, device=device, greedy=True))
+        errors = action_errors_by_depth(policy.head, compute_features(policy, val, device=device), val.codes, tok.model)
+        metrics["decode_choice"] = choose_decoding(errors)
         ckpt_new = save_checkpoint(
             paths["head"], kind=HEAD_KIND, model=policy, config=ckpt["config"], normalizer=ckpt["normalizer"],
             metrics=metrics, extra=ckpt["extra"],
