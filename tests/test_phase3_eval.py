@@ -257,3 +257,17 @@ def test_auto_decode_executes_the_depth_and_rule_phase2_chose_on_held_out_data(m
     assert info["main_only_passes_per_chunk"] == choice["layers"] and info["lossless_identical_fraction"] == 1.0
     with pytest.raises(ValueError, match="--auto-decode takes the depth"):
         _cfg(models, tmp_path / "bad", auto_decode=True, decode_layers=2)
+
+
+def test_relaxed_acceptance_benchmark_reports_the_executed_chunks_deviation_from_main_only(models, tmp_path):
+    from benchmarks.relaxed_acceptance import run
+
+    result = run(str(models["models"]), suite=SUITE, tasks="0", num_trials=1, tolerances=[0, 6], workers=1,
+                 auto_decode=False, out=tmp_path, max_steps=12)
+    exact, loose = result["rows"]
+    assert exact["identical_fraction"] == 1.0 and exact["action_mse_vs_main_only"] == 0.0
+    # r = 6 accepts every drafted layer of 7-level tokens: all K coarse layers come from the draft
+    assert loose["mean_accepted_layers"] == pytest.approx(3.0)
+    if loose["identical_fraction"] < 1.0:
+        assert loose["action_mse_vs_main_only"] > 0.0
+    assert "| 6 |" in (tmp_path / "relaxed_acceptance.md").read_text()

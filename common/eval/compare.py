@@ -204,7 +204,8 @@ def run_comparison(cfg: ComparisonConfig) -> dict:
             "success_rate", "fine_grained_success_rate", "success_episodes", "errors", "latency_ms", "step_latency",
             "acceptance_per_layer", "mean_accepted_layers", "main_passes_per_chunk", "main_only_passes_per_chunk",
             "main_pass_ratio", "token_decode_speedup", "lossless_identical_fraction", "per_task", "wall_seconds",
-            "episodes_per_minute")} | {"trials_per_task": cfg.trials_for_variant[name],
+            "episodes_per_minute")} | {"decoding": info.get("decoding", []), "action_mse_vs_main_only": info.get("action_mse_vs_main_only"),
+                                         "trials_per_task": cfg.trials_for_variant[name],
                                          "draft_cost_in_main_passes": draft_cost_in_main_passes(info)} for name, info in infos.items()},
         "provenance": provenance(seed=cfg.seed),
     }

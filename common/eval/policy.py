@@ -156,6 +156,9 @@ class TokenPolicy:
                 ref_codes, codes = reference(), decode()
             identical = bool(torch.equal(ref_codes, codes))
             info["identical_to_main_only"] = identical
+            if not identical:  # relaxed acceptance: how far the executed chunk is from main-only's (normalized units)
+                m = self.tokenizer.model
+                info["action_mse_vs_main_only"] = float(((m.decode_from_indices(codes) - m.decode_from_indices(ref_codes)) ** 2).mean())
             if cfg.assert_lossless and cfg.acceptance == "exact" and not identical:
                 raise LosslessViolation("exact speculative decoding produced tokens that differ from main-only greedy decoding")
         else:

@@ -93,6 +93,9 @@ def summarize(cfg: EvalConfig, rows: list[dict], *, wall_seconds: float, episode
         "main_pass_ratio": (float(np.mean(passes)) / float(np.mean(ref_passes))) if ref_passes else None,
         "token_decode_speedup": token_speedup,
         "lossless_identical_fraction": (float(np.mean(identical)) if identical else None),
+        # mean over ALL compared chunks (identical ones count 0): the action cost of relaxed acceptance
+        "action_mse_vs_main_only": (float(np.sum([c.get("action_mse_vs_main_only", 0.0) for c in chunks]) / len(identical))
+                                    if identical else None),
         "latency_breakdown": latency_breakdown(chunks, sum(r["steps"] for r in rows)),
         "wall_seconds": wall_seconds,
         "workers": workers,
@@ -184,13 +187,15 @@ def render_table(info: dict) -> str:
     lines += ["", "| latency per chunk (ms) | mean | p50 | p95 |", "|---|---|---|---|"]
     for name, s in lat.items():
         lines.append(f"| {name} | {s['mean']:.2f} | {s['p50']:.2f} | {s['p95']:.2f} |")
+    dev = info.get("action_mse_vs_main_only")
+    deviation = f" (action MSE vs main-only {dev:.2e})" if dev else ""
     lines += [
         "",
         f"Decoded: {decoding_label(info)}. "
         f"Main passes per chunk: {_fmt(info['main_passes_per_chunk'])} (main-only {_fmt(info['main_only_passes_per_chunk'])}); "
         f"mean accepted layers {_fmt(info['mean_accepted_layers'])}; acceptance per layer "
         f"{[round(a, 3) for a in info['acceptance_per_layer']] if info['acceptance_per_layer'] else '—'}; "
-        f"token-decode speedup {_fmt(info['token_decode_speedup'])}x; lossless identical {_fmt(info['lossless_identical_fraction'], True)}.",
+        f"token-decode speedup {_fmt(info['token_decode_speedup'])}x; lossless identical {_fmt(info['lossless_identical_fraction'], True)}{deviation}.",
     ]
     lines += render_latency_breakdown(info)
     return "\n".join(lines)

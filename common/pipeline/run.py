@@ -41,11 +41,19 @@ class Profile:
     workers: int
     layout: str = "chunk"  # tokenizer layout (the library default; "dct" = the exact DCT layout)
     latent_dim: int = 16  # chunk layout only
+    # main-model loss options (common/policy/losses.py) and Phase 3 decoding (common/policy/decode_choice.py)
+    own_prefix_prob: float = 0.5
+    expected_value_weight: float = 1.0
+    auto_decode: bool = True
 
 
 PROFILES = {
     # target <= 30 min on 2 cores: all 10 libero_object tasks
     "default": Profile("default", "libero_object", "0-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=10,
+                       policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2),
+    # the default profile on libero_spatial's tasks the scripted expert solves (task 4 it does not:
+    # results/expert_success.md); `rsd_pipeline run --profile spatial` writes report/spatial/
+    "spatial": Profile("spatial", "libero_spatial", "0-3,5-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=10,
                        policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2),
     # target <= 10 min: 5 tasks, fewer demos/epochs/trials
     "quick": Profile("quick", "libero_object", "0-4", demos_per_task=8, tokenizer_epochs=15, policy_epochs=6,
@@ -112,6 +120,7 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
         pcfg = PolicyTrainConfig(
             data=str(demos), num_episodes=0, epochs=profile.policy_epochs, batch_size=profile.policy_batch_size,
             lr=1e-3, d_model=profile.d_model, num_blocks=profile.num_blocks, models_dir=str(models),
+            own_prefix_prob=profile.own_prefix_prob, expected_value_weight=profile.expected_value_weight,
             results_dir=str(results), data_dir=str(data), progress=progress, rfsq_checkpoint=str(tok_cfgs[cond].output_paths()["best"]), timing_repeats=50,
             overwrite=True,  # a stage reruns on purpose (its fingerprint or outputs changed)
         )
@@ -129,7 +138,7 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
 
     # the scripted expert's committed success rates (benchmarks/expert_success.py), not this run's
     ccfg = ComparisonConfig(task_suite=profile.suite, tasks=profile.tasks, num_trials=profile.eval_trials,
-                            workers=profile.workers, max_steps=profile.eval_max_steps,
+                            workers=profile.workers, max_steps=profile.eval_max_steps, auto_decode=profile.auto_decode,
                             expert_results=str(expert_success_results(REPO_ROOT / "results")),
                             models_dir=str(models), results_dir=str(results))
     p3 = phase3_comparison(results, profile.suite) / "comparison.json"
