@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The decode size sweep on one GPU (issue 13): run from the repository root on the device machine,
-#     bash benchmarks/device_sweep.sh
+#     bash benchmarks/device_sweep.sh [extra bench_decode_sweep flags, e.g. --budget-s 3 --repeats 3000]
 # It needs python3 with torch (CUDA), matplotlib and tqdm; the package itself need not be installed.
 # Results land in $OUT/sweep/ and, copied, directly in $OUT (bench_decode_sweep.json / .md / .png);
 # the JSON is rewritten after every main size, so a run cut short by the timeout keeps what it measured.
@@ -13,7 +13,7 @@ mkdir -p "$OUT/sweep"
 nvidia-smi -L
 python3 -c 'import torch; print(torch.__version__)'
 
-timeout 400 python3 -m benchmarks.bench_decode_sweep --device cuda --out "$OUT/sweep"
+timeout 400 python3 -m benchmarks.bench_decode_sweep --device cuda --out "$OUT/sweep" "$@"
 status=$?
 echo "bench_decode_sweep exit status: $status"
 

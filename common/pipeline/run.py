@@ -64,10 +64,17 @@ PROFILES = {
 }
 
 
+# Settings added after stages were fingerprinted, with the value that reproduces the earlier behaviour:
+# at that value they stay out of the fingerprint, so adding a flag does not redo finished stages.
+ADDED_SETTINGS = {"reach_margin": 1.05, "first_stage_margin": 1.5, "own_prefix_prob": 0.0, "expected_value_weight": 0.0,
+                  "decode_rule": "argmax", "auto_decode": False}
+
+
 def settings(cfg, ignore: tuple[str, ...] = ()) -> dict:
     """A stage's settings for its fingerprint: what changes results, not how progress is shown
     (nor ``overwrite``: the pipeline always reruns a stage on purpose)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("progress", "overwrite", *ignore)}
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in ("progress", "overwrite", *ignore) and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
 
 
 def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callable[[str], None] = print, progress: bool = True) -> dict:

@@ -55,6 +55,11 @@ class TokenizerTrainConfig:
     latent_dim: int = 16  # chunk: latent size; timestep: per-step size (not used by dct)
     dct_frequencies: int = 0  # dct: lowest frequencies kept per action dim; 0 = all chunk_len (exact)
     reach: str = "absmax"  # robust stages >= 1: absmax | quantile | std (residual_fsq.py)
+    # Robust stages span their reach x this margin (stage 0: x --first-stage-margin too). A margin > 1
+    # makes the code redundant: a stage can undo part of an error of the stage before it (a policy's
+    # wrong coarse token), at the cost of a coarser step per stage.
+    reach_margin: float = 1.05
+    first_stage_margin: float = 1.5  # extra margin of stage 0 (its reach is the training data's largest deviation)
     num_layers: int = 8  # residual FSQ layers (tokens per chunk = layers x tokens per layer)
     num_levels: int = 7  # quantization levels per token
     val_fraction: float = 0.2  # fraction of EPISODES held out for validation (never frames)
@@ -78,6 +83,8 @@ class TokenizerTrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0; got {self.lr}")
+        if self.reach_margin <= 0 or self.first_stage_margin <= 0:
+            raise ValueError(f"--reach-margin and --first-stage-margin must be > 0; got {self.reach_margin}, {self.first_stage_margin}")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the earlier run, --overwrite replaces it: pass one of them")
         if not 0.0 < self.val_fraction < 1.0:
@@ -98,11 +105,12 @@ def build_tokenizer(cfg: TokenizerTrainConfig) -> ActionRFSQAE:
             chunk_len=cfg.chunk_len, conditioning=cfg.resolved_conditioning, layout="dct",
             latent_dim=(cfg.dct_frequencies or cfg.chunk_len) * 7,
             num_layers=cfg.num_layers, num_levels=cfg.num_levels, reach=cfg.reach,
+            reach_margin=cfg.reach_margin, first_stage_margin=cfg.first_stage_margin,
         )
     return ActionRFSQAE(
         chunk_len=cfg.chunk_len, conditioning=cfg.resolved_conditioning, layout=cfg.layout,
         latent_dim=cfg.latent_dim, hidden_dim=cfg.latent_dim, num_layers=cfg.num_layers, num_levels=cfg.num_levels,
-        reach=cfg.reach,
+        reach=cfg.reach, reach_margin=cfg.reach_margin, first_stage_margin=cfg.first_stage_margin,
     )
 
 
