@@ -34,6 +34,25 @@ def summary_markdown(s: dict[str, Any]) -> str:
         if "val_greedy_token_acc" in main:
             lines.append(f"| token acc (greedy decode) | {_pct(main['val_greedy_token_acc'])} | {100 * main['val_greedy_mean_token_acc']:.1f} |")
         lines.append("")
+    choice = main.get("decode_choice")
+    if choice:
+        errors = choice["val_action_mse_by_depth"]
+        L = len(errors["argmax"])
+        lines += [
+            "| held-out action MSE, greedy decode of the first k layers | " + " | ".join(f"k={k}" for k in range(1, L + 1)) + " |",
+            "|---|" + "---|" * L,
+            "| last layer by argmax | " + " | ".join(f"{e:.2e}" for e in errors["argmax"]) + " |",
+            "| last layer by its expected value | " + " | ".join(f"{e:.2e}" for e in errors["expected"]) + " |",
+            "",
+            f"Decoding chosen for Phase 3 `--auto-decode`: **{choice['layers']} layers, last by "
+            f"{'its expected value' if choice['rule'] == 'expected' else 'argmax'}** (MSE {choice['val_action_mse']:.2e}; the smallest depth "
+            f"within {100 * choice['tolerance']:.0f}% of the best, {choice['best_val_action_mse']:.2e}; normalized action units).",
+            "",
+        ]
+    tc = s.get("train_config", {})
+    if tc.get("own_prefix_prob") or tc.get("expected_value_weight"):
+        lines += [f"Main-model loss: own-prefix probability {tc.get('own_prefix_prob', 0.0)}, expected-value weight "
+                  f"{tc.get('expected_value_weight', 0.0)} (teacher-forced accuracies above are against the demo tokens).", ""]
     d = s.get("draft")
     if d:
         K = len(d["val_token_acc"])
