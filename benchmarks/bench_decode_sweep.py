@@ -6,9 +6,10 @@
     bash benchmarks/device_sweep.sh                                                       # the GPU sweep
 
 For every (main size, draft size) pair it measures, on the same random features:
-  t_pass    one main pass (main-only greedy decode time / L),
+  t_pass    one main pass = main-only greedy decode time / L (the mean of its L single-position passes,
+            the unit the formula counts in),
   c         one draft call, in main passes,
-  v         the verify pass over K+1 positions minus one single-position pass, in main passes,
+  v         the verify pass over K+1 positions minus one main pass, in main passes,
   S         main-only decode time / speculative decode time, at forced acceptance a = 0 .. K,
 and puts the formula's prediction S = L / (L - a + c + v) next to each measured S. Acceptance is
 forced with an oracle draft that runs the real draft (so its cost is real) and then proposes the
@@ -16,10 +17,22 @@ main model's own greedy tokens for the first a layers and wrong tokens after: th
 cost terms, not what a trained draft achieves (Phase 2 / Phase 3 report that). Random weights are
 fine here: the time of a pass does not depend on the weights' values.
 
+Paired, interleaved timing: the speed of a GPU machine or a shared CPU drifts over seconds, so a
+ratio of two medians taken in separate loops mixes the drift into S (it once gave S > 1 at a = 0,
+where speculative decoding does strictly more work). Every ratio here is therefore taken within one
+repeat of one loop, and the reported value is the MEDIAN OF THE PER-REPEAT RATIOS:
+  S(a)  one loop per (main, draft, a): each repeat times a main-only decode and a speculative decode
+        back to back, alternating which goes first; S = median_i(main_i / spec_i);
+  c, v  one loop per main size: each repeat times a main-only decode, the verify pass and every
+        draft's call back to back, the order rotated by one every repeat;
+        c = median_i(L * draft_i / main_i), v = median_i(L * verify_i / main_i) - 1.
+The medians of each call's own times are kept in the JSON too (main_only_ms_per_chunk,
+speculative_ms_per_chunk, verify_ms, draft_ms), with the quartiles of the per-repeat S.
+
 Defaults: CPU runs float64 on one thread and writes to results/bench_decode_sweep/; ``--device cuda``
 runs float32 (full-precision matmuls, no TF32) and writes to results/bench_decode_sweep_gpu/, so
 the CPU results are never overwritten. On CUDA every timed call is bracketed by
-torch.cuda.synchronize() and preceded by warm-up calls; speculative_decode's own stage timer also
+torch.cuda.synchronize() and every loop starts with warm-up repeats; speculative_decode's own stage timer also
 synchronises between the draft and main stages, as it does in the closed-loop evaluation.
 Writes ``bench_decode_sweep.json`` / ``.md`` / ``.png`` to the output folder; the JSON is also
 rewritten after every main size, so a run cut short keeps what it measured ("complete": false).
@@ -35,7 +48,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -59,8 +72,11 @@ DRAFT_SIZES = {  # name -> (width, hidden_layers, mode)
 FEATURE_DIM, L, T, V, K = 128, 8, 16, 7, 3
 DEFAULT_OUT = {"cpu": REPO_ROOT / "results" / "bench_decode_sweep", "cuda": REPO_ROOT / "results" / "bench_decode_sweep_gpu"}
 DEFAULT_DTYPE = {"cpu": "float64", "cuda": "float32"}
-DEFAULT_BUDGET_S = {"cpu": 2.0, "cuda": 1.0}  # wall time aimed at per measurement (the repeat count adapts)
-MIN_REPEATS = 20
+DEFAULT_BUDGET_S = {"cpu": 2.0, "cuda": 1.0}  # wall time aimed at per interleaved loop (the repeat count adapts)
+MIN_REPEATS = 15  # per-repeat ratios vary far less than separate medians, so the slow heads need fewer repeats
+WARMUP_REPEATS = 5  # discarded repeats at the start of a main size's first loop (CUDA kernels, allocator, caches)
+PAIR_WARMUP_REPEATS = 2  # the S loops reuse modules the first loop has already warmed
+TIMING = "paired, interleaved"  # see the module docstring
 
 
 def size_key(main_name: str) -> str:
@@ -98,28 +114,46 @@ class ForcedAcceptanceDraft(torch.nn.Module):
 
 
 class Clock:
-    """Median wall time of a call; on CUDA the queue is drained before and after each timed call."""
+    """Interleaved wall-time loops; on CUDA the queue is drained before and after each timed call.
 
-    def __init__(self, device: torch.device, budget_s: float):
+    ``now`` is injectable so the tests can drive the loop with a simulated, drifting clock."""
+
+    def __init__(self, device: torch.device, budget_s: float, now: Callable[[], float] = time.perf_counter):
         self.sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.budget_ms = 1e3 * budget_s
+        self.now = now
 
-    def median_ms(self, fn: Callable[[], object], repeats: int, warmup: int = 10) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            self.sync()
-            t0 = time.perf_counter()
-            fn()
-            self.sync()
-            times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times)
+    def interleaved_ms(self, fns: Sequence[Callable[[], object]], repeats: int) -> list[list[float]]:
+        """Times (ms) of each fn per repeat, all fns called back to back in every repeat, the order rotated
+        by one each repeat (two fns: alternating which goes first), so drift and call-order effects hit
+        every fn alike -> one list of ``repeats`` times per fn."""
+        times: list[list[float]] = [[] for _ in fns]
+        for i in range(repeats):
+            first = i % len(fns)
+            for j in [*range(first, len(fns)), *range(first)]:
+                self.sync()
+                t0 = self.now()
+                fns[j]()
+                self.sync()
+                times[j].append(1e3 * (self.now() - t0))
+        return times
 
-    def repeats_for(self, fn: Callable[[], object], max_repeats: int) -> int:
-        """Enough calls to fill the time budget, at least MIN_REPEATS (or max_repeats if smaller)."""
-        probe_ms = self.median_ms(fn, 5, warmup=5)
-        return max(min(MIN_REPEATS, max_repeats), min(max_repeats, int(self.budget_ms / max(probe_ms, 1e-6))))
+    def measure(self, fns: Sequence[Callable[[], object]], max_repeats: int, warmup: int) -> list[list[float]]:
+        """``warmup`` repeats (discarded, except as a probe of one repeat's cost), then as many repeats as fill
+        the time budget: at least MIN_REPEATS (or max_repeats if smaller), at most max_repeats."""
+        if warmup < 1:
+            raise ValueError(f"Clock.measure: expected warmup >= 1 (it probes the cost of a repeat), found {warmup}")
+        probe = self.interleaved_ms(fns, warmup)
+        per_repeat_ms = statistics.median(sum(t) for t in zip(*probe))
+        repeats = max(min(MIN_REPEATS, max_repeats), min(max_repeats, int(self.budget_ms / max(per_repeat_ms, 1e-6))))
+        return self.interleaved_ms(fns, repeats)
+
+
+def median_ratio(numerator: Sequence[float], denominator: Sequence[float], scale: float = 1.0) -> float:
+    """Median over repeats of scale * numerator_i / denominator_i (the pairs come from the same repeat)."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(f"median_ratio: expected two equally long non-empty lists, found {len(numerator)} and {len(denominator)}")
+    return statistics.median(scale * n / d for n, d in zip(numerator, denominator))
 
 
 def measure_main(main_name: str, shape: tuple[int, int, int], features: torch.Tensor, clock: Clock, repeats: int,
@@ -128,21 +162,26 @@ def measure_main(main_name: str, shape: tuple[int, int, int], features: torch.Te
     torch.manual_seed(0)
     main = RFSQHead(feature_dim=FEATURE_DIM, num_layers=L, tokens_per_layer=T, num_levels=V, d_model=d,
                     num_heads=heads, num_blocks=blocks).to(device=device, dtype=dtype).eval()
-    with torch.inference_mode():
-        main_codes = main.greedy_decode(features)
-    reps = clock.repeats_for(lambda: main_only_decode(main, features), repeats)
-    t_greedy = clock.median_ms(lambda: main_only_decode(main, features), reps)
-    t_pass = t_greedy / L
-    with torch.inference_mode():
-        t_verify = clock.median_ms(lambda: main.verify(features, main_codes[..., :K]), reps)
-    rows = []
+    drafts = {}
     for draft_name, (width, hidden, mode) in DRAFT_SIZES.items():
         torch.manual_seed(1)
-        draft = DraftWithProjection(feature_dim=FEATURE_DIM, width=width, coarse_layers=K, tokens_per_layer=T,
-                                    num_levels=V, hidden_layers=hidden, mode=mode).to(device=device, dtype=dtype).eval()
-        with torch.inference_mode():
-            t_draft = clock.median_ms(lambda: draft.propose(features), reps)
-        c, v = t_draft / t_pass, (t_verify - t_pass) / t_pass
+        drafts[draft_name] = DraftWithProjection(
+            feature_dim=FEATURE_DIM, width=width, coarse_layers=K, tokens_per_layer=T, num_levels=V,
+            hidden_layers=hidden, mode=mode).to(device=device, dtype=dtype).eval()
+    loops = tqdm(total=1 + len(drafts) * (K + 1), desc=f"{size_key(main_name)} loops", unit="loop", leave=False)
+    with torch.inference_mode():
+        main_codes = main.greedy_decode(features)
+        # c and v: one interleaved loop of main-only decode, verify pass and every draft's call
+        terms = [lambda: main_only_decode(main, features), lambda: main.verify(features, main_codes[..., :K])]
+        terms += [lambda draft=draft: draft.propose(features) for draft in drafts.values()]
+        t_main, t_verify, *t_drafts = clock.measure(terms, repeats, warmup=WARMUP_REPEATS)
+        loops.update()
+    t_greedy = statistics.median(t_main)
+    t_pass = t_greedy / L
+    v = median_ratio(t_verify, t_main, scale=L) - 1.0
+    rows = []
+    for (draft_name, draft), t_draft in zip(drafts.items(), t_drafts):
+        c = median_ratio(t_draft, t_main, scale=L)
         for a in range(K + 1):
             oracle = ForcedAcceptanceDraft(draft, main_codes, a)
             codes, stats = speculative_decode(main, oracle, features)
@@ -150,19 +189,29 @@ def measure_main(main_name: str, shape: tuple[int, int, int], features: torch.Te
             # single-position passes; record it (and time the acceptance that happened) rather than lose the run
             observed, lossless = stats.accepted_layers[0], bool(torch.equal(codes, main_codes))
             if observed != a or not lossless:
-                print(f"WARNING {main_name} / {draft_name}: forced a={a}, observed a={observed}, "
-                      f"codes equal main-only: {lossless}", flush=True)
-            t_spec = clock.median_ms(lambda: speculative_decode(main, oracle, features), reps)
+                tqdm.write(f"WARNING {main_name} / {draft_name}: forced a={a}, observed a={observed}, "
+                           f"codes equal main-only: {lossless}")
+            pair = [lambda: main_only_decode(main, features), lambda oracle=oracle: speculative_decode(main, oracle, features)]
+            with torch.inference_mode():
+                t_main_pair, t_spec = clock.measure(pair, repeats, warmup=PAIR_WARMUP_REPEATS)
+            loops.update()
+            s_per_repeat = sorted(m / s for m, s in zip(t_main_pair, t_spec))
+            q1, _, q3 = statistics.quantiles(s_per_repeat, n=4) if len(s_per_repeat) > 1 else s_per_repeat * 3
             rows.append({
                 "main": main_name, "d_model": d, "num_blocks": blocks, "main_params": main.num_parameters(),
                 "draft": draft_name, "draft_params": draft.num_parameters(), "accepted_layers": a,
-                "accepted_layers_observed": observed, "codes_equal_main_only": lossless,
-                "repeats": reps, "main_pass_ms": t_pass, "main_only_ms_per_chunk": t_greedy, "verify_ms": t_verify,
-                "draft_ms": t_draft, "speculative_ms_per_chunk": t_spec, "c": c, "v": v,
-                "speedup_measured": t_greedy / t_spec, "speedup_formula": L / (L - observed + c + v),
+                "accepted_layers_observed": observed, "codes_equal_main_only": lossless, "timing": TIMING,
+                "repeats": len(t_spec), "terms_repeats": len(t_main), "main_pass_ms": t_pass,
+                "main_only_ms_terms_loop": t_greedy, "verify_ms": statistics.median(t_verify),
+                "draft_ms": statistics.median(t_draft), "c": c, "v": v,
+                "main_only_ms_per_chunk": statistics.median(t_main_pair), "speculative_ms_per_chunk": statistics.median(t_spec),
+                "speedup_measured": statistics.median(s_per_repeat), "speedup_measured_q1": q1, "speedup_measured_q3": q3,
+                "speedup_ratio_of_medians": statistics.median(t_main_pair) / statistics.median(t_spec),
+                "speedup_formula": L / (L - observed + c + v),
             })
         tqdm.write(f"{main_name:>28} | {draft_name:>30} | pass {t_pass:.3f} ms  c {c:.2f}  v {v:.2f}  "
                    f"S(a=K) {rows[-1]['speedup_measured']:.2f}x (formula {rows[-1]['speedup_formula']:.2f}x)")
+    loops.close()
     return rows
 
 
@@ -174,12 +223,15 @@ def device_label(device: torch.device, threads: int) -> str:
 
 def markdown(rows: list[dict], dtype: str, label: str) -> str:
     lines = [
-        f"Device: {label}; batch 1, {dtype}, torch {torch.__version__}; L = {L} layers x {T} tokens, K = {K} drafted layers. "
-        "S = main-only time / speculative time at forced acceptance a (oracle draft, real draft cost), "
-        "measured, with the formula S = L / (L - a + c + v) in brackets.",
+        f"Device: {label}; batch 1, {dtype}, torch {torch.__version__}; L = {L} layers x {T} tokens, K = {K} drafted layers; "
+        "paired, interleaved timing: S = median over repeats of (main-only time / speculative time), each repeat timing "
+        "the two back to back (alternating which goes first), at forced acceptance a (oracle draft, real draft cost), "
+        "with the formula S = L / (L - a + c + v) in brackets; c and v = medians of per-repeat ratios to one main pass "
+        "(main-only decode / L) from one loop per main size that times main-only decode, verify pass and draft calls "
+        "back to back in a rotating order.",
         "",
-        "| main | params | draft | one main pass (ms) | main-only ms / chunk | c (draft, passes) | v (verify extra, passes) | "
-        "S a=0 (formula) | S a=1 (formula) | S a=2 (formula) | S a=3 (formula) | spec ms / chunk at a=3 |",
+        "| main | params | draft | one main pass (ms) | main-only ms / chunk (c, v loop) | c (draft, passes) | v (verify extra, passes) | "
+        "S a=0 (formula) | S a=1 (formula) | S a=2 (formula) | S a=3 (formula) | main-only / spec ms per chunk at a=3 (same loop) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r["main"], r["draft"]) for r in rows}, key=lambda k: (list(MAIN_SIZES).index(k[0]), list(DRAFT_SIZES).index(k[1])))
@@ -188,8 +240,8 @@ def markdown(rows: list[dict], dtype: str, label: str) -> str:
         r0 = rs[0]
         s = " | ".join(f"{r['speedup_measured']:.2f}x ({r['speedup_formula']:.2f}x)" for r in rs)
         lines.append(
-            f"| {main_name} | {r0['main_params']:,} | {draft_name} | {r0['main_pass_ms']:.3f} | {r0['main_only_ms_per_chunk']:.2f} | "
-            f"{r0['c']:.2f} | {r0['v']:.2f} | {s} | {rs[-1]['speculative_ms_per_chunk']:.2f} |"
+            f"| {main_name} | {r0['main_params']:,} | {draft_name} | {r0['main_pass_ms']:.3f} | {r0['main_only_ms_terms_loop']:.2f} | "
+            f"{r0['c']:.2f} | {r0['v']:.2f} | {s} | {rs[-1]['main_only_ms_per_chunk']:.2f} / {rs[-1]['speculative_ms_per_chunk']:.2f} |"
         )
     off = [r for r in rows if r["accepted_layers_observed"] != r["accepted_layers"] or not r["codes_equal_main_only"]]
     if off:
@@ -205,11 +257,13 @@ def plot(rows: list[dict], path: Path, label: str) -> None:
     for draft_name in DRAFT_SIZES:
         top = [r for r in rows if r["draft"] == draft_name and r["accepted_layers"] == K]
         x = [r["main_params"] for r in top]
-        ax.plot(x, [r["speedup_measured"] for r in top], "o-", label=f"{draft_name}: measured")
-        ax.plot(x, [r["speedup_formula"] for r in top], "x--", label=f"{draft_name}: formula")
+        s = [r["speedup_measured"] for r in top]
+        quartiles = [[m - r["speedup_measured_q1"] for m, r in zip(s, top)], [r["speedup_measured_q3"] - m for m, r in zip(s, top)]]
+        bars = ax.errorbar(x, s, yerr=quartiles, fmt="o-", capsize=3, label=f"{draft_name}: measured (paired; bars: quartiles)")
+        ax.plot(x, [r["speedup_formula"] for r in top], "x--", color=bars.lines[0].get_color(), label=f"{draft_name}: formula")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set(xscale="log", xlabel="main model parameters", ylabel=f"token-decode speedup at a = {K} (all drafted layers accepted)",
-           title=f"Speculative decoding vs main-only, batch 1, {label}")
+           title=f"Speculative decoding vs main-only, batch 1, paired timing, {label}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,9 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_decode_sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", default=None, help="output folder (default results/bench_decode_sweep, _gpu on cuda)")
-    parser.add_argument("--repeats", type=int, default=200, help="most timed calls per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=200, help="most timed repeats per interleaved loop (medians over repeats)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="wall time aimed at per measurement; fewer calls for slow models (default 2 on cpu, 1 on cuda)")
+                        help="wall time aimed at per interleaved loop; fewer repeats for slow models (default 2 on cpu, 1 on cuda)")
     parser.add_argument("--dtype", choices=("float64", "float32"), default=None,
                         help="precision of both models (default float64 on cpu, float32 on cuda)")
     parser.add_argument("--sizes", default=None, help=f"comma list of main sizes, default all: {','.join(map(size_key, MAIN_SIZES))}")
@@ -250,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     label = device_label(device, args.threads)
     features = torch.randn(1, FEATURE_DIM, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     result = {
-        "rows": [], "complete": False, "device": device.type, "device_name": label, "torch_version": torch.__version__,
+        "rows": [], "complete": False, "timing": TIMING, "device": device.type, "device_name": label, "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda, "dtype": dtype_name, "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "repeats": args.repeats, "budget_s": clock.budget_ms / 1e3, "threads": args.threads, "sizes": [size_key(n) for n in sizes],
         "L": L, "K": K, "tokens_per_layer": T, "provenance": provenance(seed=0),
