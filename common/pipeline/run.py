@@ -43,7 +43,7 @@ class Profile:
     latent_dim: int = 16  # chunk layout only
     # main-model loss options (common/policy/losses.py) and Phase 3 decoding (common/policy/decode_choice.py)
     own_prefix_prob: float = 0.5
-    expected_value_weight: float = 1.0
+    expected_value_weight: float = 5.0
     auto_decode: bool = True
 
 
