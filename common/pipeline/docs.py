@@ -63,6 +63,8 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                    "python -m benchmarks.policy_action_error --models-dir <make run models>"),
     "phase3_policy_action_error_naive": ("phase3_diagnostics/policy_action_error_naive.md", "phase3_diagnostics/policy_action_error_naive.json",
                                          "python -m benchmarks.policy_action_error --models-dir <make run models> --tag naive"),
+    "phase3_levers": ("phase3_diagnostics/levers/levers.md", "phase3_diagnostics/levers/levers.json",
+                      "python -m benchmarks.lever_table --runs label=<phase3.compare folder>,... (runs under results/phase3_diagnostics/levers/runs)"),
     "bench_decode_sweep": ("bench_decode_sweep/bench_decode_sweep.md", "bench_decode_sweep/bench_decode_sweep.json",
                            "python -m benchmarks.bench_decode_sweep"),
     "bench_decode_sweep_gpu": ("bench_decode_sweep_gpu/bench_decode_sweep.md", "bench_decode_sweep_gpu/bench_decode_sweep.json",

@@ -1,0 +1,90 @@
+"""One table of what each policy lever did in closed loop: finished Phase 3 comparisons side by side.
+
+    python -m benchmarks.lever_table --runs "plain, argmax 8 layers=DIR,..." [--out results/phase3_diagnostics/levers]
+
+Each DIR is a ``phase3.compare`` output folder (its ``comparison.json``); the table lists per run and
+variant the success, the trials, the decoding executed, the main passes per chunk and, when the
+folder's parent holds the ``policy_action_error.json`` of the same models (``benchmarks.policy_action_error
+--out <parent>``), the policy's lowest held-out action MSE. Runs compared here must share suite,
+tasks and trials (checked), so the rows differ only in what the label says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import rsd_entry
+from common.eval.summary import decoding_label
+from common.provenance import REPO_ROOT, provenance, write_json
+
+
+def _held_out_mse(folder: Path) -> float | None:
+    path = folder.parent / "policy_action_error.json"
+    if not path.exists():
+        return None
+    rows = json.loads(path.read_text())["rows"]
+    return min(min(r["policy_mse"], r.get("policy_mse_expected_last", r["policy_mse"])) for r in rows)
+
+
+def build(runs: list[tuple[str, Path]]) -> dict:
+    rows, settings = [], set()
+    for label, folder in runs:
+        path = folder / "comparison.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: expected a finished phase3.compare output folder for run {label!r}")
+        comparison = json.loads(path.read_text())
+        cfg = comparison["config"]
+        settings.add((cfg["task_suite"], cfg["tasks"], cfg["num_trials"]))
+        for variant, v in comparison["variants"].items():
+            decoding = v.get("decoding") or [  # runs written before the field: main-only decodes exactly the decoded layers
+                {"layers": round(v["main_only_passes_per_chunk"]), "rule": cfg.get("decode_rule", "argmax")}]
+            rows.append({"run": label, "variant": variant, "success_rate": v["success_rate"], "episodes": v["success_episodes"],
+                         "trials_per_task": v["trials_per_task"], "decoding": decoding,
+                         "main_passes_per_chunk": v["main_passes_per_chunk"], "main_only_passes_per_chunk": v["main_only_passes_per_chunk"],
+                         "held_out_action_mse": _held_out_mse(folder), "source": str(path),
+                         "source_git_sha": comparison.get("provenance", {}).get("git_sha")})
+    if len(settings) != 1:
+        raise ValueError(f"runs differ in (suite, tasks, trials per task): {sorted(settings)}; compare like with like")
+    suite, tasks, trials = settings.pop()
+    return {"suite": suite, "tasks": tasks, "trials_per_task": trials, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"`{result['suite']}` tasks {result['tasks']}, {result['trials_per_task']} trials per task (trial i = init state i); "
+        "held-out action MSE = the policy's lowest over decoded depths and rules (normalized action units).",
+        "",
+        "| run | variant | success | decoded | main passes / chunk (main-only) | held-out action MSE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        mse = "—" if r["held_out_action_mse"] is None else f"{r['held_out_action_mse']:.2e}"
+        lines.append(f"| {r['run']} | {r['variant']} | {100 * r['success_rate']:.1f}% | {decoding_label(r)} | "
+                     f"{r['main_passes_per_chunk']:.2f} ({r['main_only_passes_per_chunk']:.0f}) | {mse} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.lever_table", description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", required=True, help='comma-separated "label=folder" pairs (phase3.compare outputs)')
+    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "levers"))
+    args = parser.parse_args(argv)
+    runs = []
+    for item in filter(None, (x.strip() for x in args.runs.split(","))):
+        label, sep, folder = item.rpartition("=")  # labels may hold "=", folders do not
+        if not sep:
+            raise ValueError(f"--runs: expected label=folder, found {item!r}")
+        runs.append((label.strip(), Path(folder.strip())))
+    result = build(runs)
+    result["provenance"] = provenance(seed=0)
+    out = Path(args.out)
+    write_json(out / "levers.json", result)
+    (out / "levers.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    rsd_entry.main(main, sys.argv[1:])
