@@ -271,3 +271,12 @@ def test_relaxed_acceptance_benchmark_reports_the_executed_chunks_deviation_from
     if loose["identical_fraction"] < 1.0:
         assert loose["action_mse_vs_main_only"] > 0.0
     assert "| 6 |" in (tmp_path / "relaxed_acceptance.md").read_text()
+
+
+def test_first_trial_offsets_the_init_states_and_is_checked(models, tmp_path):
+    jobs = planned_jobs(_cfg(models, tmp_path / "a", num_trials=3, first_trial=20))
+    assert jobs == [(0, 20), (0, 21), (0, 22)]
+    with pytest.raises(ValueError, match="from --first-trial 48"):
+        planned_jobs(_cfg(models, tmp_path / "b", num_trials=3, first_trial=48))
+    with pytest.raises(ValueError, match="--first-trial must be >= 0"):
+        _cfg(models, tmp_path / "c", first_trial=-1)

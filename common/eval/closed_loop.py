@@ -177,12 +177,13 @@ def planned_jobs(cfg: EvalConfig) -> list[tuple[int, int]]:
     tasks = parse_task_spec(cfg.tasks, suite.get_num_tasks())
     for task in tasks:
         available = len(suite.get_task_init_states(task))
-        if cfg.num_trials > available:
+        if cfg.first_trial + cfg.num_trials > available:
             raise ValueError(
-                f"--num-trials {cfg.num_trials}: {cfg.task_suite} task {task} has {available} init states "
-                f"(trial i runs init state i); use --num-trials <= {available}"
+                f"--num-trials {cfg.num_trials}" + (f" from --first-trial {cfg.first_trial}" if cfg.first_trial else "")
+                + f": {cfg.task_suite} task {task} has {available} init states "
+                f"(trial i runs init state i); use --first-trial + --num-trials <= {available}"
             )
-    return [(task, trial) for task in tasks for trial in range(cfg.num_trials)]
+    return [(task, trial) for task in tasks for trial in range(cfg.first_trial, cfg.first_trial + cfg.num_trials)]
 
 
 def check_setup(cfg: EvalConfig) -> tuple[list[tuple[int, int]], dict[str, str]]:

@@ -39,6 +39,7 @@ class ComparisonConfig:
     task_suite: str = "libero_object"  # LIBERO suite (see phase3/modal_phase3_libero_eval.py --help)
     tasks: str = "0-9"  # task ids: 'all', a range '0-9' or a list '0,3,5'
     num_trials: int = 10  # episodes per task and variant; trial i = init state i (at most 50)
+    first_trial: int = 0  # first init state of every task (e.g. 20: layouts the make-run demos never saw)
     variants: str = "naive,robust-A,robust-B"  # comma-separated subset of naive, robust-A, robust-B
     # per-variant trial counts, e.g. "robust-B=10": a variant already conclusive at fewer trials
     # need not spend the full budget (the table states each variant's trials); "" = --num-trials for all
@@ -135,7 +136,8 @@ def _variant_infos(cfg: ComparisonConfig, out: Path) -> dict[str, dict]:
             continue
         tokenizer, strategy = VARIANTS[name]
         ecfg = EvalConfig(
-            task_suite=cfg.task_suite, tasks=cfg.tasks, num_trials=cfg.trials_for_variant[name], use_speculative_decoding=True,
+            task_suite=cfg.task_suite, tasks=cfg.tasks, num_trials=cfg.trials_for_variant[name], first_trial=cfg.first_trial,
+            use_speculative_decoding=True,
             tokenizer=tokenizer, strategy=strategy, replan_steps=cfg.replan_steps, max_steps=cfg.max_steps, workers=cfg.workers, seed=cfg.seed,
             decode_layers=cfg.decode_layers, decode_rule=cfg.decode_rule, auto_decode=cfg.auto_decode,
             compare_main_only=True, models_dir=cfg.models_dir, results_dir=cfg.results_dir, out=str(out / name),
@@ -163,7 +165,8 @@ def run_comparison(cfg: ComparisonConfig) -> dict:
     tasks = sorted(int(t) for t in next(iter(infos.values()))["per_task"])
     expert = expert_rate(Path(cfg.expert_results) if cfg.expert_results else expert_success_results(results), cfg.task_suite, tasks)
     lines = [
-        f"Suite `{cfg.task_suite}`, tasks {cfg.tasks}, trial i = init state i (trials per task in the table), replan every {cfg.replan_steps} steps"
+        f"Suite `{cfg.task_suite}`, tasks {cfg.tasks}, trial i = init state i (trials per task in the table"
+        + (f", from init state {cfg.first_trial}" if cfg.first_trial else "") + f"), replan every {cfg.replan_steps} steps"
         + (f", first {cfg.decode_layers} layers decoded" if cfg.decode_layers else "")
         + (", last decoded layer by its expected value" if cfg.decode_rule == "expected" else "")
         + (", each variant decoding the depth and rule its head chose on held-out data (decoded column)." if cfg.auto_decode else "."),

@@ -40,6 +40,9 @@ class EvalConfig:
     task_suite: str = "libero_object"  # libero_spatial | libero_object | libero_goal | libero_10 | libero_90
     tasks: str = "0-9"  # task ids of the suite: 'all', a range '0-9' or a list '0,3,5'
     num_trials: int = 50  # episodes per task; trial i starts from init state i (at most 50 per task)
+    # first trial (init state) of each task: e.g. 20 skips the layouts the make-run demos were
+    # recorded from (init states 0-19), so success is measured on object placements never trained on
+    first_trial: int = 0
     use_speculative_decoding: bool = True  # draft proposes coarse tokens, main verifies (else main-only decoding)
     tokenizer: str = "robust"  # robust | naive
     strategy: str = "A"  # A: models trained on this tokenizer's tokens; B: naive-token models + robust decoder
@@ -103,7 +106,7 @@ class EvalConfig:
         for name in ("num_trials", "replan_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        for name in ("workers", "max_steps", "save_videos", "tolerance", "decode_layers"):
+        for name in ("workers", "max_steps", "save_videos", "tolerance", "decode_layers", "first_trial"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
 
@@ -130,7 +133,7 @@ class EvalConfig:
         """Fields that must match for a rerun to reuse finished episodes."""
         d = asdict(self)
         # where and how it runs (and Modal scheduling), not what it evaluates
-        for k in ("workers", "out", "results_dir", "save_videos", "torch_threads", "num_trials", "tasks", "assert_lossless",
+        for k in ("workers", "out", "results_dir", "save_videos", "torch_threads", "num_trials", "first_trial", "tasks", "assert_lossless",
                   "gpu", "plan", "spawn", "backbone"):
             d.pop(k)
         for key, default in (("decode_rule", "argmax"), ("auto_decode", False)):
