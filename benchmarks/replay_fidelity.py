@@ -1,5 +1,6 @@
 """Tokenizer fidelity in closed loop: recorded demo actions replayed open-loop from their init states,
-raw vs encoded–decoded by the naive and the robust tokenizer at prefix depth k.
+raw vs encoded–decoded by the naive and the robust tokenizer at prefix depth k, and naive codes read by the
+robust decoder (Strategy B).
 
     python -m benchmarks.replay_fidelity --data DEMOS.hdf5 --models-dir MODELS [--demos-per-task 1] [--depths 1,2,3,8]
 
@@ -29,17 +30,20 @@ from common.sim.libero_env import LiberoTaskEnv, library_versions
 from common.tokenizer.model import LoadedTokenizer, load_tokenizer
 
 
-def chunked_roundtrip(tokenizer: LoadedTokenizer, actions: np.ndarray, depth: int) -> np.ndarray:
-    """actions [T, 7] -> the same actions after encode -> first ``depth`` layers -> decode."""
+def chunked_roundtrip(tokenizer: LoadedTokenizer, actions: np.ndarray, depth: int, decoder: LoadedTokenizer | None = None) -> np.ndarray:
+    """actions [T, 7] -> the same actions after encode -> first ``depth`` layers -> decode.
+
+    ``decoder``: decode the codes with another tokenizer (Strategy B: naive codes, robust decoder)."""
     model = tokenizer.model
+    decoder = decoder or tokenizer
     n = model.chunk_len
     starts = np.arange(0, len(actions), n)
     chunks = future_chunks(actions, chunk_len=n)[starts]  # [C, n, 7], last padded with the final action
     with torch.no_grad():
         x = torch.from_numpy(tokenizer.normalizer.normalize(chunks))
         codes = model.encode(x)
-        decoded = model.decode_from_indices(codes[..., :depth]).numpy()
-    return tokenizer.normalizer.unnormalize(decoded).reshape(-1, actions.shape[1])[: len(actions)]
+        decoded = decoder.model.decode_from_indices(codes[..., :depth]).numpy()
+    return decoder.normalizer.unnormalize(decoded).reshape(-1, actions.shape[1])[: len(actions)]
 
 
 def replay(env: LiberoTaskEnv, init_state_index: int, actions: np.ndarray) -> dict:
@@ -62,7 +66,8 @@ def run(data: str, models_dir: str, *, suite: str, demos_per_task: int, depths: 
         if "init_state_index" not in ep.attrs:
             raise ValueError(f"{data}: data/{ep.name} has no init_state_index attribute (collect demos with phase1_improved.collect_demos)")
         by_task.setdefault(ep.task_id, []).append(ep)
-    variants = ["raw"] + [f"{name} k={k}" for name in tokenizers for k in depths]
+    # Strategy B: the naive code decoded by the robust decoder, at full depth (what Phase 3's robust-B executes)
+    variants = ["raw"] + [f"{name} k={k}" for name in tokenizers for k in depths] + [f"naive codes, robust decoder k={max(depths)}"]
     rows = []
     jobs = [(task, ep) for task in sorted(by_task) for ep in by_task[task][:demos_per_task]]
     bar = tqdm(total=len(jobs) * len(variants), desc="replays")
@@ -75,6 +80,8 @@ def run(data: str, models_dir: str, *, suite: str, demos_per_task: int, depths: 
         for variant in variants:
             if variant == "raw":
                 actions = ep.actions
+            elif variant.startswith("naive codes, robust decoder"):
+                actions = chunked_roundtrip(tokenizers["naive"], ep.actions, max(depths), decoder=tokenizers["robust"])
             else:
                 name, k = variant.split(" k=")
                 actions = chunked_roundtrip(tokenizers[name], ep.actions, int(k))

@@ -45,12 +45,14 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "phase2_draft_w256": ("phase2/ablation_draft_chained_w256/train_summary.md", "phase2/ablation_draft_chained_w256/train_summary.json",
                           "make evidence's robust draft line with --draft-width 256 --draft-hidden-layers 2 --epochs 15 --models-dir <copy of the models>"),
     "phase3_libero_object": ("phase3/compare_libero_object/comparison.md", "phase3/compare_libero_object/comparison.json",
-                             "python -m phase3.compare --task-suite libero_object --tasks 0-9 --num-trials 50 --variant-trials robust-B=10"),
+                             "python -m phase3.compare --task-suite libero_object --tasks 0-9 --num-trials 20 --first-trial 20 "
+                             "--variant-trials robust-B=5 --auto-decode --models-dir <models of the default make run> --results-dir results"),
     "phase3_draft_float32": ("phase3/draft_float32_libero_object/eval_table.md", "phase3/draft_float32_libero_object/eval_info.json",
                              "python -m phase3.modal_phase3_libero_eval --task-suite libero_object --tasks 0-9 --num-trials 10 "
                              "--tokenizer robust --strategy A --draft-dtype float32 --out results/phase3/draft_float32_libero_object"),
     "phase3_libero_spatial": ("phase3/compare_libero_spatial/comparison.md", "phase3/compare_libero_spatial/comparison.json",
-                              "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 50 --variant-trials robust-B=10"),
+                              "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 10 --first-trial 20 "
+                              "--variant-trials robust-B=5 --auto-decode --models-dir <models of rsd_pipeline run --profile spatial> --results-dir results"),
     "bench_rate_distortion": ("bench_rate_distortion.md", "bench_rate_distortion.json",
                               "python -m benchmarks.bench_rate_distortion --epochs 15 (demos: see phase1_improved/AGENT_GUIDE.md)"),
     "action_statistics": ("action_statistics.md", "action_statistics.json", "python -m benchmarks.action_statistics"),
