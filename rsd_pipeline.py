@@ -1,6 +1,6 @@
 """The local pipeline and the docs generator.
 
-    python -m rsd_pipeline run [--profile default|quick|tiny]   # what `make run` / `make run QUICK=1` call
+    python -m rsd_pipeline run [--profile default|quick|spatial|tiny]   # what `make run` / `make run QUICK=1` call
     python -m rsd_pipeline report                               # regenerate the results sections of the docs
     python -m rsd_pipeline check-docs                           # exit 1 if a generated section is stale
 

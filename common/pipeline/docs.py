@@ -73,6 +73,8 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                "bash benchmarks/device_sweep.sh (on a GPU machine)"),
     # the local pipeline's report folder (report/ beside results/), written by `make run`
     "pipeline": ("../report/data/pipeline/pipeline_summary.md", "../report/data/pipeline/pipeline_summary.json", "make run"),
+    "pipeline_spatial": ("../report/spatial/data/pipeline/pipeline_summary.md", "../report/spatial/data/pipeline/pipeline_summary.json",
+                         "python -m rsd_pipeline run --profile spatial"),
 }
 
 MARKER = re.compile(r"(<!-- results:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
