@@ -1,0 +1,99 @@
+"""Absolute token-decode latency per chunk of trained models: all L layers main-only (what Phase 3 ran
+before decoding depth was chosen) against the depth Phase 2 chose, main-only and speculative.
+
+    python -m benchmarks.decode_depth_latency --models-dir MODELS [--tag ""|naive] [--chunks 200]
+
+Features are the backbone's on held-out demo steps (the head's ``val_episode_keys``), batch 1, float64
+as Phase 3 runs them, one thread. The three decodes of a chunk are timed back to back in a rotating
+order (``benchmarks.bench_decode_sweep.Clock``), so a busy machine slows all alike; the table gives
+medians over chunks and repeats and the median per-chunk ratios to the full-depth main-only decode.
+Writes ``decode_depth_latency{_tag}.json`` / ``.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+import rsd_entry
+from benchmarks.bench_decode_sweep import Clock, median_ratio
+from common.artifacts import policy_paths
+from common.checkpoints import read_checkpoint
+from common.decoding.speculative import main_only_decode, speculative_decode
+from common.policy.labels import build_split, load_policy_episodes
+from common.policy.metrics import compute_features
+from common.policy.model import HEAD_KIND, load_policy
+from common.provenance import REPO_ROOT, provenance, write_json
+from common.tokenizer.model import load_tokenizer
+
+
+def measure(models_dir: Path, tag: str, chunks: int, repeats: int) -> dict:
+    paths = policy_paths(models_dir, models_dir, tag)
+    ckpt = read_checkpoint(paths["head"], kind=HEAD_KIND)
+    choice = ckpt["metrics"].get("decode_choice")
+    if not choice:
+        raise ValueError(f"{paths['head']}: no decode_choice in its metrics (retrain Phase 2 with this code)")
+    tokenizer = load_tokenizer(ckpt["extra"]["tokenizer_path"])
+    policy = load_policy(paths["head"], paths["draft"], tokenizer)
+    data_paths = [p.strip() for p in ckpt["extra"]["train_config"]["data"].split(",") if p.strip()]
+    episodes, _ = load_policy_episodes(data_paths)
+    held_out = [e for e in episodes if e["key"] in set(ckpt["metrics"]["val_episode_keys"])]
+    split = build_split(tokenizer, held_out, backbone="state", data_paths=data_paths, feature_cache_paths=[])
+    feats = compute_features(policy.policy, split, device=torch.device("cpu")).double()
+    step = max(1, len(feats) // chunks)
+    feats = feats[::step][:chunks]
+    head, draft = policy.head.double(), policy.draft.double()
+    L, k = head.num_layers, int(choice["layers"])
+    clock = Clock(torch.device("cpu"), budget_s=1e9)
+    times = {"full": [], "chosen": [], "chosen_spec": []}
+    for f in feats:
+        f = f[None]
+        fns = [lambda: main_only_decode(head, f), lambda: main_only_decode(head, f, num_layers=k),
+               lambda: speculative_decode(head, draft, f, num_layers=k)]
+        t = clock.interleaved_ms(fns, repeats)
+        for name, ms in zip(times, t):
+            times[name].extend(ms)
+    return {
+        "head": str(paths["head"]), "layers": L, "chosen": {"layers": k, "rule": choice["rule"]}, "chunks": len(feats), "repeats": repeats,
+        "median_ms": {name: statistics.median(v) for name, v in times.items()},
+        "ratio_to_full": {name: median_ratio(times["full"], v) for name, v in times.items() if name != "full"},
+    }
+
+
+def markdown(r: dict) -> str:
+    m, x = r["median_ms"], r["ratio_to_full"]
+    return "\n".join([
+        f"Head `{Path(r['head']).name}`; {r['chunks']} held-out demo chunks x {r['repeats']} repeats, batch 1, float64, one thread; "
+        "the three decodes of a chunk timed back to back in a rotating order.",
+        "",
+        "| decode | layers | median ms / chunk | speedup vs all layers main-only (median per-chunk ratio) |",
+        "|---|---|---|---|",
+        f"| main-only, all layers | {r['layers']} | {m['full']:.3f} | 1.00x |",
+        f"| main-only, chosen depth | {r['chosen']['layers']} | {m['chosen']:.3f} | {x['chosen']:.2f}x |",
+        f"| speculative, chosen depth | {r['chosen']['layers']} | {m['chosen_spec']:.3f} | {x['chosen_spec']:.2f}x |",
+    ]) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decode_depth_latency", description=__doc__.split("\n")[0])
+    parser.add_argument("--models-dir", required=True, help="Phase 2 models folder (head with decode_choice, draft, tokenizer)")
+    parser.add_argument("--tag", default="", help='"" (robust tokens) or "naive"')
+    parser.add_argument("--chunks", type=int, default=200, help="held-out chunks timed")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per chunk")
+    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics"))
+    args = parser.parse_args(argv)
+    rsd_entry.setup_process(torch_threads=1)
+    result = measure(Path(args.models_dir), args.tag, args.chunks, args.repeats)
+    result["provenance"] = provenance(seed=0)
+    sfx = f"_{args.tag}" if args.tag else ""
+    write_json(Path(args.out) / f"decode_depth_latency{sfx}.json", result)
+    (Path(args.out) / f"decode_depth_latency{sfx}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    rsd_entry.main(main, sys.argv[1:])
