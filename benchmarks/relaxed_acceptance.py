@@ -7,8 +7,8 @@ executed, so the chunk may differ from main-only decoding).
 Runs the same Phase 3 evaluation (robust tokens, Strategy A, same trials) once per tolerance r
 (r = 0 is exact, lossless acceptance) and tabulates success, the token-decode speedup against
 main-only decoding on the same chunks, main passes, accepted layers, the fraction of chunks identical
-to main-only and the executed chunks' action MSE against main-only's (normalized action units, mean
-over all chunks). Decoding depth and rule: as Phase 2 chose them (``--auto-decode``) unless
+to main-only and the action MSE between the speculative and the main-only token sets, both decoded by
+argmax (normalized action units, mean over all chunks; identical chunks count 0). Decoding depth and rule: as Phase 2 chose them (``--auto-decode``) unless
 ``--full-depth``. Writes ``relaxed_acceptance.json`` / ``.md`` to ``--out``.
 """
 
