@@ -72,6 +72,11 @@ class KVCache:
         return self
 
 
+def _dropout(p: float) -> nn.Module:
+    """Dropout, or nothing at p = 0 (an eval-mode Dropout is still one dispatched op per call)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class _CausalSelfAttention(nn.Module):
     def __init__(self, *, d_model: int, num_heads: int, dropout: float) -> None:
         super().__init__()
@@ -81,25 +86,23 @@ class _CausalSelfAttention(nn.Module):
         self.head_dim = d_model // num_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.attn_drop = nn.Dropout(dropout)
+        self.attn_dropout = float(dropout)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, past: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, past: int,
+                visible: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, n, d] at positions past..past+n-1. ``kv``: this block's cache buffers, into which the
-        new keys/values are written (decoding); ``None`` for a teacher-forced pass over the whole sequence."""
+        new keys/values are written (decoding); ``None`` for a teacher-forced pass over the whole sequence.
+        ``visible`` [n, past+n] bool: the keys each query may see (None: all of them, n == 1)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if kv is not None:
             kv[0][:, :, past : past + n] = k
             kv[1][:, :, past : past + n] = v
             k, v = kv[0][:, :, : past + n], kv[1][:, :, : past + n]
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        if n > 1:  # query i sits at absolute position past+i and may see keys 0..past+i
-            q_pos = torch.arange(past, past + n, device=x.device)
-            k_pos = torch.arange(past + n, device=x.device)
-            scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
-        attn = self.attn_drop(torch.softmax(scores, dim=-1))
-        y = (attn @ v).transpose(1, 2).reshape(b, n, d)
-        return self.out(y)
+        # one fused op instead of matmul / scale / mask / softmax / matmul: at batch 1 the per-op
+        # overhead, not the arithmetic, sets the cost of a pass
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=self.attn_dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
 class _Block(nn.Module):
@@ -109,12 +112,12 @@ class _Block(nn.Module):
         self.attn = _CausalSelfAttention(d_model=d_model, num_heads=num_heads, dropout=dropout)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), _dropout(dropout)
         )
-        self.drop = nn.Dropout(dropout)
+        self.drop = _dropout(dropout)
 
-    def forward(self, x, kv, past):
-        x = x + self.drop(self.attn(self.ln1(x), kv, past))
+    def forward(self, x, kv, past, visible=None):
+        x = x + self.drop(self.attn(self.ln1(x), kv, past, visible))
         return x + self.mlp(self.ln2(x))
 
 
@@ -152,13 +155,16 @@ class RFSQHead(nn.Module):
         self.feat_in = nn.Sequential(nn.LayerNorm(self.feature_dim), nn.Linear(self.feature_dim, d))
         self.code_embed = nn.Embedding(T * V, d)  # index slot*V + level, summed over slots
         self.pos_embed = nn.Embedding(self.num_layers, d)  # position l (0 = features)
-        self.in_drop = nn.Dropout(self.dropout)
+        self.in_drop = _dropout(self.dropout)
         self.blocks = nn.ModuleList(
             [_Block(d_model=d, num_heads=self.num_heads, dropout=self.dropout) for _ in range(self.num_blocks)]
         )
         self.ln_f = nn.LayerNorm(d)
         self.out = nn.Linear(d, T * V)
         self.register_buffer("_slot_offsets", torch.arange(T) * V, persistent=False)
+        # causal mask, built once: the query at position i may see keys 0..i
+        pos = torch.arange(self.num_layers)
+        self.register_buffer("_visible", pos[None, :] <= pos[:, None], persistent=False)
         nn.init.normal_(self.code_embed.weight, std=0.02 / math.sqrt(T))  # sum of T rows ~ std 0.02
         nn.init.normal_(self.pos_embed.weight, std=0.02)
 
@@ -227,11 +233,13 @@ class RFSQHead(nn.Module):
 
     def _embed_layers(self, codes: torch.Tensor, first_layer: int) -> torch.Tensor:
         """codes [B, T, k] (layers first_layer..first_layer+k-1) -> inputs for positions first_layer+1.. [B, k, d]."""
-        k = codes.shape[2]
-        idx = codes.long().transpose(1, 2) + self._slot_offsets  # [B, k, T]
-        emb = self.code_embed(idx).sum(dim=2)  # [B, k, d]
-        pos = torch.arange(first_layer + 1, first_layer + 1 + k, device=codes.device)
-        return emb + self.pos_embed(pos)
+        return self._embed_rows(codes.transpose(1, 2), first_layer)
+
+    def _embed_rows(self, rows: torch.Tensor, first_layer: int) -> torch.Tensor:
+        """``_embed_layers`` for codes laid out as rows [B, k, T] (one row per layer)."""
+        k = rows.shape[1]
+        emb = self.code_embed(rows.long() + self._slot_offsets).sum(dim=2)  # [B, k, d]
+        return emb + self.pos_embed.weight[first_layer + 1 : first_layer + 1 + k]
 
     def _embed_features(self, features: torch.Tensor) -> torch.Tensor:
         pos0 = self.pos_embed.weight[0]
@@ -257,8 +265,10 @@ class RFSQHead(nn.Module):
         h = self.in_drop(x)
         if cache is not None:
             cache.writable()
+        n = x.shape[1]
+        visible = None if n == 1 else self._visible[past : past + n, : past + n]
         for i, blk in enumerate(self.blocks):
-            h = blk(h, None if cache is None else (cache.keys[i], cache.values[i]), past)
+            h = blk(h, None if cache is None else (cache.keys[i], cache.values[i]), past, visible)
         if cache is not None:
             cache.length = past + x.shape[1]
         h = self.ln_f(h)
@@ -349,7 +359,15 @@ class RFSQHead(nn.Module):
             raise ValueError(f"proposed: expected 1 <= K <= {self.num_layers - 1} layers, found {K}")
         if proposed.shape[0] != features.shape[0]:
             raise ValueError(f"proposed: expected batch {features.shape[0]}, found {proposed.shape[0]}")
-        x = torch.cat([self._embed_features(features), self._embed_layers(proposed, 0)], dim=1)
+        return self.verify_(features, proposed)
+
+    def verify_(self, features: torch.Tensor, proposed: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """``verify`` without its argument checks (the decode loop's step; no host syncs)."""
+        return self.verify_rows_(features, proposed.transpose(1, 2))
+
+    def verify_rows_(self, features: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """``verify_`` for proposed layers laid out as rows [B, K, T] (what the draft emits)."""
+        x = torch.cat([self._embed_features(features), self._embed_rows(rows, 0)], dim=1)
         cache = self.new_cache(x.shape[0], like=x)
         return self._run(x, cache), cache
 
