@@ -32,6 +32,12 @@ accepted more layers then takes the main's greedy tokens for layers >= used_pref
 exact mode, so still lossless; in relaxed mode it just replaces some draft tokens by main tokens).
 The evaluation runs batch 1, where the two coincide.
 
+``candidates=N`` (a power of two; features drafts): the draft offers N proposals that differ in
+the first layer's least confident tokens (``DraftWithProjection.propose_candidates``) and the main
+model verifies all of them in the same ONE pass (batch N per chunk); the candidate with the longest
+exact prefix is kept, with its cache rows. At batch 1 on a CPU a pass costs about the same for
+batch 1 or 4 (per-op overhead), so this raises acceptance for almost nothing; still exact.
+
 ``acceptance="relaxed", tolerance=t`` accepts a layer when every draft token is within t levels
 of the main's greedy token; accepted layers keep the DRAFT's tokens, so the result is lossy and
 ``SpecStats.lossy`` is set (report it separately from exact mode).
@@ -46,7 +52,7 @@ import torch
 
 from common.decoding.timing import StageTimer
 from common.policy.draft import DraftWithProjection, check_proposal
-from common.policy.head import RFSQHead
+from common.policy.head import KVCache, RFSQHead
 
 
 @dataclass
@@ -55,6 +61,7 @@ class SpecStats:
     coarse_layers: int  # K (0 for main-only)
     acceptance: str  # "exact" | "relaxed" | "main_only"
     tolerance: int
+    candidates: int = 1  # proposals verified together (``candidates=N``)
     accepted_layers: list[int] = field(default_factory=list)  # per sample, 0..K
     used_prefix: int = 0  # prefix actually used for the (shared-cache) batch = min(accepted_layers)
     main_passes: int = 0  # sequential main calls; the verify pass counts as one
@@ -109,6 +116,7 @@ def speculative_decode(
     timer: StageTimer | None = None,
     draft_features: torch.Tensor | None = None,
     num_layers: int | None = None,
+    candidates: int = 1,
 ) -> tuple[torch.Tensor, SpecStats]:
     """Draft K coarse layers, verify in one main pass, finish sequentially -> (codes [B,T,L], stats).
 
@@ -131,15 +139,22 @@ def speculative_decode(
     K = min(draft.coarse_layers, L - (2 if hidden else 1))  # the verify pass must stay inside the decoded layers
     if K < 1:
         return main_only_decode(main, features, timer, num_layers=L)
+    if candidates != 1:
+        if hidden:
+            raise ValueError(f"candidates: a main_hidden draft proposes one candidate, found candidates={candidates}")
+        return _speculative_candidates(main, draft, features, draft_features, acceptance=acceptance, tolerance=int(tolerance),
+                                       timer=timer, K=K, L=L, N=int(candidates))
     if hidden:
         return _speculative_from_hidden(main, draft, features, acceptance=acceptance, tolerance=int(tolerance), timer=timer, K=K, L=L)
 
+    if features.shape[0] == 1 and acceptance == "exact" and hasattr(draft, "propose_rows"):
+        return _speculative_single(main, draft, features if draft_features is None else draft_features, features, timer=timer, K=K, L=L)
     with timer.stage("draft"):
         proposed = draft.propose(features if draft_features is None else draft_features)[..., :K]  # [B, T, K]
     draft_time = timer.last["draft"]
 
     with timer.stage("main"):
-        logits, cache = main.verify(features, proposed)  # [B, K+1, T, V]
+        logits, cache = main.verify_(features, proposed)  # [B, K+1, T, V]
         main_greedy = logits.argmax(dim=-1).transpose(1, 2)  # [B, T, K+1]
         _, _, accepted = check_proposal(proposed, main_greedy, tolerance=tolerance)
         a = int(accepted.min())
@@ -148,6 +163,64 @@ def speculative_decode(
         cache.truncate_(a + 1)
         passes, positions, last_logits = _finish(main, cache, layers, L, logits[:, a])
     stats = _stats(L, K, acceptance, int(tolerance), accepted, a, 1 + passes, K + 1 + positions, draft_time, timer.last["main"])
+    stats.last_logits = last_logits
+    return torch.stack(layers, dim=2), stats
+
+
+def _speculative_single(main: RFSQHead, draft: DraftWithProjection, draft_features: torch.Tensor, features: torch.Tensor, *,
+                        timer: StageTimer, K: int, L: int) -> tuple[torch.Tensor, SpecStats]:
+    """The evaluation's case, batch 1 and exact acceptance, with as few ops as the algorithm allows
+    (at batch 1 each op costs about as much as its arithmetic): codes stay in the [B, layer, T] rows
+    the draft and the main model emit, and a layer is accepted by one ``torch.equal``. Same result
+    and accounting as the general path (the tests run both)."""
+    with timer.stage("draft"):
+        rows = draft.propose_rows(draft_features)  # [1, K_draft, T]
+        if rows.shape[1] != K:
+            rows = rows[:, :K]
+    draft_time = timer.last["draft"]
+    with timer.stage("main"):
+        logits, cache = main.verify_rows_(features, rows)  # [1, K+1, T, V]
+        greedy = logits.argmax(dim=-1)  # [1, K+1, T]
+        a = 0
+        while a < K and torch.equal(rows[:, a], greedy[:, a]):
+            a += 1
+        last_logits = logits[:, a]
+        passes = positions = 0
+        if a + 1 < L:
+            cache.truncate_(a + 1)
+            layers = [greedy[:, i] for i in range(a + 1)]
+            passes, positions, last_logits = _finish(main, cache, layers, L, last_logits)
+            codes = torch.stack(layers, dim=2)
+        else:
+            codes = greedy[:, : a + 1].transpose(1, 2)
+    stats = _stats(L, K, "exact", 0, [a], a, 1 + passes, K + 1 + positions, draft_time, timer.last["main"])
+    stats.last_logits = last_logits
+    return codes, stats
+
+
+def _speculative_candidates(main: RFSQHead, draft: DraftWithProjection, features: torch.Tensor, draft_features: torch.Tensor | None,
+                            *, acceptance: str, tolerance: int, timer: StageTimer, K: int, L: int, N: int) -> tuple[torch.Tensor, SpecStats]:
+    """N proposals per chunk, verified in ONE main pass of batch B*N (see the module docstring)."""
+    B = features.shape[0]
+    with timer.stage("draft"):
+        cands = draft.propose_candidates(features if draft_features is None else draft_features, N)[..., :K]  # [B, N, T, K]
+    draft_time = timer.last["draft"]
+    with timer.stage("main"):
+        flat = cands.reshape(B * N, *cands.shape[2:])
+        logits, cache = main.verify_(features.repeat_interleave(N, dim=0), flat)  # [B*N, K+1, T, V]
+        main_greedy = logits.argmax(dim=-1).transpose(1, 2)  # [B*N, T, K+1]
+        _, _, accepted_all = check_proposal(flat, main_greedy, tolerance=tolerance)
+        accepted, best = accepted_all.view(B, N).max(dim=1)  # the first candidate with the longest prefix
+        rows = torch.arange(B, device=best.device) * N + best
+        a = int(accepted.min())
+        layers = [flat[rows, :, i].long() for i in range(a)] + [main_greedy[rows, :, a]]
+        passes, positions = 0, 0
+        last_logits = logits[rows, a]
+        if a + 1 < L:  # only the kept candidates' cache rows go on
+            cache = KVCache([k[rows] for k in cache.keys], [v[rows] for v in cache.values], a + 1)
+            passes, positions, last_logits = _finish(main, cache, layers, L, last_logits)
+    stats = _stats(L, K, acceptance, tolerance, accepted, a, 1 + passes, N * (K + 1) + positions, draft_time, timer.last["main"])
+    stats.candidates = N
     stats.last_logits = last_logits
     return torch.stack(layers, dim=2), stats
 
@@ -164,12 +237,12 @@ def _finish(main: RFSQHead, cache, layers: list[torch.Tensor], L: int, last_logi
     return n, n, last_logits
 
 
-def _stats(L: int, K: int, acceptance: str, tolerance: int, accepted: torch.Tensor, a: int, passes: int, positions: int,
+def _stats(L: int, K: int, acceptance: str, tolerance: int, accepted: torch.Tensor | list[int], a: int, passes: int, positions: int,
            draft_time: float, main_time: float) -> SpecStats:
     assert passes == L - a, (passes, L, a)  # the documented accounting
     return SpecStats(
         num_layers=L, coarse_layers=K, acceptance=acceptance, tolerance=tolerance,
-        accepted_layers=[int(x) for x in accepted.tolist()], used_prefix=a, main_passes=passes,
+        accepted_layers=[int(x) for x in (accepted.tolist() if torch.is_tensor(accepted) else accepted)], used_prefix=a, main_passes=passes,
         main_positions=positions, draft_passes=1, draft_time_s=draft_time, main_time_s=main_time,
         lossy=acceptance == "relaxed" and tolerance > 0,
     )

@@ -1,6 +1,7 @@
 """Draft model: cheap one-pass predictor of the K coarsest RFSQ layers.
 
-features [B, feature_dim] --LayerNorm+Linear--> width --(hidden_layers residual MLP blocks)--> h
+features [B, feature_dim] --LayerNorm+Linear--> width --(trunk: hidden_layers residual MLP blocks,
+or a plain GELU/Linear MLP)--> h
 
 mode="parallel": Linear(h) -> logits [B, K, T, V] for all K layers at once (independent layers).
 mode="chained":  layer l's logits come from h_l; its greedy tokens are embedded (one vector per
@@ -25,6 +26,10 @@ import torch.nn.functional as F
 
 
 DRAFT_MODES = ("parallel", "chained")
+# The trunk after the input projection: "residual" = pre-LayerNorm residual MLP blocks (4 ops each);
+# "mlp" = GELU / Linear pairs with no norms (2 ops each). At batch 1 on a CPU the draft's cost is its
+# op count, so the plain MLP is what keeps c small.
+DRAFT_TRUNKS = ("residual", "mlp")
 # What the draft reads: the backbone features (one call before the main model), or the main
 # model's own position-0 hidden state plus its layer-0 tokens (EAGLE / Medusa style: computed anyway
 # by the main model's first pass, so the draft is a few small ops and proposes layers 1..K).
@@ -36,7 +41,7 @@ class _ResidualMLP(nn.Module):
         super().__init__()
         self.ln = nn.LayerNorm(width)
         self.fc = nn.Linear(width, width)
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # eval Dropout still costs an op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop(F.gelu(self.fc(self.ln(x))))
@@ -57,8 +62,11 @@ class DraftWithProjection(nn.Module):
         dropout: float = 0.0,
         mode: str = "parallel",
         input: str = "features",
+        trunk: str = "residual",
     ) -> None:
         super().__init__()
+        if trunk not in DRAFT_TRUNKS:
+            raise ValueError(f"DraftWithProjection: expected trunk in {DRAFT_TRUNKS}, found {trunk!r}")
         if mode not in DRAFT_MODES:
             raise ValueError(f"DraftWithProjection: expected mode in {DRAFT_MODES}, found {mode!r}")
         if input not in DRAFT_INPUTS:
@@ -78,16 +86,22 @@ class DraftWithProjection(nn.Module):
         self.dropout = float(dropout)
         self.mode = mode
         self.input = input
+        self.trunk = trunk
         # layers the draft proposes: 0..K-1 from features; 1..K after the main model's layer 0
         self.first_layer = 1 if input == "main_hidden" else 0
 
         # The projection is what lets one draft architecture sit on any backbone (4096-d OpenVLA or a
         # 256-d state MLP); LayerNorm first because VLA hidden states have large, uneven scales.
         self.projection = nn.Sequential(nn.LayerNorm(self.feature_dim), nn.Linear(self.feature_dim, self.width))
-        self.blocks = nn.Sequential(
-            *[_ResidualMLP(width=self.width, dropout=self.dropout) for _ in range(self.hidden_layers)]
-        )
-        self.ln_out = nn.LayerNorm(self.width)
+        if trunk == "residual":
+            self.blocks = nn.Sequential(*[_ResidualMLP(width=self.width, dropout=self.dropout) for _ in range(self.hidden_layers)])
+            self.ln_out = nn.LayerNorm(self.width)
+        else:  # hidden_layers nonlinearities: GELU, then (Linear, GELU) pairs
+            layers: list[nn.Module] = [nn.GELU()] if self.hidden_layers else []
+            for _ in range(self.hidden_layers - 1):
+                layers += [nn.Linear(self.width, self.width), nn.GELU()]
+            self.blocks = nn.Sequential(*layers)
+            self.ln_out = nn.Identity()
         T, V, K = self.tokens_per_layer, self.num_levels, self.coarse_layers
         if input == "main_hidden":  # the main model's layer-0 tokens, added to the projected hidden state
             self.prefix_embed = nn.Embedding(T * V, self.width)
@@ -116,12 +130,13 @@ class DraftWithProjection(nn.Module):
             "dropout": self.dropout,
             "mode": self.mode,
             "input": self.input,
+            "trunk": self.trunk,
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "DraftWithProjection":
         """Rebuild from ``config`` (a checkpoint's config may hold more keys: tokenizer, head hash)."""
-        keys = ("feature_dim", "width", "coarse_layers", "tokens_per_layer", "num_levels", "hidden_layers", "dropout", "mode", "input")
+        keys = ("feature_dim", "width", "coarse_layers", "tokens_per_layer", "num_levels", "hidden_layers", "dropout", "mode", "input", "trunk")
         return cls(**{"mode": "parallel", **{k: config[k] for k in keys if k in config}})  # "mode": checkpoints from before modes existed
 
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -131,7 +146,7 @@ class DraftWithProjection(nn.Module):
         """Analytic FLOPs of one draft pass (1 multiply-add = 2 FLOPs; norms/GELU ignored)."""
         D, W, h, K = self.feature_dim, self.width, self.hidden_layers, self.coarse_layers
         TV = self.tokens_per_layer * self.num_levels
-        trunk = 2 * D * W + h * 2 * W * W
+        trunk = 2 * D * W + (h if self.trunk == "residual" else max(h - 1, 0)) * 2 * W * W
         if self.mode == "parallel":
             return {"draft_pass": batch * (trunk + 2 * W * K * TV)}
         return {"draft_pass": batch * (trunk + K * 2 * W * TV + (K - 1) * 2 * W * W)}
@@ -167,13 +182,21 @@ class DraftWithProjection(nn.Module):
                 h = self.chain_blocks[layer](h + self.code_embed(tokens + self._slot_offsets).sum(dim=1))
         return torch.stack(logits, dim=1)
 
-    def loss(self, features: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Token cross-entropy against the drafted layers of codes [B, T, >=first_layer+K] (teacher-forced)."""
+    def loss(self, features: torch.Tensor, codes: torch.Tensor, soft_targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Token cross-entropy against the drafted layers of codes [B, T, >=first_layer+K] (teacher-forced).
+
+        ``soft_targets`` [B, K, T, V]: the main model's distributions for the drafted layers (given
+        ``codes`` as its prefix); the loss is then the mean per-token KL(main || draft). Soft targets
+        carry how close each token is to a tie, which is where a draft trained on argmax labels
+        disagrees with the main model most."""
         f = self.first_layer
         target = codes[:, :, f : f + self.coarse_layers].transpose(1, 2).long()  # [B, K, T]
         forced = self.mode == "chained" or self.input == "main_hidden"
         logits = self(features, codes if forced else None)
-        return F.cross_entropy(logits.reshape(-1, self.num_levels), target.reshape(-1))
+        if soft_targets is None:
+            return F.cross_entropy(logits.reshape(-1, self.num_levels), target.reshape(-1))
+        log_p = logits.reshape(-1, self.num_levels).log_softmax(dim=-1)
+        return F.kl_div(log_p, soft_targets.reshape(-1, self.num_levels).to(log_p.dtype), reduction="batchmean")
 
     @torch.no_grad()
     def propose(self, features: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,8 +205,54 @@ class DraftWithProjection(nn.Module):
 
         Features are cast to the draft's own precision (it may run in float32 next to a float64 main
         model: its tokens are verified, so its precision never changes the decoded result)."""
-        features = features.to(self.projection[1].weight.dtype)
-        return self(features, prefix=prefix).argmax(dim=-1).transpose(1, 2)
+        return self.propose_rows(features, prefix).transpose(1, 2)
+
+    @torch.no_grad()
+    def propose_rows(self, features: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """``propose`` laid out as rows [B, K, T] (one per drafted layer; what the decode loop feeds)."""
+        dtype = self.projection[1].weight.dtype
+        return self(features if features.dtype == dtype else features.to(dtype), prefix=prefix).argmax(dim=-1)
+
+    @torch.no_grad()
+    def propose_candidates(self, features: torch.Tensor, num_candidates: int) -> torch.Tensor:
+        """``num_candidates`` = 2^m proposals [B, N, T, K] for one verify pass over all of them.
+
+        Candidate 0 is ``propose``; the others change the first drafted layer only: each of the m
+        tokens with the smallest top-1/top-2 logit margin takes its top-1 or its top-2 level (all
+        2^m combinations). The main model's greedy layer 0 is then covered whenever the draft ranks
+        it first or second on those m tokens and first everywhere else. (A tree over layer 0 only:
+        later layers are conditioned on it, so their alternatives would multiply the batch.)"""
+        m = int(num_candidates).bit_length() - 1
+        if num_candidates < 1 or 1 << m != num_candidates or m > self.tokens_per_layer:
+            raise ValueError(f"num_candidates: expected a power of two <= 2^{self.tokens_per_layer}, found {num_candidates}")
+        if self.input == "main_hidden":
+            raise ValueError("propose_candidates: a main_hidden draft proposes after the main model's layer 0; use a features draft")
+        dtype = self.projection[1].weight.dtype
+        logits = self(features if features.dtype == dtype else features.to(dtype))  # [B, K, T, V]
+        proposed = logits.argmax(dim=-1).transpose(1, 2)  # [B, T, K]
+        if m == 0:
+            return proposed.unsqueeze(1)
+        B, N = proposed.shape[0], num_candidates
+        top_val, top_idx = logits[:, 0].topk(2, dim=-1)  # [B, T, 2]
+        unsure = (top_val[..., 0] - top_val[..., 1]).topk(m, dim=-1, largest=False).indices  # [B, m]
+        first = top_idx[..., 0].gather(1, unsure).unsqueeze(1)  # [B, 1, m]
+        second = top_idx[..., 1].gather(1, unsure).unsqueeze(1)
+        swaps = torch.where(_swap_patterns(m, logits.device), second, first)  # [B, N, m]
+        candidates = proposed.unsqueeze(1).repeat(1, N, 1, 1)  # [B, N, T, K]
+        candidates[..., 0].scatter_(2, unsure.unsqueeze(1).expand(B, N, m), swaps)
+        return candidates
+
+
+_PATTERNS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _swap_patterns(m: int, device: torch.device) -> torch.Tensor:
+    """[2^m, m] bool: row n swaps token j to its top-2 level when bit j of n is set (row 0: none)."""
+    key = (m, str(device))
+    if key not in _PATTERNS:
+        n = torch.arange(1 << m)
+        _PATTERNS[key] = ((n[:, None] >> torch.arange(m)) & 1).bool().to(device)
+    return _PATTERNS[key]
 
 
 def check_proposal(proposed: torch.Tensor, main_greedy: torch.Tensor, *, tolerance: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,7 +263,10 @@ def check_proposal(proposed: torch.Tensor, main_greedy: torch.Tensor, *, toleran
     levels, accepted [B]: the longest all-ok prefix of layers, 0..K).
     """
     K = proposed.shape[-1]
-    token_ok = (proposed.long() - main_greedy[..., :K].long()).abs() <= int(tolerance)
+    if tolerance == 0 and proposed.dtype == main_greedy.dtype:  # the decode loop's case: one comparison
+        token_ok = proposed == main_greedy[..., :K]
+    else:
+        token_ok = (proposed.long() - main_greedy[..., :K].long()).abs() <= int(tolerance)
     layer_ok = token_ok.all(dim=1)
     accepted = torch.cumprod(layer_ok.long(), dim=1).sum(dim=1)
     return token_ok, layer_ok, accepted
