@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.artifacts import ROBUST_TOKENIZER, data_dir_of, models_dir_of, policy_paths, results_dir_of
-from common.policy.draft import DRAFT_INPUTS, DRAFT_MODES
+from common.policy.draft import DRAFT_INPUTS, DRAFT_MODES, DRAFT_TRUNKS
 from common.policy.feature_cache import feature_cache_path
 from common.policy.model import BACKBONES
 from common.training_loop import LoopSettings, RunFiles
@@ -29,7 +29,9 @@ class PolicyTrainConfig:
     data: str = ""  # HDF5 path, or comma-separated paths (e.g. object + spatial demos)
     rfsq_checkpoint: str = ""  # "" = <models dir>/rfsq_robust_best.pt
     backbone: str = "state"  # state | openvla-oft
-    coarse_layers: int = 3  # K: layers the draft predicts
+    # K: layers the draft predicts; 0 = from the main model's decode choice (the layers Phase 3
+    # executes): min(3, decoded - 1), since the verify pass must stay inside the decoded layers
+    coarse_layers: int = 3
     train: str = "main,draft"  # stages to run: main, draft or both
     tag: str = ""  # output suffix; "" = from the tokenizer ("" robust, "naive" naive)
     models_dir: str = ""  # "" = $RSD_MODELS_DIR or ./artifacts/models (Modal: /models)
@@ -41,12 +43,16 @@ class PolicyTrainConfig:
     num_heads: int = 4  # attention heads per block (must divide --d-model)
     draft_width: int = 128  # draft model hidden width
     draft_hidden_layers: int = 2  # draft model hidden layers after its input projection
+    draft_trunk: str = "residual"  # residual (LayerNorm residual blocks) | mlp (plain GELU MLP: fewer ops, cheaper at batch 1)
     # parallel = all K layers from one linear head; chained = layer l conditioned on the draft's own
     # tokens of layers < l, as the main model is (still one draft call; see common/policy/draft.py)
     draft_mode: str = "parallel"
     # What the draft learns: "main" = the main model's own greedy coarse tokens (distillation: what
     # speculative decoding accepts), "labels" = the tokenizer's tokens of the demo actions.
     draft_targets: str = "main"
+    # With --draft-targets main: learn the main model's full distributions (KL) rather than its argmax
+    # tokens; the draft then learns where the main model is near a tie (what candidates exploit)
+    draft_soft_targets: bool = False
     # What the draft reads: "features" (the backbone's, one call before the main model) or
     # "main_hidden" (the main model's position-0 hidden state + its layer-0 tokens: it then proposes
     # layers 1..K for a few small ops; needs --draft-targets main and --coarse-layers <= layers - 2)
@@ -57,6 +63,9 @@ class PolicyTrainConfig:
     # states, where a draft fit only to demo states agrees with the main model much less often.
     draft_augment_copies: int = 0  # perturbed copies of the training inputs for distillation (0 = none)
     draft_augment_noise: float = 0.1  # largest perturbation, in units of each input dimension's std
+    # Phase 3 run folders (comma-separated) made with --record-features by THIS main model: the
+    # closed-loop states its policy visited, added to the distillation set (common/eval/rollouts.py)
+    draft_rollouts: str = ""
     # Per chunk and layer, the probability that the main model reads its own argmax instead of the
     # demo's tokens, with the later layers' targets relabelled to correct it (common/policy/losses.py)
     own_prefix_prob: float = 0.0
@@ -80,6 +89,8 @@ class PolicyTrainConfig:
             )
         if self.draft_mode not in DRAFT_MODES:
             raise ValueError(f"--draft-mode must be one of {DRAFT_MODES}; got {self.draft_mode!r}")
+        if self.draft_trunk not in DRAFT_TRUNKS:
+            raise ValueError(f"--draft-trunk must be one of {DRAFT_TRUNKS}; got {self.draft_trunk!r}")
         if self.draft_input not in DRAFT_INPUTS:
             raise ValueError(f"--draft-input must be one of {DRAFT_INPUTS}; got {self.draft_input!r}")
         if self.draft_input == "main_hidden" and self.draft_targets != "main":
@@ -90,6 +101,8 @@ class PolicyTrainConfig:
             raise ValueError(
                 f"--draft-augment-copies and --draft-augment-noise must be >= 0; got {self.draft_augment_copies}, {self.draft_augment_noise}"
             )
+        if self.draft_rollouts.strip() and self.draft_targets != "main":
+            raise ValueError("--draft-rollouts needs --draft-targets main (rollout states have no demo tokens)")
         if self.draft_augment_copies and self.draft_targets != "main":
             raise ValueError("--draft-augment-copies needs --draft-targets main (perturbed inputs have no demo tokens)")
         if self.draft_augment_copies and self.draft_augment_noise == 0:
@@ -101,7 +114,9 @@ class PolicyTrainConfig:
             raise ValueError(f"--train must be a comma-separated subset of {STAGES}; got {self.train!r}")
         if self.num_episodes < 0:
             raise ValueError(f"--num-episodes must be >= 0 (0 = all); got {self.num_episodes}")
-        for name in ("epochs", "batch_size", "coarse_layers", "d_model", "num_blocks", "num_heads", "draft_width", "timing_repeats"):
+        if self.coarse_layers < 0:
+            raise ValueError(f"--coarse-layers must be >= 0 (0 = from the decode choice); got {self.coarse_layers}")
+        for name in ("epochs", "batch_size", "d_model", "num_blocks", "num_heads", "draft_width", "timing_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.draft_hidden_layers < 0:

@@ -160,6 +160,38 @@ def draft_main_agreement(head: RFSQHead, draft: DraftWithProjection, feats: torc
 
 
 @torch.no_grad()
+def candidate_acceptance(head: RFSQHead, draft: DraftWithProjection, feats: torch.Tensor, *, device: torch.device,
+                         counts: tuple[int, ...] = (1, 2, 4, 8), batch_size: int = 512) -> dict[str, Any]:
+    """Exact acceptance with N candidates per chunk (``speculative_decode(candidates=N)``), per N:
+    ``{"N": {"mean_accepted_layers", "accepted_layers_distribution"}}`` (index a = P(a layers))."""
+    K = draft.coarse_layers
+    out = {}
+    for n in counts:
+        hist = torch.zeros(K + 1, dtype=torch.float64)
+        for sl in batches(len(feats), batch_size):
+            f = feats[sl].to(device)
+            cands = draft.propose_candidates(f, n)  # [B, N, T, K]
+            flat = cands.reshape(-1, *cands.shape[2:])
+            logits, _ = head.verify(f.repeat_interleave(n, dim=0), flat)
+            _, _, accepted = check_proposal(flat, logits.argmax(-1).transpose(1, 2))
+            hist += torch.bincount(accepted.view(len(f), n).max(dim=1).values.cpu(), minlength=K + 1).double()
+        dist = (hist / len(feats)).tolist()
+        out[str(n)] = {"mean_accepted_layers": float(sum(a * p for a, p in enumerate(dist))), "accepted_layers_distribution": dist}
+    return out
+
+
+@torch.no_grad()
+def main_distributions(head: RFSQHead, feats: torch.Tensor, codes: torch.Tensor, *, layers: range, device: torch.device,
+                       batch_size: int = 2048) -> torch.Tensor:
+    """The main model's token distributions [N, len(layers), T, V] (float32, CPU) for ``layers``,
+    teacher-forced on ``codes`` (its own greedy codes, for distillation)."""
+    head.eval()
+    out = [head(feats[sl].to(device), codes[sl].to(device).long())[:, layers.start : layers.stop].softmax(dim=-1).float().cpu()
+           for sl in batches(len(feats), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def measure_costs(head: RFSQHead, draft: DraftWithProjection, *, repeats: int = 200, seed: int = 0) -> dict[str, Any]:
     """Draft pass vs one main pass: params, analytic FLOPs, measured batch-1 CPU time (medians).
 

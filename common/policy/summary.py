@@ -62,7 +62,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
         lines += [
             f"Draft: mode `{tc.get('draft_mode', 'parallel')}`, width {tc.get('draft_width')}, {tc.get('draft_hidden_layers')} hidden layers, "
             f"{tc.get('epochs')} epochs" + (f", {copies} perturbed copies of the training inputs (noise {tc.get('draft_augment_noise')} x std)" if copies else "") + ".",
-            f"Draft trained on {'the main model’s greedy tokens (distillation)' if s.get('train_config', {}).get('draft_targets', 'labels') == 'main' else 'the tokenizer’s tokens of the demos'}; accuracy below is against the demo tokens.",
+            f"Draft trained on {_draft_targets(tc)}; accuracy below is against the demo tokens.",
             "",
             "| draft (held-out, %) | " + " | ".join(f"L{i}" for i in range(K)) + " | mean |",
             "|---|" + "---|" * (K + 1),
@@ -71,9 +71,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
             f"| draft-main agreement (layer) | {_pct(d['agreement_per_layer'])} | |",
             "",
             "Exact-acceptance distribution (accepted layers 0..K, %): " + _pct(d["accepted_layers_distribution"])
-            + f"; mean accepted {d['mean_accepted_layers']:.2f}, main passes per chunk {d['mean_main_passes_per_chunk']:.2f} "
-            f"of {d['main_passes_without_draft']}.",
+            + f"; mean accepted {d['mean_accepted_layers']:.2f} of K = {K} drafted layers.",
             "",
+            *_candidate_lines(d.get("candidate_acceptance")),
             f"Cost, draft vs one main pass: params {c['draft_params']:,} vs {c['main_head_params']:,}; FLOPs "
             f"{c['draft_flops_per_pass']:,} vs {c['main_flops_per_pass_mean']:,.0f} (ratio {c['flops_ratio_draft_over_main_pass']:.3f}); "
             f"time {1e3 * c['draft_time_s_median']:.3f} ms vs {1e3 * c['main_pass_time_s_median']:.3f} ms "
@@ -82,3 +82,25 @@ def summary_markdown(s: dict[str, Any]) -> str:
         ]
     return "\n".join(lines) + "\n"
 
+
+
+def _draft_targets(tc: dict) -> str:
+    if tc.get("draft_targets", "labels") != "main":
+        return "the tokenizer’s tokens of the demos"
+    if tc.get("draft_soft_targets"):
+        return "the main model’s token distributions given its greedy prefix (distillation, KL)"
+    return "the main model’s greedy tokens (distillation)"
+
+
+def _candidate_lines(acc: dict | None) -> list[str]:
+    """Held-out acceptance when N candidates per chunk are verified in one pass (``--draft-candidates``)."""
+    if not acc:
+        return []
+    counts = sorted(acc, key=int)
+    return [
+        "| candidates per chunk (one verify pass) | " + " | ".join(counts) + " |",
+        "|---|" + "---|" * len(counts),
+        "| mean accepted layers | " + " | ".join(f"{acc[n]['mean_accepted_layers']:.3f}" for n in counts) + " |",
+        "| no layer accepted (%) | " + " | ".join(f"{100 * acc[n]['accepted_layers_distribution'][0]:.1f}" for n in counts) + " |",
+        "",
+    ]

@@ -47,10 +47,11 @@ from common.artifacts import models_dir_of, policy_tag
 from common.checkpoints import CheckpointError, load_state_strict, read_checkpoint, save_checkpoint
 from common.data.episodes import split_episodes
 from common.policy.config import PolicyTrainConfig
+from common.eval.rollouts import read_rollout_features
 from common.policy.draft import DraftWithProjection
 from common.policy.labels import LABEL_CONVENTION, PolicyData, batches, build_split, load_policy_episodes
 from common.policy.metrics import (
-    compute_features, draft_main_agreement, evaluate_draft, evaluate_main, greedy_codes, hidden_states, measure_costs,
+    candidate_acceptance, compute_features, draft_main_agreement, evaluate_draft, main_distributions, evaluate_main, greedy_codes, hidden_states, measure_costs,
 )
 from common.policy.model import DRAFT_KIND, HEAD_KIND, PolicyModel
 from common.policy.summary import summary_markdown
@@ -203,17 +204,27 @@ def perturbed_distillation_set(
     return torch.cat(feats), torch.cat(codes)
 
 
-def _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_codes, val_codes, device, meta, on_checkpoint) -> dict:
+def draft_layers(cfg: PolicyTrainConfig, num_layers: int, main_metrics: dict) -> int:
+    """K for the draft: ``--coarse-layers``, or (0) from the layers the main model's decode choice
+    executes: min(3, decoded - 1) (a main_hidden draft: decoded - 2), at least 1."""
+    if cfg.coarse_layers:
+        return cfg.coarse_layers
+    decoded = int(main_metrics.get("decode_choice", {}).get("layers", num_layers))
+    return max(1, min(3, decoded - (2 if cfg.draft_input == "main_hidden" else 1)))
+
+
+def _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_codes, val_codes, device, meta, on_checkpoint,
+                 *, K: int, soft_targets: torch.Tensor | None = None) -> dict:
     m = tok.model
     top = m.num_layers - (2 if cfg.draft_input == "main_hidden" else 1)
-    if not 1 <= cfg.coarse_layers <= top:
-        raise ValueError(f"--coarse-layers must be in [1, {top}] for a {m.num_layers}-layer tokenizer and --draft-input {cfg.draft_input}; got {cfg.coarse_layers}")
+    if not 1 <= K <= top:
+        raise ValueError(f"--coarse-layers must be in [1, {top}] for a {m.num_layers}-layer tokenizer and --draft-input {cfg.draft_input}; got {K}")
     torch.manual_seed(cfg.seed + 1)
     hidden = cfg.draft_input == "main_hidden"
     draft = DraftWithProjection(
-        feature_dim=policy.head.d_model if hidden else policy.feature_dim, width=cfg.draft_width, coarse_layers=cfg.coarse_layers,
+        feature_dim=policy.head.d_model if hidden else policy.feature_dim, width=cfg.draft_width, coarse_layers=K,
         tokens_per_layer=m.tokens_per_layer, num_levels=m.num_levels, hidden_layers=cfg.draft_hidden_layers, mode=cfg.draft_mode,
-        input=cfg.draft_input,
+        input=cfg.draft_input, trunk=cfg.draft_trunk,
     ).to(device)
     # what the draft reads in training: the backbone features, or the main model's position-0 hidden
     # state for them (train_codes then carry the main model's layer 0 as the draft's prefix)
@@ -228,7 +239,8 @@ def _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_codes
     }
 
     def batch_loss(idx):
-        return draft.loss(train_in[idx].to(device), train_codes[idx].to(device).long())
+        soft = None if soft_targets is None else soft_targets[idx].to(device)
+        return draft.loss(train_in[idx].to(device), train_codes[idx].to(device).long(), soft)
 
     def evaluate():
         ev = evaluate_draft(draft, val_f, val_codes, device=device, head=policy.head)
@@ -252,7 +264,11 @@ def _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_codes
     ckpt = read_checkpoint(paths["draft"], kind=DRAFT_KIND)
     if ckpt["extra"].get("head_hash") != head_hash:
         raise CheckpointError(f"{paths['draft']}: best draft belongs to head {ckpt['extra'].get('head_hash')}, not {head_hash}")
-    return {**ckpt["metrics"], "content_hash": ckpt["content_hash"]}
+    extra_metrics = {}
+    if not hidden:  # what --draft-candidates N would accept on the held-out chunks, for the best draft
+        load_state_strict(draft, ckpt, paths["draft"])
+        extra_metrics["candidate_acceptance"] = candidate_acceptance(policy.head, draft.eval(), val_f, device=device)
+    return {**ckpt["metrics"], **extra_metrics, "content_hash": ckpt["content_hash"]}
 
 
 # ==================================================================================== entry
@@ -281,7 +297,7 @@ def _check_before_training(cfg: PolicyTrainConfig, tok: LoadedTokenizer, paths: 
     """What would otherwise fail after training: --coarse-layers vs the tokenizer, output folders
     writable, and a results summary that belongs to another models dir (it would be overwritten)."""
     layers = tok.model.num_layers
-    if "draft" in cfg.stages and not 1 <= cfg.coarse_layers <= layers - 1:
+    if "draft" in cfg.stages and not 0 <= cfg.coarse_layers <= layers - 1:
         raise ValueError(f"--coarse-layers must be in [1, {layers - 1}] for the {layers}-layer tokenizer {tok.path}; got {cfg.coarse_layers}")
     check_writable_dir(paths["head"].parent, "--models-dir")
     check_writable_dir(paths["summary_json"].parent, "--results-dir")
@@ -342,7 +358,20 @@ def _train_policy_locked(cfg: PolicyTrainConfig, tok: LoadedTokenizer, tag: str,
                 )
                 train_f = torch.cat([train_f, extra_f])
                 train_targets = torch.cat([train_targets, extra_codes])
-        draft_metrics = _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_targets, val.codes, device, meta, on_checkpoint)
+            for run in filter(None, (r.strip() for r in cfg.draft_rollouts.split(","))):
+                rollout_f = read_rollout_features(run, head_hash=head_hash).to(train_f.dtype)
+                if rollout_f.shape[1] != train_f.shape[1]:
+                    raise ValueError(f"{run}: recorded features have {rollout_f.shape[1]} dims, this backbone {train_f.shape[1]}")
+                summary.setdefault("draft_rollout_states", {})[run] = len(rollout_f)
+                train_f = torch.cat([train_f, rollout_f])
+                train_targets = torch.cat([train_targets, greedy_codes(policy.head, rollout_f, device=device)])
+        K = draft_layers(cfg, tok.model.num_layers, main_metrics)
+        soft = None
+        if cfg.draft_targets == "main" and cfg.draft_soft_targets:
+            first = 1 if cfg.draft_input == "main_hidden" else 0
+            soft = main_distributions(policy.head, train_f, train_targets, layers=range(first, first + K), device=device)
+        draft_metrics = _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_targets, val.codes, device, meta,
+                                     on_checkpoint, K=K, soft_targets=soft)
         summary["draft_seconds"] = time.perf_counter() - t_draft
         summary["draft_checkpoint"] = str(paths["draft"])
         summary["draft"] = {k: v for k, v in draft_metrics.items() if k not in meta}
