@@ -6,7 +6,7 @@ times, paths, hashes of path-bearing configs and provenance, plus the weights of
 import json, math, sys, pathlib, re
 
 import torch
-VOLATILE = re.compile(r"(seconds|_s$|_ms$|time|wall|created|git_sha|episodes_per_minute|provenance|^path$|_path$|checkpoint$|^cache$|^data$|metrics_jsonl|summary_(json|md)|models_dir|results_dir|data_dir|^out$|expert_results|tokenizer_path|head_path|^source$|latency|policy_ms|speedup|draft_cost|costs|rfsq_checkpoint|last_state|best_checkpoint|^file$|^video$|^error$|content_hash|head_hash|^checkpoints$)")
+VOLATILE = re.compile(r"(seconds|_s$|_ms$|time|wall|created|git_sha|episodes_per_minute|provenance|^path$|_path$|checkpoint$|^cache$|^data$|metrics_jsonl|summary_(json|md)|models_dir|results_dir|data_dir|^out$|expert_results|tokenizer_path|head_path|^source$|latency|policy_ms|speedup|draft_cost|verify_overhead|costs|rfsq_checkpoint|last_state|best_checkpoint|^file$|^video$|^error$|content_hash|head_hash|^checkpoints$)")
 def walk(a, b, path, diffs):
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):

@@ -1,12 +1,14 @@
 """Absolute token-decode latency per chunk of trained models: all L layers main-only (what Phase 3 ran
 before decoding depth was chosen) against the depth Phase 2 chose, main-only and speculative.
 
-    python -m benchmarks.decode_depth_latency --models-dir MODELS [--tag ""|naive] [--chunks 200]
+    python -m benchmarks.decode_depth_latency --models-dir MODELS [--tag ""|naive] [--chunks 200] [--candidates 1,4]
 
 Features are the backbone's on held-out demo steps (the head's ``val_episode_keys``), batch 1, float64
 as Phase 3 runs them, one thread. The three decodes of a chunk are timed back to back in a rotating
 order (``benchmarks.bench_decode_sweep.Clock``), so a busy machine slows all alike; the table gives
-medians over chunks and repeats and the median per-chunk ratios to the full-depth main-only decode.
+medians over chunks and repeats, the median per-chunk ratios to the full-depth main-only decode and
+to the chosen-depth main-only decode (the speculative speedup), and each speculative row's mean
+accepted layers (``--candidates``: proposals verified per chunk in one pass).
 Writes ``decode_depth_latency{_tag}.json`` / ``.md`` to ``--out``.
 """
 
@@ -31,7 +33,7 @@ from common.provenance import REPO_ROOT, provenance, write_json
 from common.tokenizer.model import load_tokenizer
 
 
-def measure(models_dir: Path, tag: str, chunks: int, repeats: int) -> dict:
+def measure(models_dir: Path, tag: str, chunks: int, repeats: int, candidates: tuple[int, ...] = (1,), dtype: str = "float64") -> dict:
     paths = policy_paths(models_dir, models_dir, tag)
     ckpt = read_checkpoint(paths["head"], kind=HEAD_KIND)
     choice = ckpt["metrics"].get("decode_choice")
@@ -43,39 +45,59 @@ def measure(models_dir: Path, tag: str, chunks: int, repeats: int) -> dict:
     episodes, _ = load_policy_episodes(data_paths)
     held_out = [e for e in episodes if e["key"] in set(ckpt["metrics"]["val_episode_keys"])]
     split = build_split(tokenizer, held_out, backbone="state", data_paths=data_paths, feature_cache_paths=[])
-    feats = compute_features(policy.policy, split, device=torch.device("cpu")).double()
+    to = getattr(torch, dtype)
+    feats = compute_features(policy.policy, split, device=torch.device("cpu")).to(to)
     step = max(1, len(feats) // chunks)
     feats = feats[::step][:chunks]
-    head, draft = policy.head.double(), policy.draft.double()
+    head, draft = policy.head.to(to), policy.draft.to(to)
     L, k = head.num_layers, int(choice["layers"])
     clock = Clock(torch.device("cpu"), budget_s=1e9)
-    times = {"full": [], "chosen": [], "chosen_spec": []}
+    spec = {n: "chosen_spec" if n == 1 else f"chosen_spec_c{n}" for n in candidates}
+    times = {"full": [], "chosen": [], **{name: [] for name in spec.values()}}
+    accepted = {name: [] for name in spec.values()}
     for f in feats:
         f = f[None]
-        fns = [lambda: main_only_decode(head, f), lambda: main_only_decode(head, f, num_layers=k),
-               lambda: speculative_decode(head, draft, f, num_layers=k)]
+        fns = [lambda: main_only_decode(head, f), lambda: main_only_decode(head, f, num_layers=k)]
+        fns += [lambda n=n: speculative_decode(head, draft, f, num_layers=k, candidates=n) for n in spec]
         t = clock.interleaved_ms(fns, repeats)
         for name, ms in zip(times, t):
             times[name].extend(ms)
+        for n, name in spec.items():
+            accepted[name].append(speculative_decode(head, draft, f, num_layers=k, candidates=n)[1].used_prefix)
     return {
-        "head": str(paths["head"]), "layers": L, "chosen": {"layers": k, "rule": choice["rule"]}, "chunks": len(feats), "repeats": repeats,
+        "head": str(paths["head"]), "draft": str(paths["draft"]), "layers": L, "chosen": {"layers": k, "rule": choice["rule"]},
+        "drafted_layers": min(draft.coarse_layers, k - 1), "dtype": dtype, "chunks": len(feats), "repeats": repeats, "candidates": list(spec),
         "median_ms": {name: statistics.median(v) for name, v in times.items()},
         "ratio_to_full": {name: median_ratio(times["full"], v) for name, v in times.items() if name != "full"},
+        "spec_speedup": {name: median_ratio(times["chosen"], times[name]) for name in spec.values()},
+        "mean_accepted_layers": {name: sum(v) / len(v) for name, v in accepted.items()},
     }
 
 
 def markdown(r: dict) -> str:
     m, x = r["median_ms"], r["ratio_to_full"]
     return "\n".join([
-        f"Head `{Path(r['head']).name}`; {r['chunks']} held-out demo chunks x {r['repeats']} repeats, batch 1, float64, one thread; "
+        f"Head `{Path(r['head']).name}`; {r['chunks']} held-out demo chunks x {r['repeats']} repeats, batch 1, {r.get('dtype', 'float64')}, one thread; "
         "the three decodes of a chunk timed back to back in a rotating order.",
         "",
         "| decode | layers | median ms / chunk | speedup vs all layers main-only (median per-chunk ratio) |",
         "|---|---|---|---|",
         f"| main-only, all layers | {r['layers']} | {m['full']:.3f} | 1.00x |",
         f"| main-only, chosen depth | {r['chosen']['layers']} | {m['chosen']:.3f} | {x['chosen']:.2f}x |",
-        f"| speculative, chosen depth | {r['chosen']['layers']} | {m['chosen_spec']:.3f} | {x['chosen_spec']:.2f}x |",
+        *[f"| speculative, chosen depth, {n} candidate{'s' if n > 1 else ''} | {r['chosen']['layers']} | {m[name]:.3f} | {x[name]:.2f}x |"
+          for n, name in _spec_rows(r)],
+        "",
+        f"Speculative rows against main-only at the chosen depth (K = {r.get('drafted_layers', '?')} drafted layers; "
+        "a = mean accepted layers on these chunks):",
+        "",
+        "| candidates per chunk | a | speedup vs main-only, chosen depth (median per-chunk ratio) |",
+        "|---|---|---|",
+        *[f"| {n} | {r['mean_accepted_layers'][name]:.3f} | {r['spec_speedup'][name]:.2f}x |" for n, name in _spec_rows(r)],
     ]) + "\n"
+
+
+def _spec_rows(r: dict) -> list[tuple[int, str]]:
+    return [(n, "chosen_spec" if n == 1 else f"chosen_spec_c{n}") for n in r.get("candidates", [1])]
 
 
 def main(argv: list[str]) -> None:
@@ -84,12 +106,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--tag", default="", help='"" (robust tokens) or "naive"')
     parser.add_argument("--chunks", type=int, default=200, help="held-out chunks timed")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per chunk")
+    parser.add_argument("--candidates", default="1,4", help="comma-separated proposals per chunk (powers of two), one speculative row each")
+    parser.add_argument("--dtype", default="float64", choices=("float64", "float32"), help="precision of the token models (Phase 3 --decode-dtype)")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics"))
     args = parser.parse_args(argv)
+    candidates = tuple(int(c) for c in args.candidates.split(",") if c.strip())
     rsd_entry.setup_process(torch_threads=1)
-    result = measure(Path(args.models_dir), args.tag, args.chunks, args.repeats)
+    result = measure(Path(args.models_dir), args.tag, args.chunks, args.repeats, candidates, args.dtype)
     result["provenance"] = provenance(seed=0)
-    sfx = f"_{args.tag}" if args.tag else ""
+    sfx = (f"_{args.tag}" if args.tag else "") + ("_float32" if args.dtype == "float32" else "")
     write_json(Path(args.out) / f"decode_depth_latency{sfx}.json", result)
     (Path(args.out) / f"decode_depth_latency{sfx}.md").write_text(markdown(result))
     print(markdown(result))

@@ -199,6 +199,8 @@ def test_compare_tables_only_rebuilds_from_finished_runs_and_checks_trials(model
     assert v["trials_per_task"] == 1 and v["draft_cost_in_main_passes"] > 0
     lat = v["latency_ms"]
     assert v["draft_cost_in_main_passes"] == pytest.approx(lat["draft_ms"]["mean"] / (lat["ref_main_ms"]["mean"] / 8))
+    one_pass = lat["ref_main_ms"]["mean"] / v["main_only_passes_per_chunk"]
+    assert v["verify_overhead_in_main_passes"] == pytest.approx(lat["main_ms"]["mean"] / one_pass - v["main_passes_per_chunk"])
     assert "| robust-A | 1 |" in (tmp_path / "comparison.md").read_text()
     with pytest.raises(ValueError, match="was run with 1 trials per task, expected 2"):
         compare(CompareConfig(num_trials=2, tables_only=True, **base))

@@ -226,7 +226,8 @@ def _check_resume(cfg: EvalConfig, out: Path, key_path: Path, checkpoints: dict[
     saved = json.loads(key_path.read_text())
     if saved["resume_key"] != cfg.resume_key():
         raise ValueError(f"{out}: holds results of a different configuration ({key_path}); choose another --out")
-    changed = sorted(k for k, h in saved.get("checkpoints", checkpoints).items() if checkpoints.get(k) != h)
+    saved_hashes = saved.get("checkpoints", checkpoints)
+    changed = sorted(k for k, h in checkpoints.items() if saved_hashes.get(k, h) != h)
     if changed:
         raise ValueError(
             f"{out}: finished episodes were run with other {', '.join(changed)} checkpoints than "

@@ -49,6 +49,7 @@ class ComparisonConfig:
     decode_rule: str = "argmax"  # last decoded layer: argmax | expected (mean level value; see EvalConfig)
     # every variant decodes the depth and rule its head checkpoint chose on held-out data (see EvalConfig)
     auto_decode: bool = False
+    draft_candidates: int = 1  # proposals verified per chunk in one main pass (a power of two; see EvalConfig)
     max_steps: int = 0  # 0 = the suite's standard limit
     workers: int = 0  # parallel episode processes; 0 = number of CPU cores
     seed: int = 0  # env seed
@@ -140,7 +141,7 @@ def _variant_infos(cfg: ComparisonConfig, out: Path) -> dict[str, dict]:
             use_speculative_decoding=True,
             tokenizer=tokenizer, strategy=strategy, replan_steps=cfg.replan_steps, max_steps=cfg.max_steps, workers=cfg.workers, seed=cfg.seed,
             decode_layers=cfg.decode_layers, decode_rule=cfg.decode_rule, auto_decode=cfg.auto_decode,
-            compare_main_only=True, models_dir=cfg.models_dir, results_dir=cfg.results_dir, out=str(out / name),
+            draft_candidates=cfg.draft_candidates, compare_main_only=True, models_dir=cfg.models_dir, results_dir=cfg.results_dir, out=str(out / name),
         )
         infos[name] = evaluate(ecfg)
     return infos
@@ -155,6 +156,15 @@ def draft_cost_in_main_passes(info: dict) -> float | None:
     if "draft_ms" not in lat or "ref_main_ms" not in lat or not info.get("main_only_passes_per_chunk"):
         return None
     return lat["draft_ms"]["mean"] / (lat["ref_main_ms"]["mean"] / info["main_only_passes_per_chunk"])
+
+
+def verify_overhead_in_main_passes(info: dict) -> float | None:
+    """v: the speculative path's main-model time in units of one main-only pass, minus its passes
+    (the extra cost of the verify pass's positions and candidates). Same chunks as the draft cost."""
+    lat = info["latency_ms"]
+    if "main_ms" not in lat or "ref_main_ms" not in lat or not info.get("main_only_passes_per_chunk") or info.get("main_passes_per_chunk") is None:
+        return None
+    return lat["main_ms"]["mean"] / (lat["ref_main_ms"]["mean"] / info["main_only_passes_per_chunk"]) - info["main_passes_per_chunk"]
 
 
 def run_comparison(cfg: ComparisonConfig) -> dict:
@@ -172,8 +182,8 @@ def run_comparison(cfg: ComparisonConfig) -> dict:
         + (", each variant decoding the depth and rule its head chose on held-out data (decoded column)." if cfg.auto_decode else "."),
         f"Scripted expert on the same tasks: {_pct(expert)}.",
         "",
-        "| variant | trials / task | success | fine-grained | decoded | policy ms / env step (spec) | (main-only) | token decode ms / chunk (spec) | (main-only) | token-decode speedup | main passes / chunk (spec / main-only) | mean accepted layers | draft cost (main passes) | lossless identical | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | trials / task | success | fine-grained | decoded | policy ms / env step (spec) | (main-only) | token decode ms / chunk (spec) | (main-only) | token-decode speedup | main passes / chunk (spec / main-only) | mean accepted layers | draft cost c (main passes) | verify overhead v (main passes) | lossless identical | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, info in infos.items():
         lat, step = info["latency_ms"], info["step_latency"] or {}
@@ -183,14 +193,16 @@ def run_comparison(cfg: ComparisonConfig) -> dict:
             f"{decoding_label(info)} | {_num(step.get('policy_ms_per_env_step'))} | {_num(step.get('main_only_policy_ms_per_env_step'))} | "
             f"{_num(spec_tok)} | {_num(lat.get('ref_main_ms', {}).get('mean'))} | {_num(info['token_decode_speedup'])}x | "
             f"{_num(info['main_passes_per_chunk'])} / {_num(info['main_only_passes_per_chunk'])} | {_num(info['mean_accepted_layers'])} | "
-            f"{_num(draft_cost_in_main_passes(info))} | "
+            f"{_num(draft_cost_in_main_passes(info))} | {_num(verify_overhead_in_main_passes(info))} | "
             f"{_pct(info['lossless_identical_fraction'])} | {info['errors']} |"
         )
     fine = fine_motion_rows(cfg.models_dir)
     lines += [
         "",
-        "Draft cost = mean draft time / mean time of one main-only pass, same chunks: the speculative path "
-        "is faster only when the mean accepted layers exceed it.",
+        "Draft cost c = mean draft time / mean time of one main-only pass; verify overhead v = the speculative "
+        "path's main time in those units minus its passes; same chunks. Speedup = L / (L - a + c + v): "
+        "speculation pays only when the mean accepted layers a exceed c + v."
+        + (f" The draft offers {cfg.draft_candidates} candidates per chunk, verified in one pass." if cfg.draft_candidates > 1 else ""),
         "",
         f"Tokenizer reconstruction MSE on held-out demo chunks ({fine['heldout']['num_chunks']} chunks; fine-motion = "
         f"{fine['robust']['fine_motion_chunks']} slow / gripper-toggle chunks):",
@@ -209,7 +221,8 @@ def run_comparison(cfg: ComparisonConfig) -> dict:
             "main_pass_ratio", "token_decode_speedup", "lossless_identical_fraction", "per_task", "wall_seconds",
             "episodes_per_minute")} | {"decoding": info.get("decoding", []), "action_mse_vs_main_only": info.get("action_mse_vs_main_only"),
                                          "trials_per_task": cfg.trials_for_variant[name],
-                                         "draft_cost_in_main_passes": draft_cost_in_main_passes(info)} for name, info in infos.items()},
+                                         "draft_cost_in_main_passes": draft_cost_in_main_passes(info),
+                                         "verify_overhead_in_main_passes": verify_overhead_in_main_passes(info)} for name, info in infos.items()},
         "provenance": provenance(seed=cfg.seed),
     }
     write_json(out / "comparison.json", result)

@@ -79,6 +79,12 @@ class EvalConfig:
     # decode the depth and rule Phase 2 chose on held-out data by action error (the head checkpoint's
     # ``decode_choice``, common/policy/decode_choice.py) instead of --decode-layers / --decode-rule
     auto_decode: bool = False
+    # proposals the draft offers per chunk (a power of two), all verified in the same ONE main pass:
+    # 2^m variants of the first drafted layer's m least confident tokens (common/decoding/speculative.py)
+    draft_candidates: int = 1
+    # store the backbone features of every decoded chunk in episodes.jsonl: the states the policy
+    # visits in closed loop, on which Phase 2 can distil the draft (--draft-rollouts)
+    record_features: bool = False
 
     def __post_init__(self):
         if self.task_suite not in SUITES:
@@ -103,6 +109,8 @@ class EvalConfig:
             raise ValueError(f"--acceptance must be exact or relaxed; got {self.acceptance!r}")
         if self.acceptance == "exact" and self.tolerance != 0:
             raise ValueError("--tolerance needs --acceptance relaxed (exact acceptance is lossless, tolerance 0)")
+        if self.draft_candidates < 1 or self.draft_candidates & (self.draft_candidates - 1):
+            raise ValueError(f"--draft-candidates must be a power of two (1, 2, 4, ...); got {self.draft_candidates}")
         for name in ("num_trials", "replan_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
@@ -117,6 +125,7 @@ class EvalConfig:
         acc += f"_k{self.decode_layers}" if self.decode_layers else ""
         acc += "_ev" if self.decode_rule == "expected" else ""
         acc += "_auto" if self.auto_decode else ""
+        acc += f"_c{self.draft_candidates}" if self.draft_candidates > 1 else ""
         return f"{self.task_suite}_{self.tokenizer}_{self.strategy}_{dec}{acc}"
 
     def out_dir(self) -> Path:
@@ -126,8 +135,12 @@ class EvalConfig:
         return self.workers or os.cpu_count() or 1
 
     def checkpoint_paths(self) -> dict[str, Path]:
-        """Which tokenizer / head / draft this configuration evaluates (seed's strategy names)."""
-        return eval_checkpoints(models_dir_of(self.models_dir), tokenizer=self.tokenizer, strategy=self.strategy)
+        """Which tokenizer / head / draft this configuration evaluates (seed's strategy names); main-only
+        decoding needs no draft (it may not be trained yet, e.g. for the rollouts it is distilled on)."""
+        paths = eval_checkpoints(models_dir_of(self.models_dir), tokenizer=self.tokenizer, strategy=self.strategy)
+        if not self.use_speculative_decoding:
+            del paths["draft"]
+        return paths
 
     def resume_key(self) -> dict:
         """Fields that must match for a rerun to reuse finished episodes."""

@@ -33,7 +33,7 @@ class TokenPolicy:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(paths["tokenizer"], require_conditioning="layernorm" if cfg.tokenizer == "robust" else "none")
         # Strategy B deliberately pairs naive-token models with the robust decoder (explicit opt-in).
-        self.policy = load_policy(paths["head"], paths["draft"], self.tokenizer, allow_tokenizer_mismatch=cfg.strategy == "B")
+        self.policy = load_policy(paths["head"], paths.get("draft"), self.tokenizer, allow_tokenizer_mismatch=cfg.strategy == "B")
         self.decode_layers, self.decode_rule = cfg.decode_layers, cfg.decode_rule
         if cfg.auto_decode:
             choice = self.policy.head_metrics.get("decode_choice")
@@ -56,7 +56,8 @@ class TokenPolicy:
         self.dtype = torch.float64 if cfg.decode_dtype == "float64" else torch.float32
         self.draft_dtype = {"float64": torch.float64, "float32": torch.float32}.get(cfg.draft_dtype, self.dtype)
         self.policy.head.to(self.dtype)
-        self.policy.draft.to(self.draft_dtype)
+        if self.policy.draft is not None:
+            self.policy.draft.to(self.draft_dtype)
         self.token_code = None
         if self.decode_rule == "expected":
             from common.tokenizer.token_code import TokenCode
@@ -66,7 +67,7 @@ class TokenPolicy:
         self.checkpoints = {
             "tokenizer": {"path": str(paths["tokenizer"]), "content_hash": self.tokenizer.content_hash},
             "head": {"path": str(paths["head"]), "content_hash": self.policy.head_hash},
-            "draft": {"path": str(paths["draft"]), "content_hash": self.policy.draft_hash},
+            "draft": {"path": str(paths["draft"]) if "draft" in paths else None, "content_hash": self.policy.draft_hash},
         }
 
     def _load_vla(self, head_path) -> None:
@@ -125,6 +126,8 @@ class TokenPolicy:
         cfg, timer = self.cfg, StageTimer()
         features = self._features(observation, task_index, timer).to(self.dtype)
         info: dict[str, Any] = {}
+        if cfg.record_features:
+            info["features"] = features[0].float().tolist()
         decoded: dict[str, torch.Tensor] = {}  # the driving decode's last-layer logits
         depth = self.decode_layers or None  # None: all layers
 
@@ -132,7 +135,7 @@ class TokenPolicy:
             if cfg.use_speculative_decoding:
                 codes, stats = speculative_decode(
                     self.policy.head, self.policy.draft, features, acceptance=cfg.acceptance, tolerance=cfg.tolerance, timer=timer,
-                    num_layers=depth,
+                    num_layers=depth, candidates=cfg.draft_candidates,
                 )
                 info.update(accepted_layers=stats.accepted_layers[0], coarse_layers=stats.coarse_layers, draft_s=stats.draft_time_s)
             else:
