@@ -29,8 +29,11 @@ def test_tiny_pipeline_produces_a_report_whose_numbers_match_the_json(tiny_run):
         assert v["lossless_identical_fraction"] == 1.0
     assert headline_markdown(json.loads((data / "pipeline" / "pipeline_summary.json").read_text())) in report
     assert list((tiny_run["root"] / "report" / "data").rglob("*.png"))
+    robust = tiny_run["summary"]["phase2"]["robust"]  # the draft saw the policy's own closed-loop states
+    assert sum(robust["draft_rollout_states"].values()) > 0 and "1" in robust["draft"]["candidate_acceptance"]
     assert set(tiny_run["summary"]["stages"]) == {
-        "demos", "tokenizer_none", "tokenizer_layernorm", "phase1_compare", "policy_layernorm", "policy_none", "phase3_compare"
+        "demos", "tokenizer_none", "tokenizer_layernorm", "phase1_compare", "main_layernorm", "rollouts_layernorm", "draft_layernorm",
+        "main_none", "rollouts_none", "draft_none", "phase3_compare"
     }
 
 

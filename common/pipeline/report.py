@@ -31,19 +31,19 @@ def headline_markdown(summary: dict) -> str:
         f"Scripted expert on these tasks: {_pct(p3.get('expert_success_rate'))}.",
         "",
         "| variant | success | fine-grained | decoded | token decode ms / chunk (spec / main-only) | token-decode speedup | "
-        "main passes / chunk (spec) | mean accepted layers a | draft cost c (main passes) | lossless identical |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "main passes / chunk (spec) | mean accepted layers a | draft cost c (main passes) | verify overhead v (main passes) | lossless identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in p3["variants"].items():
         sp, lat = v.get("token_decode_speedup"), v.get("latency_ms", {})
         spec_ms = lat.get("main_ms", {}).get("mean", float("nan")) + lat.get("draft_ms", {}).get("mean", 0.0)
         ref_ms = lat.get("ref_main_ms", {}).get("mean", float("nan"))
-        cost = v.get("draft_cost_in_main_passes")
+        cost, over = v.get("draft_cost_in_main_passes"), v.get("verify_overhead_in_main_passes")
         lines.append(
             f"| {name} | {_pct(v['success_rate'])} | {_pct(v['fine_grained_success_rate'])} | {decoding_label(v)} | "
             f"{spec_ms:.2f} / {ref_ms:.2f} | {'—' if sp is None else f'{sp:.2f}x'} | "
             f"{v['main_passes_per_chunk']:.2f} of {v['main_only_passes_per_chunk']:.0f} | "
-            f"{v['mean_accepted_layers']:.2f} | {'—' if cost is None else f'{cost:.2f}'} | {_pct(v['lossless_identical_fraction'])} |"
+            f"{v['mean_accepted_layers']:.2f} | {'—' if cost is None else f'{cost:.2f}'} | {'—' if over is None else f'{over:.2f}'} | {_pct(v['lossless_identical_fraction'])} |"
         )
     return "\n".join(lines)
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from common.artifacts import ArtifactDirs, expert_success_results, phase1_results, phase3_comparison
+from common.artifacts import ArtifactDirs, expert_success_results, phase1_results, phase3_comparison, phase3_results
 from common.pipeline.report import write_report
 from common.pipeline.stages import Stages, file_hash
 from common.provenance import REPO_ROOT, provenance
@@ -45,29 +45,49 @@ class Profile:
     own_prefix_prob: float = 0.5
     expected_value_weight: float = 5.0
     auto_decode: bool = True
+    # the draft (common/policy/draft.py) and speculative decoding (common/decoding/speculative.py):
+    # K from the decode choice, distilled on the main model's distributions over demo and perturbed
+    # states, N candidates for the first layer verified in one pass
+    coarse_layers: int = 0
+    draft_width: int = 256
+    draft_hidden_layers: int = 2
+    draft_trunk: str = "mlp"
+    draft_soft_targets: bool = True
+    draft_augment_copies: int = 3
+    draft_augment_noise: float = 0.3
+    draft_candidates: int = 1
+    # closed-loop states for the draft: main-only rollouts of each policy from init states
+    # rollout_first_trial.. (inside the demos' layouts, apart from the evaluation's 0..eval_trials-1)
+    rollout_trials: int = 2
+    rollout_first_trial: int = 3
 
 
 PROFILES = {
     # target <= 30 min on 2 cores: all 10 libero_object tasks
-    "default": Profile("default", "libero_object", "0-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=10,
+    "default": Profile("default", "libero_object", "0-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=30,
                        policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2),
     # the default profile on libero_spatial's tasks the scripted expert solves (task 4 it does not:
     # results/expert_success.md); `rsd_pipeline run --profile spatial` writes report/spatial/
-    "spatial": Profile("spatial", "libero_spatial", "0-3,5-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=10,
+    "spatial": Profile("spatial", "libero_spatial", "0-3,5-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=30,
                        policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2),
     # target <= 10 min: 5 tasks, fewer demos/epochs/trials
     "quick": Profile("quick", "libero_object", "0-4", demos_per_task=8, tokenizer_epochs=15, policy_epochs=6,
-                     policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=2, eval_max_steps=0, workers=2),
+                     policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=2, eval_max_steps=0, workers=2, rollout_trials=1),
     # test-suite smoke run: one task, a few demos/epochs, short episodes
     "tiny": Profile("tiny", "libero_object", "0", demos_per_task=3, tokenizer_epochs=2, policy_epochs=1,
-                    policy_batch_size=64, d_model=32, num_blocks=1, eval_trials=1, eval_max_steps=24, workers=1),
+                    policy_batch_size=64, d_model=32, num_blocks=1, eval_trials=1, eval_max_steps=24, workers=1, rollout_trials=1),
 }
 
 
 # Settings added after stages were fingerprinted, with the value that reproduces the earlier behaviour:
 # at that value they stay out of the fingerprint, so adding a flag does not redo finished stages.
-ADDED_SETTINGS = {"reach_margin": 1.05, "first_stage_margin": 1.5, "own_prefix_prob": 0.0, "expected_value_weight": 0.0,
+ADDED_SETTINGS = {"reach_margin": 1.05, "draft_rollouts": "", "record_features": False, "draft_trunk": "residual", "draft_soft_targets": False, "draft_candidates": 1, "first_stage_margin": 1.5, "own_prefix_prob": 0.0, "expected_value_weight": 0.0,
                   "decode_rule": "argmax", "auto_decode": False, "first_trial": 0}
+
+
+# PolicyTrainConfig fields that only the draft stage reads
+DRAFT_SETTINGS = ("coarse_layers", "draft_width", "draft_hidden_layers", "draft_trunk", "draft_soft_targets", "draft_mode", "draft_targets", "draft_input",
+                  "draft_augment_copies", "draft_augment_noise", "draft_rollouts", "timing_repeats", "train")
 
 
 def settings(cfg, ignore: tuple[str, ...] = ()) -> dict:
@@ -120,6 +140,8 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
     stages.run("phase1_compare", {"tokenizers": tok_hashes}, [p1],
                lambda: "improvement {:.1f}%".format(compare_naive_and_robust(p1_cfg)["improvement_pct"]))
 
+    from common.eval.closed_loop import evaluate
+    from common.eval.config import EvalConfig
     from common.policy.config import PolicyTrainConfig
     from common.policy.train import train_policy
 
@@ -128,17 +150,45 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
             data=str(demos), num_episodes=0, epochs=profile.policy_epochs, batch_size=profile.policy_batch_size,
             lr=1e-3, d_model=profile.d_model, num_blocks=profile.num_blocks, models_dir=str(models),
             own_prefix_prob=profile.own_prefix_prob, expected_value_weight=profile.expected_value_weight,
+            coarse_layers=profile.coarse_layers, draft_width=profile.draft_width, draft_hidden_layers=profile.draft_hidden_layers,
+            draft_trunk=profile.draft_trunk,
+            draft_soft_targets=profile.draft_soft_targets, draft_augment_copies=profile.draft_augment_copies,
+            draft_augment_noise=profile.draft_augment_noise,
             results_dir=str(results), data_dir=str(data), progress=progress, rfsq_checkpoint=str(tok_cfgs[cond].output_paths()["best"]), timing_repeats=50,
             overwrite=True,  # a stage reruns on purpose (its fingerprint or outputs changed)
         )
         out_paths = pcfg.output_paths(tag)
-        outs = [out_paths["head"], out_paths["draft"]]
+        # Two stages, so that changing the draft retrains the draft only: the main model's
+        # fingerprint leaves the draft's settings out, the draft's holds the main model's hash.
+        rollouts = phase3_results(results, f"rollouts_{cond}")
+        main_cfg, draft_cfg = replace(pcfg, train="main"), replace(pcfg, train="draft", draft_rollouts=str(rollouts) if profile.rollout_trials else "")
 
-        def do_policy(pcfg=pcfg):
-            s = train_policy(pcfg)
-            return f"main + draft trained in {s['wall_seconds']:.0f} s"
+        def do_main(cfg=main_cfg):
+            return f"main model trained in {train_policy(cfg)['main_seconds']:.0f} s"
 
-        stages.run(f"policy_{cond}", {"cfg": settings(pcfg), "tokenizer": tok_hashes[cond]}, outs, do_policy)
+        def do_draft(cfg=draft_cfg):
+            return f"draft trained in {train_policy(cfg)['draft_seconds']:.0f} s"
+
+        stages.run(f"main_{cond}", {"cfg": settings(main_cfg, ignore=DRAFT_SETTINGS), "tokenizer": tok_hashes[cond]},
+                   [out_paths["head"]], do_main)
+        head_hash = file_hash(out_paths["head"])
+        rollout_hash = None
+        if profile.rollout_trials:
+            rcfg = EvalConfig(task_suite=profile.suite, tasks=profile.tasks, num_trials=profile.rollout_trials,
+                              first_trial=profile.rollout_first_trial, use_speculative_decoding=False, compare_main_only=False,
+                              record_features=True, tokenizer="robust" if cond == "layernorm" else "naive", strategy="A",
+                              workers=profile.workers, max_steps=profile.eval_max_steps, auto_decode=profile.auto_decode,
+                              models_dir=str(models), results_dir=str(results), out=str(rollouts))
+
+            def do_rollouts(rcfg=rcfg):
+                info = evaluate(rcfg, progress=progress)
+                return f"{info['chunks']} closed-loop states from {info['episodes']} main-only episodes (success {info['success_rate']:.0%})"
+
+            stages.run(f"rollouts_{cond}", {"cfg": settings(rcfg, ignore=("models_dir", "results_dir", "out")), "head": head_hash},
+                       [rollouts / "episodes.jsonl"], do_rollouts, stale=(rollouts,))
+            rollout_hash = file_hash(rollouts / "episodes.jsonl")
+        stages.run(f"draft_{cond}", {"cfg": settings(draft_cfg), "tokenizer": tok_hashes[cond], "head": head_hash, "rollouts": rollout_hash},
+                   [out_paths["draft"], out_paths["summary_json"]], do_draft)
     policy_hashes = {p.name: file_hash(p) for p in sorted(models.glob("best_*.pt"))}
 
     from common.eval.compare import ComparisonConfig, run_comparison
@@ -146,6 +196,7 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
     # the scripted expert's committed success rates (benchmarks/expert_success.py), not this run's
     ccfg = ComparisonConfig(task_suite=profile.suite, tasks=profile.tasks, num_trials=profile.eval_trials,
                             workers=profile.workers, max_steps=profile.eval_max_steps, auto_decode=profile.auto_decode,
+                            draft_candidates=profile.draft_candidates,
                             expert_results=str(expert_success_results(REPO_ROOT / "results")),
                             models_dir=str(models), results_dir=str(results))
     p3 = phase3_comparison(results, profile.suite) / "comparison.json"
