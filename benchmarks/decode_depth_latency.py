@@ -106,7 +106,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--tag", default="", help='"" (robust tokens) or "naive"')
     parser.add_argument("--chunks", type=int, default=200, help="held-out chunks timed")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per chunk")
-    parser.add_argument("--candidates", default="1,4", help="comma-separated proposals per chunk (powers of two), one speculative row each")
+    parser.add_argument("--candidates", default="1,2,4", help="comma-separated proposals per chunk (powers of two), one speculative row each")
     parser.add_argument("--dtype", default="float64", choices=("float64", "float32"), help="precision of the token models (Phase 3 --decode-dtype)")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics"))
     args = parser.parse_args(argv)

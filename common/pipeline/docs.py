@@ -71,7 +71,7 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                   "phase3_diagnostics/relaxed_acceptance/relaxed_acceptance.json",
                                   "python -m benchmarks.relaxed_acceptance --models-dir <models of the default make run> --num-trials 3 --workers 1"),
     "phase3_decode_depth_latency": ("phase3_diagnostics/decode_depth_latency.md", "phase3_diagnostics/decode_depth_latency.json",
-                                    "python -m benchmarks.decode_depth_latency --models-dir <models of the default make run>"),
+                                    "python -m benchmarks.decode_depth_latency --models-dir <models of the default make run> --candidates 1,2,4"),
     "bench_decode_sweep": ("bench_decode_sweep/bench_decode_sweep.md", "bench_decode_sweep/bench_decode_sweep.json",
                            "python -m benchmarks.bench_decode_sweep"),
     "bench_decode_sweep_gpu": ("bench_decode_sweep_gpu/bench_decode_sweep.md", "bench_decode_sweep_gpu/bench_decode_sweep.json",
