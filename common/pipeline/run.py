@@ -41,6 +41,10 @@ class Profile:
     workers: int
     layout: str = "chunk"  # tokenizer layout (the library default; "dct" = the exact DCT layout)
     latent_dim: int = 16  # chunk layout only
+    # robust tokenizer: each stage spans its reach x reach_margin (stage 0: x first_stage_margin too);
+    # a margin > 1 leaves the code room for a later stage to undo a policy's wrong coarse token
+    reach_margin: float = 1.05
+    first_stage_margin: float = 1.5
     # main-model loss options (common/policy/losses.py) and Phase 3 decoding (common/policy/decode_choice.py)
     own_prefix_prob: float = 0.5
     expected_value_weight: float = 5.0
@@ -65,7 +69,8 @@ class Profile:
 PROFILES = {
     # all 10 libero_object tasks; about 45 min on 2 cores from scratch (the report sums the stage times)
     "default": Profile("default", "libero_object", "0-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=30,
-                       policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2),
+                       policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2,
+                       reach_margin=2.0, first_stage_margin=1.0),
     # the default profile on libero_spatial's tasks the scripted expert solves (task 4 it does not:
     # results/expert_success.md); `rsd_pipeline run --profile spatial` writes report/spatial/
     "spatial": Profile("spatial", "libero_spatial", "0-3,5-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=30,
@@ -124,7 +129,9 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
     tok_cfgs = {
         cond: TokenizerTrainConfig(use_layernorm=cond == "layernorm", data=str(demos), num_episodes=num_demos,
                                    epochs=profile.tokenizer_epochs, layout=profile.layout, latent_dim=profile.latent_dim, models_dir=str(models),
-                                   progress=progress, overwrite=True)
+                                   progress=progress, overwrite=True,
+                                   **({"reach_margin": profile.reach_margin, "first_stage_margin": profile.first_stage_margin}
+                                      if cond == "layernorm" else {}))
         for cond in ("none", "layernorm")
     }
     for cond, cfg in tok_cfgs.items():
