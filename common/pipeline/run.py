@@ -67,7 +67,7 @@ class Profile:
 
 
 PROFILES = {
-    # all 10 libero_object tasks; about 45 min on 2 cores from scratch (the report sums the stage times)
+    # all 10 libero_object tasks; under an hour on 2 cores from scratch (the report sums the stage times)
     "default": Profile("default", "libero_object", "0-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=30,
                        policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2,
                        reach_margin=2.0, first_stage_margin=1.0),
