@@ -203,7 +203,9 @@ def render_table(info: dict) -> str:
 
 def decoding_label(info: dict) -> str:
     """E.g. "2 layers, last by expected value" (runs written before the field existed: "—")."""
-    parts = [f"{d['layers']} layers" + (", last by expected value" if d["rule"] == "expected" else "") for d in info.get("decoding", [])]
+    parts = [f"{d['layers']} layer{'s' if d['layers'] != 1 else ''}"
+             + ((", last by expected value" if d["layers"] > 1 else ", by its expected value") if d["rule"] == "expected" else "")
+             for d in info.get("decoding", [])]
     return "; ".join(parts) or "—"
 
 
