@@ -46,8 +46,14 @@ def chunked_roundtrip(tokenizer: LoadedTokenizer, actions: np.ndarray, depth: in
     return decoder.normalizer.unnormalize(decoded).reshape(-1, actions.shape[1])[: len(actions)]
 
 
-def replay(env: LiberoTaskEnv, init_state_index: int, actions: np.ndarray) -> dict:
-    env.reset_to_trial(init_state_index)
+def replay(env: LiberoTaskEnv, attrs, actions: np.ndarray) -> dict:
+    """Execute ``actions`` open loop from the demo's start: its fixed init state, or (init state
+    index -1) the fresh layout its seed sampled."""
+    init_state_index = int(attrs["init_state_index"])
+    if init_state_index < 0:
+        env.reset_to_fresh_layout(int(attrs["seed"]))
+    else:
+        env.reset_to_trial(init_state_index)
     for step, action in enumerate(actions):
         _, _, done, _ = env.step(np.clip(action, -1.0, 1.0))
         if done or env.check_success():
@@ -85,7 +91,7 @@ def run(data: str, models_dir: str, *, suite: str, demos_per_task: int, depths: 
             else:
                 name, k = variant.split(" k=")
                 actions = chunked_roundtrip(tokenizers[name], ep.actions, int(k))
-            result = replay(env, int(ep.attrs["init_state_index"]), actions)
+            result = replay(env, ep.attrs, actions)
             mse = float(np.mean((actions - ep.actions) ** 2))
             rows.append({"task": task, "demo": ep.name, "variant": variant, "action_mse": mse, **result})
             bar.update(1)

@@ -10,6 +10,11 @@ Human-like demonstrations (the expert's commands through an operator model: band
 pauses, overshoot and correction, late gripper changes; the file is marked ``operator=human``):
     python -m phase1_improved.collect_demos --suite libero_object --tasks 0-4 --demos-per-task 8 \
         --operator human --out libero_object_human.hdf5
+Demonstrations on newly sampled object layouts (none of the suite's 50 fixed init states, which the
+evaluation uses; more layouts than 50), optionally with DART action noise (the stored labels are the
+expert's intended actions):
+    python -m phase1_improved.collect_demos --suite libero_spatial --tasks 0-3,5-9 --demos-per-task 20 \
+        --fresh-layouts --seed 2 --out libero_spatial_fresh.hdf5
 Official LIBERO datasets into the volume (/data/libero_official/<suite>/):
     modal run phase1_improved/collect_demos.py::download_official --suites libero_spatial,libero_object
 

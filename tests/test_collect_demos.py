@@ -154,3 +154,29 @@ def test_dart_demos_store_the_experts_intent_and_the_loader_learns_it(tmp_path):
         _write_demo(f.create_group("data"), 0, demo, "pick up the alphabet soup and place it in the basket")
     (ep,) = load_hdf5_episodes(path)
     assert np.array_equal(ep.actions, intended.astype(ep.actions.dtype)) and np.array_equal(ep.executed_actions, executed.astype(ep.actions.dtype))
+
+
+def test_fresh_layout_demos_are_marked_and_never_mixed_with_fixed_ones(tmp_path):
+    """A fresh-layout episode starts from its seed's sampled layout (init_state_index -1, replayable
+    from that seed); a file of fixed-layout demos refuses fresh ones and the reverse."""
+    h5py = pytest.importorskip("h5py")
+    from common.sim.demo_collection import collect_demos
+    from common.sim.demo_file import _write_demo
+    from common.sim.demo_worker import rollout_episode
+    from common.sim.libero_env import LiberoTaskEnv
+    from common.sim.scripted_expert import ExpertConfig, ScriptedExpert
+
+    with LiberoTaskEnv(suite="libero_object", task_id=0, max_steps=5) as env:
+        expert = ScriptedExpert(env, ExpertConfig(seed=5))
+        job = {"suite": "libero_object", "task_id": 0, "episode_index": 0, "seed": 5, "fresh_layout": True}
+        demo = rollout_episode(env, expert, job)
+        env.reset_to_fresh_layout(5)
+        np.testing.assert_array_equal(env.get_state()[1:], demo["states"][0][1:])
+        fixed = rollout_episode(env, expert, {**job, "fresh_layout": False})
+    assert demo["init_state_index"] == -1 and fixed["init_state_index"] == 0
+    assert not np.allclose(demo["states"][0][1:], fixed["states"][0][1:])
+    path = tmp_path / "fixed.hdf5"
+    with h5py.File(path, "w") as f:
+        _write_demo(f.create_group("data"), 0, fixed, "pick up the alphabet soup and place it in the basket")
+    with pytest.raises(ValueError, match="holds demos from fixed layouts; cannot add demos from fresh layouts"):
+        collect_demos("libero_object", [0], 2, path, workers=1, fresh_layouts=True, progress=False)

@@ -51,6 +51,23 @@ def test_reset_to_trial_is_deterministic(env):
     assert not np.allclose(first[1:], other[1:])
 
 
+def test_fresh_layouts_are_seeded_and_none_of_the_fixed_init_states(env):
+    """reset_to_fresh_layout: the seed fixes the sampled placement; a new seed moves the objects; the
+    layout is none of the suite's fixed init states (what the evaluation runs on)."""
+    env.reset_to_fresh_layout(11)
+    first = env.get_state()
+    env.reset_to_fresh_layout(12)
+    other = env.get_state()
+    env.reset_to_fresh_layout(11)
+    again = env.get_state()
+    np.testing.assert_array_equal(first[1:], again[1:])
+    assert not np.allclose(first[1:], other[1:])
+    assert env.env.env.timestep == NUM_WAIT_STEPS
+    for trial in range(env.num_init_states):
+        env.reset_to_trial(trial)
+        assert not np.allclose(first[1:], env.get_state()[1:], atol=1e-3), f"fresh layout equals init state {trial}"
+
+
 def test_low_dim_layout(env):
     obs = env.reset_to_trial(0)
     vec = env.low_dim_obs(obs)

@@ -27,9 +27,12 @@ When the file holds one task, `language_instruction`, `bddl_file_name`, `problem
 lowest task id and `tasks` plus the per-demo attrs are authoritative.
 
 Episodes: episode k of a task uses init state k % num_init_states and an expert seed derived from
-(seed, task_id, k). Only successful episodes are kept unless keep_failures. Re-running with the same
-file resumes: existing demos stay, each task is filled up to demos_per_task successful demos,
-and episode indices continue where the last run stopped (so retries are new episodes).
+(seed, task_id, k); with fresh_layouts, episode k instead starts from a layout robosuite samples
+from that seed (init_state_index -1: none of the suite's fixed init states, which the evaluation
+uses; one file holds one kind, attrs ``layouts`` = "fixed" | "fresh"). Only successful episodes
+are kept unless keep_failures. Re-running with the same file resumes: existing demos stay, each
+task is filled up to demos_per_task successful demos, and episode indices continue where the last
+run stopped (so retries are new episodes).
 
 Faults: one collection at a time writes a file (``.<file name>.lock`` next to it); an existing
 ``--out`` that is not an HDF5 file is refused before anything runs; workers ignore Ctrl-C and exit
@@ -79,6 +82,9 @@ class CollectConfig:
     # and the policy learn, so the data show how the expert corrects from where the robot went)
     action_noise: float = 0.0
     operator: str = "none"  # "none" | "human" (common/sim/operator_model.py); stored as data.attrs["operator"]
+    # start every episode from a newly sampled object layout instead of init state k % 50: more
+    # layouts than the suite's 50, and none of the fixed ones the evaluation runs on
+    fresh_layouts: bool = False
 
     def __post_init__(self) -> None:
         from common.sim.operator_model import OPERATORS
@@ -123,7 +129,7 @@ def run_collection(config: CollectConfig, *, progress: bool = True) -> dict:
     summary = collect_demos(
         config.suite, task_ids, config.demos_per_task, out_path, workers=config.workers, seed=config.seed,
         keep_failures=config.keep_failures, record_images=config.record_images, camera_size=config.camera_size,
-        expert_config=ExpertConfig(action_noise=config.action_noise, seed=config.seed, operator=config.operator),
+        fresh_layouts=config.fresh_layouts, expert_config=ExpertConfig(action_noise=config.action_noise, seed=config.seed, operator=config.operator),
         progress=progress,
     )
     with h5py.File(out_path, "a") as f:
@@ -160,6 +166,7 @@ def collect_demos(
     keep_failures: bool = False,
     record_images: bool = False,
     camera_size: int = 128,
+    fresh_layouts: bool = False,
     expert_config=None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -203,6 +210,11 @@ def collect_demos(
                 f"{out_path} was collected with record_images={file_size is not None}"
                 f"{f', camera_size={file_size}' if file_size is not None else ''}; resume with the same settings"
             )
+        layouts = "fresh" if fresh_layouts else "fixed"
+        found = str(data.attrs.get("layouts", "fixed"))  # files from before the attr hold fixed layouts
+        if has_demos and found != layouts:
+            raise ValueError(f"{out_path} holds demos from {found} layouts; cannot add demos from {layouts} layouts")
+        data.attrs["layouts"] = layouts
         # File-level attrs first, so an interrupted run still leaves a self-describing file.
         _write_file_attrs(data, suite, infos, {t: _env_args(suite, t, infos[t]) for t in task_ids})
         if record_images:
@@ -229,7 +241,7 @@ def collect_demos(
                     return {
                         "suite": suite, "task_id": t, "episode_index": episode,
                         "seed": episode_seed(seed, t, episode), "record_images": record_images,
-                        "camera_size": camera_size, "keep_failures": keep_failures,
+                        "camera_size": camera_size, "keep_failures": keep_failures, "fresh_layout": fresh_layouts,
                     }
             return None
 

@@ -19,8 +19,12 @@ WORKER_POLL_S = 5.0
 
 def rollout_episode(env, expert, job: dict[str, Any]) -> dict[str, Any]:
     """Physics-only rollout; returns arrays for one demo."""
-    init_index = job["episode_index"] % env.num_init_states
-    obs = env.reset_to_trial(init_index)
+    if job.get("fresh_layout"):  # a newly sampled layout (seeded by the episode's seed), not a fixed init state
+        init_index = -1
+        obs = env.reset_to_fresh_layout(job["seed"])
+    else:
+        init_index = job["episode_index"] % env.num_init_states
+        obs = env.reset_to_trial(init_index)
     expert.reseed(job["seed"])
     expert.reset()
     objects = sorted(env.env.env.objects_dict)
@@ -73,7 +77,10 @@ def rollout_episode(env, expert, job: dict[str, Any]) -> dict[str, Any]:
 
 def render_images(camera_env, demo: dict[str, Any]) -> dict[str, np.ndarray]:
     """Replay recorded states in a camera env (same seed -> same fixture placement)."""
-    camera_env.reset_to_trial(demo["init_state_index"])
+    if demo["init_state_index"] < 0:
+        camera_env.reset_to_fresh_layout(demo["seed"])
+    else:
+        camera_env.reset_to_trial(demo["init_state_index"])
     frames: dict[str, list] = {"agentview_rgb": [], "eye_in_hand_rgb": []}
     for i, state in enumerate(demo["states"]):
         obs = camera_env.set_state(state)

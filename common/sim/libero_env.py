@@ -241,6 +241,16 @@ class LiberoTaskEnv:
             obs, _, _, _ = self.env.step(np.asarray(DUMMY_ACTION))
         return self._postprocess(obs)
 
+    def reset_to_fresh_layout(self, layout_seed: int) -> dict[str, np.ndarray]:
+        """seed -> reset (robosuite samples every object's placement) -> NUM_WAIT_STEPS dummy steps,
+        without pinning a fixed init state: a layout drawn from the same placement regions as the
+        suite's init states but (with probability 1) none of them. The same seed gives the same layout."""
+        self.env.seed(int(layout_seed))
+        obs = self.reset()
+        for _ in range(NUM_WAIT_STEPS):
+            obs, _, _, _ = self.env.step(np.asarray(DUMMY_ACTION))
+        return self._postprocess(obs)
+
     def reset(self) -> dict[str, np.ndarray]:
         """The underlying robosuite reset, retried only when object placement fails.
 
