@@ -2,11 +2,13 @@
 
     python -m benchmarks.lever_table --runs "plain, argmax 8 layers=DIR,..." [--out results/phase3_diagnostics/levers]
 
-Each DIR is a ``phase3.compare`` output folder (its ``comparison.json``); the table lists per run and
+Each DIR is a ``phase3.compare`` output folder (its ``comparison.json``) or the folder of one Phase 3
+evaluation (``phase3.modal_phase3_libero_eval``'s ``eval_info.json``, e.g. a main-only run of one
+variant); the table lists per run and
 variant the success, the trials, the decoding executed, the main passes per chunk and, when the
 folder's parent holds the ``policy_action_error.json`` of the same models (``benchmarks.policy_action_error
 --out <parent>``), the policy's lowest held-out action MSE. Runs compared here must share suite,
-tasks and trials (checked), so the rows differ only in what the label says.
+tasks, trials and first init state (checked), so the rows differ only in what the label says.
 """
 
 from __future__ import annotations
@@ -29,16 +31,31 @@ def _held_out_mse(folder: Path) -> float | None:
     return min(min(r["policy_mse"], r.get("policy_mse_expected_last", r["policy_mse"])) for r in rows)
 
 
+def _load_run(folder: Path, label: str) -> tuple[Path, dict, dict]:
+    """(source file, config, {variant: results}) of a phase3.compare folder or of one evaluation's folder."""
+    path = folder / "comparison.json"
+    if path.exists():
+        comparison = json.loads(path.read_text())
+        return path, comparison, comparison["variants"]
+    path = folder / "eval_info.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder}: expected comparison.json (phase3.compare) or eval_info.json (one Phase 3 evaluation) "
+                                f"for run {label!r}; found neither")
+    info = json.loads(path.read_text())
+    cfg = info["config"]
+    variant = "naive" if cfg["tokenizer"] == "naive" else f"robust-{cfg['strategy']}"
+    passes = info["main_passes_per_chunk"]
+    v = {**info, "trials_per_task": cfg["num_trials"], "main_only_passes_per_chunk": info.get("main_only_passes_per_chunk") or passes}
+    return path, info, {variant: v}
+
+
 def build(runs: list[tuple[str, Path]]) -> dict:
     rows, settings = [], set()
     for label, folder in runs:
-        path = folder / "comparison.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: expected a finished phase3.compare output folder for run {label!r}")
-        comparison = json.loads(path.read_text())
+        path, comparison, variants = _load_run(folder, label)
         cfg = comparison["config"]
-        settings.add((cfg["task_suite"], cfg["tasks"], cfg["num_trials"]))
-        for variant, v in comparison["variants"].items():
+        settings.add((cfg["task_suite"], cfg["tasks"], cfg["num_trials"], cfg.get("first_trial", 0)))
+        for variant, v in variants.items():
             decoding = v.get("decoding") or [  # runs written before the field: main-only decodes exactly the decoded layers
                 {"layers": round(v["main_only_passes_per_chunk"]), "rule": cfg.get("decode_rule", "argmax")}]
             rows.append({"run": label, "variant": variant, "success_rate": v["success_rate"], "episodes": v["success_episodes"],
@@ -47,14 +64,15 @@ def build(runs: list[tuple[str, Path]]) -> dict:
                          "held_out_action_mse": _held_out_mse(folder), "source": str(path),
                          "source_git_sha": comparison.get("provenance", {}).get("git_sha")})
     if len(settings) != 1:
-        raise ValueError(f"runs differ in (suite, tasks, trials per task): {sorted(settings)}; compare like with like")
-    suite, tasks, trials = settings.pop()
-    return {"suite": suite, "tasks": tasks, "trials_per_task": trials, "rows": rows}
+        raise ValueError(f"runs differ in (suite, tasks, trials per task, first init state): {sorted(settings)}; compare like with like")
+    suite, tasks, trials, first = settings.pop()
+    return {"suite": suite, "tasks": tasks, "trials_per_task": trials, "first_trial": first, "rows": rows}
 
 
 def markdown(result: dict) -> str:
     lines = [
-        f"`{result['suite']}` tasks {result['tasks']}, {result['trials_per_task']} trials per task (trial i = init state i); "
+        f"`{result['suite']}` tasks {result['tasks']}, {result['trials_per_task']} trials per task from init state "
+        f"{result.get('first_trial', 0)} (trial i = init state i); "
         "held-out action MSE = the policy's lowest over decoded depths and rules (normalized action units).",
         "",
         "| run | variant | success | decoded | main passes / chunk (main-only) | held-out action MSE |",
@@ -69,7 +87,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.lever_table", description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", required=True, help='comma-separated "label=folder" pairs (phase3.compare outputs)')
+    parser.add_argument("--runs", required=True, help='comma-separated "label=folder" pairs (phase3.compare outputs or one evaluation\'s folder)')
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "levers"))
     args = parser.parse_args(argv)
     runs = []
