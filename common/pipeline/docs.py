@@ -61,6 +61,11 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "phase3_continuous_reference": ("phase3_diagnostics/continuous_reference/continuous_reference.md",
                                     "phase3_diagnostics/continuous_reference/continuous_reference.json",
                                     "python -m benchmarks.continuous_reference --models-dir <make run models>"),
+    "phase3_continuous_reference_spatial": ("phase3_diagnostics/continuous_reference_spatial/continuous_reference.md",
+                                            "phase3_diagnostics/continuous_reference_spatial/continuous_reference.json",
+                                            "python -m benchmarks.continuous_reference --models-dir <models of rsd_pipeline run --profile spatial> "
+                                            "--suite libero_spatial --tasks 0-3,5-9 --trials 10 --first-trial 20 --workers 2 "
+                                            "--out results/phase3_diagnostics/continuous_reference_spatial"),
     "phase3_policy_action_error": ("phase3_diagnostics/policy_action_error.md", "phase3_diagnostics/policy_action_error.json",
                                    "python -m benchmarks.policy_action_error --models-dir <make run models>"),
     "phase3_policy_action_error_naive": ("phase3_diagnostics/policy_action_error_naive.md", "phase3_diagnostics/policy_action_error_naive.json",
