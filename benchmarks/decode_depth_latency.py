@@ -3,12 +3,14 @@ before decoding depth was chosen) against the depth Phase 2 chose, main-only and
 
     python -m benchmarks.decode_depth_latency --models-dir MODELS [--tag ""|naive] [--chunks 200] [--candidates 1,4]
 
-Features are the backbone's on held-out demo steps (the head's ``val_episode_keys``), batch 1, float64
+Features are the backbone's on held-out demo steps (the head's ``val_episode_keys``), batch 1, float32 by default
 as Phase 3 runs them, one thread. The three decodes of a chunk are timed back to back in a rotating
 order (``benchmarks.bench_decode_sweep.Clock``), so a busy machine slows all alike; the table gives
 medians over chunks and repeats, the median per-chunk ratios to the full-depth main-only decode and
-to the chosen-depth main-only decode (the speculative speedup), and each speculative row's mean
-accepted layers (``--candidates``: proposals verified per chunk in one pass).
+to the chosen-depth main-only decode (the speculative speedup), each speculative row's mean
+accepted layers (``--candidates``: proposals verified per chunk in one pass) and, over every
+held-out chunk (not only the timed ones), how many speculative decodes gave exactly the main-only
+tokens in this precision (``--dtype``; Phase 3 decodes in float32 by default).
 Writes ``decode_depth_latency{_tag}.json`` / ``.md`` to ``--out``.
 """
 
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import rsd_entry
 from benchmarks.bench_decode_sweep import Clock, median_ratio
@@ -33,7 +36,7 @@ from common.provenance import REPO_ROOT, provenance, write_json
 from common.tokenizer.model import load_tokenizer
 
 
-def measure(models_dir: Path, tag: str, chunks: int, repeats: int, candidates: tuple[int, ...] = (1,), dtype: str = "float64") -> dict:
+def measure(models_dir: Path, tag: str, chunks: int, repeats: int, candidates: tuple[int, ...] = (1,), dtype: str = "float32") -> dict:
     paths = policy_paths(models_dir, models_dir, tag)
     ckpt = read_checkpoint(paths["head"], kind=HEAD_KIND)
     choice = ckpt["metrics"].get("decode_choice")
@@ -46,9 +49,9 @@ def measure(models_dir: Path, tag: str, chunks: int, repeats: int, candidates: t
     held_out = [e for e in episodes if e["key"] in set(ckpt["metrics"]["val_episode_keys"])]
     split = build_split(tokenizer, held_out, backbone="state", data_paths=data_paths, feature_cache_paths=[])
     to = getattr(torch, dtype)
-    feats = compute_features(policy.policy, split, device=torch.device("cpu")).to(to)
-    step = max(1, len(feats) // chunks)
-    feats = feats[::step][:chunks]
+    all_feats = compute_features(policy.policy, split, device=torch.device("cpu")).to(to)
+    step = max(1, len(all_feats) // chunks)
+    feats = all_feats[::step][:chunks]
     head, draft = policy.head.to(to), policy.draft.to(to)
     L, k = head.num_layers, int(choice["layers"])
     clock = Clock(torch.device("cpu"), budget_s=1e9)
@@ -64,7 +67,14 @@ def measure(models_dir: Path, tag: str, chunks: int, repeats: int, candidates: t
             times[name].extend(ms)
         for n, name in spec.items():
             accepted[name].append(speculative_decode(head, draft, f, num_layers=k, candidates=n)[1].used_prefix)
+    identical = {name: 0 for name in spec.values()}
+    with torch.inference_mode():
+        for f in tqdm(all_feats, desc="lossless check", leave=False):
+            ref = main_only_decode(head, f[None], num_layers=k)[0]
+            for n, name in spec.items():
+                identical[name] += int(torch.equal(speculative_decode(head, draft, f[None], num_layers=k, candidates=n)[0], ref))
     return {
+        "lossless_chunks": len(all_feats), "identical_to_main_only": identical,
         "head": str(paths["head"]), "draft": str(paths["draft"]), "layers": L, "chosen": {"layers": k, "rule": choice["rule"]},
         "drafted_layers": min(draft.coarse_layers, k - 1), "dtype": dtype, "chunks": len(feats), "repeats": repeats, "candidates": list(spec),
         "median_ms": {name: statistics.median(v) for name, v in times.items()},
@@ -90,10 +100,17 @@ def markdown(r: dict) -> str:
         f"Speculative rows against main-only at the chosen depth (K = {r.get('drafted_layers', '?')} drafted layers; "
         "a = mean accepted layers on these chunks):",
         "",
-        "| candidates per chunk | a | speedup vs main-only, chosen depth (median per-chunk ratio) |",
-        "|---|---|---|",
-        *[f"| {n} | {r['mean_accepted_layers'][name]:.3f} | {r['spec_speedup'][name]:.2f}x |" for n, name in _spec_rows(r)],
+        "| candidates per chunk | a | speedup vs main-only, chosen depth (median per-chunk ratio) | tokens identical to main-only |",
+        "|---|---|---|---|",
+        *[f"| {n} | {r['mean_accepted_layers'][name]:.3f} | {r['spec_speedup'][name]:.2f}x | {_identical(r, name)} |"
+          for n, name in _spec_rows(r)],
     ]) + "\n"
+
+
+def _identical(r: dict, name: str) -> str:
+    if "identical_to_main_only" not in r:  # written before the check
+        return "—"
+    return f"{r['identical_to_main_only'][name]} / {r['lossless_chunks']} held-out chunks"
 
 
 def _spec_rows(r: dict) -> list[tuple[int, str]]:
@@ -107,7 +124,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--chunks", type=int, default=200, help="held-out chunks timed")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per chunk")
     parser.add_argument("--candidates", default="1,2,4", help="comma-separated proposals per chunk (powers of two), one speculative row each")
-    parser.add_argument("--dtype", default="float64", choices=("float64", "float32"), help="precision of the token models (Phase 3 --decode-dtype)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                        help="precision of the token models (Phase 3 --decode-dtype; float32 writes *_float32.json/.md)")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics"))
     args = parser.parse_args(argv)
     candidates = tuple(int(c) for c in args.candidates.split(",") if c.strip())

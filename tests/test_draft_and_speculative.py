@@ -318,3 +318,20 @@ def test_prefix_depth_decoding_is_the_prefix_of_full_decoding(hidden):
             assert st.main_passes == n - st.used_prefix and st.coarse_layers <= max(0, n - (2 if hidden else 1))
     with pytest.raises(ValueError, match="1 <= n <= 6"):
         main_only_decode(make_main(), torch.randn(1, D), num_layers=7)
+
+
+def test_lossless_in_float32_too():
+    """Phase 3 decodes in float32 by default: the verify pass (K+1 positions at once) and the
+    sequential one-position passes then run different kernel shapes, so exactness is checked against
+    the float32 main-only decode, the path actually run (Phase 3 also counts it on every chunk)."""
+    for seed in range(8):
+        k = 1 + seed % (L - 1)
+        main, draft = make_main(seed).float(), make_draft(seed, k=k).float()
+        torch.manual_seed(20_000 + seed)
+        for batch in (1, 3):
+            f = torch.randn(batch, D) * (1 + seed % 4)
+            ref, _ = main_only_decode(main, f)
+            for candidates in (1, 2):
+                out, st = speculative_decode(main, draft, f, candidates=candidates)
+                assert torch.equal(out, ref), (seed, batch, candidates)
+                assert st.main_passes == L - st.used_prefix

@@ -232,7 +232,7 @@ def test_expected_value_decoding_uses_the_last_layers_mean_and_keeps_argmax_laye
     obs = torch.linspace(-1, 1, LOW_DIM_OBS_DIM).numpy()
     actions, info = policy.plan(obs, 0)
     assert info["identical_to_main_only"] and info["main_passes"] <= 2
-    features = policy.policy.features(torch.as_tensor(obs, dtype=torch.float32)[None], torch.tensor([0])).double()
+    features = policy.policy.features(torch.as_tensor(obs, dtype=torch.float32)[None], torch.tensor([0])).to(policy.dtype)
     codes, logits = policy.policy.head.greedy_decode(features, 2, return_last_logits=True)
     expected = TokenCode(policy.tokenizer.model).decode_expected(codes[..., :1], torch.softmax(logits, -1))
     np.testing.assert_allclose(actions, policy.tokenizer.normalizer.unnormalize(expected[0].numpy()), rtol=1e-5, atol=1e-6)

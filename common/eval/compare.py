@@ -50,6 +50,7 @@ class ComparisonConfig:
     # every variant decodes the depth and rule its head checkpoint chose on held-out data (see EvalConfig)
     auto_decode: bool = False
     draft_candidates: int = 1  # proposals verified per chunk in one main pass (a power of two; see EvalConfig)
+    decode_dtype: str = "float32"  # precision of the token models (see EvalConfig)
     max_steps: int = 0  # 0 = the suite's standard limit
     workers: int = 0  # parallel episode processes; 0 = number of CPU cores
     seed: int = 0  # env seed
@@ -67,6 +68,8 @@ class ComparisonConfig:
         if self.num_trials < 1:
             raise ValueError(f"--num-trials must be >= 1; got {self.num_trials}")
         self.trials_for_variant  # validates --variant-trials
+        if self.decode_dtype not in ("float64", "float32"):
+            raise ValueError(f"--decode-dtype must be float64 or float32; got {self.decode_dtype!r}")
 
     @property
     def trials_for_variant(self) -> dict[str, int]:
@@ -141,7 +144,7 @@ def _variant_infos(cfg: ComparisonConfig, out: Path) -> dict[str, dict]:
             use_speculative_decoding=True,
             tokenizer=tokenizer, strategy=strategy, replan_steps=cfg.replan_steps, max_steps=cfg.max_steps, workers=cfg.workers, seed=cfg.seed,
             decode_layers=cfg.decode_layers, decode_rule=cfg.decode_rule, auto_decode=cfg.auto_decode,
-            draft_candidates=cfg.draft_candidates, compare_main_only=True, models_dir=cfg.models_dir, results_dir=cfg.results_dir, out=str(out / name),
+            draft_candidates=cfg.draft_candidates, decode_dtype=cfg.decode_dtype, compare_main_only=True, models_dir=cfg.models_dir, results_dir=cfg.results_dir, out=str(out / name),
         )
         infos[name] = evaluate(ecfg)
     return infos

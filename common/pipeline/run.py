@@ -87,7 +87,7 @@ PROFILES = {
 # Settings added after stages were fingerprinted, with the value that reproduces the earlier behaviour:
 # at that value they stay out of the fingerprint, so adding a flag does not redo finished stages.
 ADDED_SETTINGS = {"reach_margin": 1.05, "draft_rollouts": "", "record_features": False, "draft_trunk": "residual", "draft_soft_targets": False, "draft_candidates": 1, "first_stage_margin": 1.5, "own_prefix_prob": 0.0, "expected_value_weight": 0.0,
-                  "decode_rule": "argmax", "auto_decode": False, "first_trial": 0}
+                  "decode_rule": "argmax", "auto_decode": False, "first_trial": 0, "decode_dtype": "float64"}
 
 
 # PolicyTrainConfig fields that only the draft stage reads
@@ -183,7 +183,10 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
         if profile.rollout_trials:
             rcfg = EvalConfig(task_suite=profile.suite, tasks=profile.tasks, num_trials=profile.rollout_trials,
                               first_trial=profile.rollout_first_trial, use_speculative_decoding=False, compare_main_only=False,
-                              record_features=True, tokenizer="robust" if cond == "layernorm" else "naive", strategy="A",
+                              # float64: the precision these rollouts ran in before Phase 3 switched to float32;
+                              # they only supply states for the draft, where the precision does not matter
+                              record_features=True, decode_dtype="float64",
+                              tokenizer="robust" if cond == "layernorm" else "naive", strategy="A",
                               workers=profile.workers, max_steps=profile.eval_max_steps, auto_decode=profile.auto_decode,
                               models_dir=str(models), results_dir=str(results), out=str(rollouts))
 
