@@ -87,7 +87,7 @@ PROFILES = {
 # Settings added after stages were fingerprinted, with the value that reproduces the earlier behaviour:
 # at that value they stay out of the fingerprint, so adding a flag does not redo finished stages.
 ADDED_SETTINGS = {"reach_margin": 1.05, "draft_rollouts": "", "record_features": False, "draft_trunk": "residual", "draft_soft_targets": False, "draft_candidates": 1, "first_stage_margin": 1.5, "own_prefix_prob": 0.0, "expected_value_weight": 0.0,
-                  "decode_rule": "argmax", "auto_decode": False, "first_trial": 0, "decode_dtype": "float64"}
+                  "decode_rule": "argmax", "auto_decode": False, "first_trial": 0}
 
 
 # PolicyTrainConfig fields that only the draft stage reads
