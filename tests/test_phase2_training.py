@@ -307,3 +307,25 @@ def test_main_hidden_draft_trains_loads_and_decodes_losslessly(env, tmp_path):
         assert stats.main_passes == policy.head.num_layers - stats.accepted_layers[0]
     with pytest.raises(ValueError, match="needs --draft-targets main"):
         PolicyTrainConfig(data="x.hdf5", draft_input="main_hidden", draft_targets="labels")
+
+
+def test_two_files_of_one_suite_share_task_indices_other_suites_do_not(tmp_path):
+    """Clean + DART (or fresh-layout) demos of the same task train one task embedding: one policy task
+    index per (suite, task_id), so evaluation finds exactly one row per task; another suite's task 0
+    is a different task."""
+    clean = write_demos(tmp_path / "clean.hdf5")
+    extra = write_demos(tmp_path / "dart.hdf5")
+    other = write_demos(tmp_path / "spatial.hdf5")
+    with h5py.File(other, "a") as f:
+        f["data"].attrs["suite"] = "libero_spatial"
+    chosen, table = load_policy_episodes([str(clean), str(extra), str(other)])
+    assert [(r["suite"], r["task_id"], r["index"]) for r in table] == [
+        ("libero_object", 0, 0), ("libero_object", 1, 1), ("libero_spatial", 0, 2), ("libero_spatial", 1, 3)]
+    assert table[0]["files"] == [str(clean), str(extra)] and table[2]["files"] == [str(other)]
+    assert len(chosen) == 3 * NUM_EPS and len({c["key"] for c in chosen}) == 3 * NUM_EPS
+    by_file = {(c["file_index"], c["episode"].task_id): c["task_index"] for c in chosen}
+    assert by_file[(0, 0)] == by_file[(1, 0)] == 0 and by_file[(2, 0)] == 2
+    with h5py.File(extra, "a") as f:  # the same task id under another instruction is refused
+        f["data"]["demo_0"].attrs["language_instruction"] = "put object 9 in the basket"
+    with pytest.raises(ValueError, match="libero_object task 0: .*clean.hdf5 says .*dart.hdf5 says"):
+        load_policy_episodes([str(clean), str(extra)])

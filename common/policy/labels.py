@@ -1,8 +1,9 @@
 """Phase 2 data: demo episodes -> per-step model inputs, task indices and RFSQ token labels.
 
 * One HDF5 file or several (LIBERO layout ``data/demo_N/actions``, ``obs/low_dim``, per-demo attrs
-  ``task_id`` / ``language_instruction``). Policy task indices are unique per (file, task_id) and
-  recorded in every checkpoint (``config["task_table"]``).
+  ``task_id`` / ``language_instruction``). Policy task indices are unique per task, (suite, task_id)
+  (per (file, task_id) for a file that names no suite), so two files of one suite's task (e.g. clean
+  and DART demos) share its index; the table is recorded in every checkpoint (``config["task_table"]``).
 * ``num_episodes`` caps the TOTAL number of demos, taken round-robin over the (file, task) groups in
   demo order, so a cap keeps every task represented; a cap above the demos available warns and
   uses them all (the training summary records the number used).
@@ -53,10 +54,13 @@ def load_policy_episodes(data_paths: list[str], *, num_episodes: int = 0) -> tup
 
     episode dict: ``episode`` (``Episode``), ``file_index``, ``file``, ``task_index``, ``key``
     (``<file stem>/<demo name>``). task_table rows: ``index, file, file_stem, suite, task_id,
-    instruction`` (index = position in the table = the policy's task index).
+    instruction`` (index = position in the table = the policy's task index; ``file`` / ``file_stem``:
+    the first file holding the task, ``files``: every one).
     """
     groups: dict[tuple[int, int], list] = {}
     task_table: list[dict] = []
+    row_of: dict[tuple, dict] = {}  # task identity -> its row
+    index_of: dict[tuple[str, int], int] = {}  # (file stem, task_id) -> policy task index
     stems = [Path(p).stem for p in data_paths]
     if len(set(stems)) != len(stems):
         raise ValueError(f"--data files must have distinct names (episodes are keyed by file stem); got {data_paths}")
@@ -70,18 +74,25 @@ def load_policy_episodes(data_paths: list[str], *, num_episodes: int = 0) -> tup
             groups[key].append(ep)
         for task_id in sorted({ep.task_id for ep in eps}):
             instr = next(ep.instruction for ep in eps if ep.task_id == task_id)
-            task_table.append({
-                "index": len(task_table), "file": str(path), "file_stem": stems[fi], "suite": suite,
-                "task_id": int(task_id), "instruction": instr,
-            })
+            identity = (suite, int(task_id)) if suite else (f"file:{stems[fi]}", int(task_id))
+            row = row_of.get(identity)
+            if row is None:
+                row = row_of[identity] = {
+                    "index": len(task_table), "file": str(path), "file_stem": stems[fi], "suite": suite,
+                    "task_id": int(task_id), "instruction": instr, "files": [],
+                }
+                task_table.append(row)
+            elif row["instruction"].strip().lower() != instr.strip().lower():
+                raise ValueError(f"{suite} task {task_id}: {row['file']} says {row['instruction']!r}, {path} says {instr!r}")
+            row["files"].append(str(path))
+            index_of[(stems[fi], int(task_id))] = row["index"]
     available = sum(len(v) for v in groups.values())
     if num_episodes > available:
         warnings.warn(
             f"--num-episodes {num_episodes}: --data holds only {available} demos; using all {available} "
             "(the summary records the number used)", stacklevel=2,
         )
-    index_of = {(r["file_stem"], r["task_id"]): r["index"] for r in task_table}
-    order = sorted(groups, key=lambda k: index_of[(stems[k[0]], k[1])])
+    order = sorted(groups, key=lambda k: (index_of[(stems[k[0]], k[1])], k[0]))
     limit = num_episodes if num_episodes > 0 else sum(len(v) for v in groups.values())
     chosen: list[dict] = []
     depth = 0
