@@ -49,13 +49,16 @@ def _load_run(folder: Path, label: str) -> tuple[Path, dict, dict]:
     return path, info, {variant: v}
 
 
-def build(runs: list[tuple[str, Path]]) -> dict:
-    rows, settings = [], set()
+def build(runs: list[tuple[str, Path]], variants: tuple[str, ...] = ()) -> dict:
+    """``variants``: keep only these (e.g. leave out a variant a baseline ran at fewer trials)."""
+    rows, settings, keep = [], set(), set(variants)
     for label, folder in runs:
-        path, comparison, variants = _load_run(folder, label)
+        path, comparison, found = _load_run(folder, label)
         cfg = comparison["config"]
         settings.add((cfg["task_suite"], cfg["tasks"], cfg["num_trials"], cfg.get("first_trial", 0)))
-        for variant, v in variants.items():
+        for variant, v in found.items():
+            if keep and variant not in keep:
+                continue
             decoding = v.get("decoding") or [  # runs written before the field: main-only decodes exactly the decoded layers
                 {"layers": round(v["main_only_passes_per_chunk"]), "rule": cfg.get("decode_rule", "argmax")}]
             rows.append({"run": label, "variant": variant, "success_rate": v["success_rate"], "episodes": v["success_episodes"],
@@ -88,6 +91,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.lever_table", description=__doc__.split("\n")[0])
     parser.add_argument("--runs", required=True, help='comma-separated "label=folder" pairs (phase3.compare outputs or one evaluation\'s folder)')
+    parser.add_argument("--variants", default="", help='comma-separated variants to keep, e.g. "naive,robust-A" ("" = all)')
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "levers"))
     args = parser.parse_args(argv)
     runs = []
@@ -96,7 +100,7 @@ def main(argv: list[str]) -> None:
         if not sep:
             raise ValueError(f"--runs: expected label=folder, found {item!r}")
         runs.append((label.strip(), Path(folder.strip())))
-    result = build(runs)
+    result = build(runs, tuple(v.strip() for v in args.variants.split(",") if v.strip()))
     result["provenance"] = provenance(seed=0)
     out = Path(args.out)
     write_json(out / "levers.json", result)

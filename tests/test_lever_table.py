@@ -30,6 +30,7 @@ def test_compare_and_single_eval_folders_make_one_table(tmp_path):
     assert [(r["run"], r["variant"], r["success_rate"], r["main_only_passes_per_chunk"]) for r in result["rows"]] == [
         ("20 demos", "naive", 0.5, 7.0), ("+ DART", "robust-A", 0.75, 2.0)]
     assert result["first_trial"] == 20
+    assert [r["variant"] for r in build([("20 demos", compare), ("+ DART", single)], ("robust-A",))["rows"]] == ["robust-A"]
     table = markdown(result)
     assert "| + DART | robust-A | 75.0% | 2 layers, last by expected value | 2.00 (2) | — |" in table
     assert "from init state 20" in table
