@@ -55,10 +55,12 @@ class EvalConfig:
     save_videos: int = 0  # first N trials of each task rendered to GIF (slow: cameras on)
     compare_main_only: bool = True  # decode every chunk both ways: lossless check + same-run latency
     assert_lossless: bool = False  # stop with LosslessViolation on the first differing chunk (else count it)
-    # float32 | float64: precision of the main/draft token models. float32 is ~1.4x faster per pass on a
-    # CPU; its verify pass (K+1 positions) and one-position passes run different kernel shapes, so a
-    # near-tie could round apart: losslessness is then defined against the float32 main-only decode
-    # (the path run) and counted on every chunk (lossless column); float64 makes such a tie ~1e9x rarer
+    # float32 | float64: precision of the main/draft token models. At batch 1 on a CPU a one-position
+    # pass costs the same in both (per-op overhead), the multi-position verify pass less in float32, so
+    # speculation gains. Its verify pass (K+1 positions) and one-position passes run different kernel
+    # shapes, so a near-tie could round apart: losslessness is then defined against the float32
+    # main-only decode (the path run) and counted on every chunk (lossless column); float64 makes such
+    # a tie ~1e9x rarer
     decode_dtype: str = "float32"
     # The draft's precision does not touch losslessness (the main model verifies its integer tokens),
     # so it may run cheaper: "" = same as --decode-dtype.
