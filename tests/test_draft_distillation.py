@@ -28,6 +28,27 @@ def test_mlp_trunk_has_no_norms_round_trips_and_counts_flops():
         DraftWithProjection(feature_dim=D, tokens_per_layer=T, trunk="conv")
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+def test_lean_proposal_path_equals_the_module_forward(activation):
+    """``propose_rows`` of a parallel MLP draft skips the module machinery; its tokens must be the
+    forward's argmax exactly, for every activation, and the activation must survive a round trip."""
+    torch.manual_seed(0)
+    d = DraftWithProjection(feature_dim=D, width=16, coarse_layers=2, tokens_per_layer=T, num_levels=V, hidden_layers=3,
+                            trunk="mlp", activation=activation).eval()
+    f = torch.randn(64, D)
+    with torch.no_grad():
+        expected = d(f).argmax(dim=-1)
+    assert torch.equal(d.propose_rows(f), expected) and expected.shape == (64, 2, T)
+    assert DraftWithProjection.from_config(d.config).activation == activation
+    acts = [m for m in d.blocks if not isinstance(m, torch.nn.Linear)]
+    assert len(acts) == 3 and all(type(m) is type(acts[0]) for m in acts)
+    assert isinstance(acts[0], torch.nn.ReLU) == (activation == "relu")
+    with pytest.raises(ValueError, match="activation 'relu' needs trunk='mlp'"):
+        DraftWithProjection(feature_dim=D, tokens_per_layer=T, trunk="residual", activation="relu")
+    with pytest.raises(ValueError, match="activation"):
+        DraftWithProjection(feature_dim=D, tokens_per_layer=T, trunk="mlp", activation="tanh")
+
+
 def test_soft_targets_loss_is_the_kl_to_the_main_distribution():
     torch.manual_seed(0)
     d = DraftWithProjection(feature_dim=D, width=16, coarse_layers=2, tokens_per_layer=T, num_levels=V, trunk="mlp").eval()
@@ -87,6 +108,10 @@ def test_flags_are_checked():
     assert "draft" not in EvalConfig(use_speculative_decoding=False).checkpoint_paths()
     with pytest.raises(ValueError, match="--draft-trunk"):
         PolicyTrainConfig(data="x.hdf5", draft_trunk="conv")
+    with pytest.raises(ValueError, match="--draft-activation must be one of"):
+        PolicyTrainConfig(data="x.hdf5", draft_trunk="mlp", draft_activation="swish")
+    with pytest.raises(ValueError, match="needs --draft-trunk mlp"):
+        PolicyTrainConfig(data="x.hdf5", draft_activation="relu")
     with pytest.raises(ValueError, match="--draft-rollouts needs --draft-targets main"):
         PolicyTrainConfig(data="x.hdf5", draft_rollouts="run", draft_targets="labels")
     with pytest.raises(ValueError, match="--coarse-layers must be >= 0"):

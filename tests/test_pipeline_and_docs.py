@@ -31,8 +31,11 @@ def test_tiny_pipeline_produces_a_report_whose_numbers_match_the_json(tiny_run):
     assert list((tiny_run["root"] / "report" / "data").rglob("*.png"))
     robust = tiny_run["summary"]["phase2"]["robust"]  # the draft saw the policy's own closed-loop states
     assert sum(robust["draft_rollout_states"].values()) > 0 and "1" in robust["draft"]["candidate_acceptance"]
+    # the policies learn the clean and the DART demos; the tokenizers the clean ones only
+    assert robust["num_episodes"] == 3 + 1 and robust["data"].endswith("libero_object_dart0.2.hdf5"), robust["data"]
+    assert "+ 1 DART demos per task (action noise 0.2" in report
     assert set(tiny_run["summary"]["stages"]) == {
-        "demos", "tokenizer_none", "tokenizer_layernorm", "phase1_compare", "main_layernorm", "rollouts_layernorm", "draft_layernorm",
+        "demos", "demos_dart", "tokenizer_none", "tokenizer_layernorm", "phase1_compare", "main_layernorm", "rollouts_layernorm", "draft_layernorm",
         "main_none", "rollouts_none", "draft_none", "phase3_compare"
     }
 

@@ -26,7 +26,9 @@ def headline_markdown(summary: dict) -> str:
     p = summary["profile"]
     p1, p3 = summary["phase1"], summary["phase3"]
     lines = [
-        f"Profile **{p['name']}**: `{p['suite']}` tasks {p['tasks']}, {p['demos_per_task']} scripted demos per task, "
+        f"Profile **{p['name']}**: `{p['suite']}` tasks {p['tasks']}, {p['demos_per_task']} scripted demos per task"
+        + (f" + {p['dart_demos_per_task']} DART demos per task (action noise {p['dart_noise']:g}; tokenizers on the clean demos)"
+           if p.get("dart_demos_per_task") else "") + ", "
         f"tokenizer {p['tokenizer_epochs']} epochs, policy {p['policy_epochs']} epochs, {p['eval_trials']} trials per task. "
         f"Wall time {summary['wall_seconds'] / 60:.1f} min" + _from_scratch(summary) + ".",
         "",

@@ -56,6 +56,7 @@ class Profile:
     draft_width: int = 256
     draft_hidden_layers: int = 2
     draft_trunk: str = "mlp"
+    draft_activation: str = "gelu"
     draft_soft_targets: bool = True
     draft_augment_copies: int = 3
     draft_augment_noise: float = 0.3
@@ -64,34 +65,44 @@ class Profile:
     # rollout_first_trial.. (inside the demos' layouts, apart from the evaluation's 0..eval_trials-1)
     rollout_trials: int = 2
     rollout_first_trial: int = 3
+    # DART demos (issue 12's data lever): per task, on the same init states as the clean demos, the
+    # expert's executed arm actions get Gaussian noise of std dart_noise and its intended actions are
+    # the labels, so the policy sees how the expert recovers. The policies train on clean + DART demos;
+    # the tokenizers on the clean demos only (their fingerprints stay what they were). 0 = none.
+    dart_demos_per_task: int = 0
+    dart_noise: float = 0.2
 
 
 PROFILES = {
     # all 10 libero_object tasks; under an hour on 2 cores from scratch (the report sums the stage times)
     "default": Profile("default", "libero_object", "0-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=30,
                        policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2,
-                       reach_margin=2.0, first_stage_margin=1.0),
+                       reach_margin=2.0, first_stage_margin=1.0, draft_activation="relu", rollout_trials=6),
     # the default profile on libero_spatial's tasks the scripted expert solves (task 4 it does not:
-    # results/expert_success.md); `rsd_pipeline run --profile spatial` writes report/spatial/
+    # results/expert_success.md), plus 20 DART demos per task (on spatial's held-out init states they
+    # raised robust-A from 58.9% to 75.6%: results/phase3_diagnostics/data_levers); `rsd_pipeline run
+    # --profile spatial` writes report/spatial/
     "spatial": Profile("spatial", "libero_spatial", "0-3,5-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=30,
-                       policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2),
+                       policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2,
+                       dart_demos_per_task=20, dart_noise=0.2),
     # target <= 10 min: 5 tasks, fewer demos/epochs/trials
     "quick": Profile("quick", "libero_object", "0-4", demos_per_task=8, tokenizer_epochs=15, policy_epochs=6,
                      policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=2, eval_max_steps=0, workers=2, rollout_trials=1),
     # test-suite smoke run: one task, a few demos/epochs, short episodes
     "tiny": Profile("tiny", "libero_object", "0", demos_per_task=3, tokenizer_epochs=2, policy_epochs=1,
-                    policy_batch_size=64, d_model=32, num_blocks=1, eval_trials=1, eval_max_steps=24, workers=1, rollout_trials=1),
+                    policy_batch_size=64, d_model=32, num_blocks=1, eval_trials=1, eval_max_steps=24, workers=1, rollout_trials=1,
+                    dart_demos_per_task=1),
 }
 
 
 # Settings added after stages were fingerprinted, with the value that reproduces the earlier behaviour:
 # at that value they stay out of the fingerprint, so adding a flag does not redo finished stages.
-ADDED_SETTINGS = {"reach_margin": 1.05, "draft_rollouts": "", "record_features": False, "draft_trunk": "residual", "draft_soft_targets": False, "draft_candidates": 1, "first_stage_margin": 1.5, "own_prefix_prob": 0.0, "expected_value_weight": 0.0,
+ADDED_SETTINGS = {"reach_margin": 1.05, "draft_rollouts": "", "record_features": False, "draft_trunk": "residual", "draft_soft_targets": False, "draft_candidates": 1, "draft_activation": "gelu", "first_stage_margin": 1.5, "own_prefix_prob": 0.0, "expected_value_weight": 0.0,
                   "decode_rule": "argmax", "auto_decode": False, "first_trial": 0}
 
 
 # PolicyTrainConfig fields that only the draft stage reads
-DRAFT_SETTINGS = ("coarse_layers", "draft_width", "draft_hidden_layers", "draft_trunk", "draft_soft_targets", "draft_mode", "draft_targets", "draft_input",
+DRAFT_SETTINGS = ("coarse_layers", "draft_width", "draft_hidden_layers", "draft_trunk", "draft_activation", "draft_soft_targets", "draft_mode", "draft_targets", "draft_input",
                   "draft_augment_copies", "draft_augment_noise", "draft_rollouts", "timing_repeats", "train")
 
 
@@ -123,6 +134,23 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
     stages.run("demos", {"suite": profile.suite, "tasks": tasks, "per_task": profile.demos_per_task}, [demos], do_demos)
     demo_hash = file_hash(demos)
     num_demos = profile.demos_per_task * len(tasks)
+    policy_data, dart_hash = str(demos), None
+    if profile.dart_demos_per_task:
+        from common.sim.demo_collection import CollectConfig, run_collection
+
+        dart = data / f"{profile.suite}_dart{profile.dart_noise:g}.hdf5"
+        # what `collect_demos --action-noise` writes (seed 1: another expert seed than the clean demos')
+        dart_cfg = CollectConfig(suite=profile.suite, tasks=profile.tasks, demos_per_task=profile.dart_demos_per_task,
+                                 workers=profile.workers, out=str(dart.resolve()), seed=1, action_noise=profile.dart_noise)
+
+        def do_dart():
+            s = run_collection(dart_cfg, progress=progress)
+            kept = sum(t["kept"] for t in s["tasks"].values())
+            return f"{kept} DART demos (noise {profile.dart_noise:g}) in {dart.name} (given up: {s['given_up_tasks'] or 'none'})"
+
+        stages.run("demos_dart", {"suite": profile.suite, "tasks": tasks, "per_task": profile.dart_demos_per_task,
+                                  "noise": profile.dart_noise}, [dart], do_dart)
+        policy_data, dart_hash = f"{demos},{dart}", file_hash(dart)
 
     from common.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
@@ -154,11 +182,11 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
 
     for cond, tag in (("layernorm", ""), ("none", "naive")):
         pcfg = PolicyTrainConfig(
-            data=str(demos), num_episodes=0, epochs=profile.policy_epochs, batch_size=profile.policy_batch_size,
+            data=policy_data, num_episodes=0, epochs=profile.policy_epochs, batch_size=profile.policy_batch_size,
             lr=1e-3, d_model=profile.d_model, num_blocks=profile.num_blocks, models_dir=str(models),
             own_prefix_prob=profile.own_prefix_prob, expected_value_weight=profile.expected_value_weight,
             coarse_layers=profile.coarse_layers, draft_width=profile.draft_width, draft_hidden_layers=profile.draft_hidden_layers,
-            draft_trunk=profile.draft_trunk,
+            draft_trunk=profile.draft_trunk, draft_activation=profile.draft_activation,
             draft_soft_targets=profile.draft_soft_targets, draft_augment_copies=profile.draft_augment_copies,
             draft_augment_noise=profile.draft_augment_noise,
             results_dir=str(results), data_dir=str(data), progress=progress, rfsq_checkpoint=str(tok_cfgs[cond].output_paths()["best"]), timing_repeats=50,
@@ -176,8 +204,10 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
         def do_draft(cfg=draft_cfg):
             return f"draft trained in {train_policy(cfg)['draft_seconds']:.0f} s"
 
-        stages.run(f"main_{cond}", {"cfg": settings(main_cfg, ignore=DRAFT_SETTINGS), "tokenizer": tok_hashes[cond]},
-                   [out_paths["head"]], do_main)
+        main_inputs = {"cfg": settings(main_cfg, ignore=DRAFT_SETTINGS), "tokenizer": tok_hashes[cond]}
+        if dart_hash:  # (absent without DART demos: the other profiles' fingerprints stay what they were)
+            main_inputs["dart_demos"] = dart_hash
+        stages.run(f"main_{cond}", main_inputs, [out_paths["head"]], do_main)
         head_hash = file_hash(out_paths["head"])
         rollout_hash = None
         if profile.rollout_trials:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.artifacts import ROBUST_TOKENIZER, data_dir_of, models_dir_of, policy_paths, results_dir_of
-from common.policy.draft import DRAFT_INPUTS, DRAFT_MODES, DRAFT_TRUNKS
+from common.policy.draft import DRAFT_ACTIVATIONS, DRAFT_INPUTS, DRAFT_MODES, DRAFT_TRUNKS
 from common.policy.feature_cache import feature_cache_path
 from common.policy.model import BACKBONES
 from common.training_loop import LoopSettings, RunFiles
@@ -44,6 +44,8 @@ class PolicyTrainConfig:
     draft_width: int = 128  # draft model hidden width
     draft_hidden_layers: int = 2  # draft model hidden layers after its input projection
     draft_trunk: str = "residual"  # residual (LayerNorm residual blocks) | mlp (plain GELU MLP: fewer ops, cheaper at batch 1)
+    # the mlp trunk's nonlinearity: gelu | gelu_tanh | relu (float32 exact GELU is slow at batch 1 on a CPU)
+    draft_activation: str = "gelu"
     # parallel = all K layers from one linear head; chained = layer l conditioned on the draft's own
     # tokens of layers < l, as the main model is (still one draft call; see common/policy/draft.py)
     draft_mode: str = "parallel"
@@ -91,6 +93,10 @@ class PolicyTrainConfig:
             raise ValueError(f"--draft-mode must be one of {DRAFT_MODES}; got {self.draft_mode!r}")
         if self.draft_trunk not in DRAFT_TRUNKS:
             raise ValueError(f"--draft-trunk must be one of {DRAFT_TRUNKS}; got {self.draft_trunk!r}")
+        if self.draft_activation not in DRAFT_ACTIVATIONS:
+            raise ValueError(f"--draft-activation must be one of {tuple(DRAFT_ACTIVATIONS)}; got {self.draft_activation!r}")
+        if self.draft_activation != "gelu" and self.draft_trunk != "mlp":
+            raise ValueError(f"--draft-activation {self.draft_activation} needs --draft-trunk mlp (the residual trunk uses GELU)")
         if self.draft_input not in DRAFT_INPUTS:
             raise ValueError(f"--draft-input must be one of {DRAFT_INPUTS}; got {self.draft_input!r}")
         if self.draft_input == "main_hidden" and self.draft_targets != "main":

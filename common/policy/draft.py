@@ -34,6 +34,10 @@ DRAFT_TRUNKS = ("residual", "mlp")
 # model's own position-0 hidden state plus its layer-0 tokens (EAGLE / Medusa style: computed anyway
 # by the main model's first pass, so the draft is a few small ops and proposes layers 1..K).
 DRAFT_INPUTS = ("features", "main_hidden")
+# The trunk's nonlinearity. At batch 1 on a CPU, float32 exact GELU (erf) costs 5-7x the tanh
+# approximation or ReLU per call (benchmarks/draft_cost.py), a large share of a small draft's time;
+# "gelu" is what drafts from before this option used.
+DRAFT_ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": lambda: nn.ReLU()}
 
 
 class _ResidualMLP(nn.Module):
@@ -63,10 +67,15 @@ class DraftWithProjection(nn.Module):
         mode: str = "parallel",
         input: str = "features",
         trunk: str = "residual",
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         if trunk not in DRAFT_TRUNKS:
             raise ValueError(f"DraftWithProjection: expected trunk in {DRAFT_TRUNKS}, found {trunk!r}")
+        if activation not in DRAFT_ACTIVATIONS:
+            raise ValueError(f"DraftWithProjection: expected activation in {tuple(DRAFT_ACTIVATIONS)}, found {activation!r}")
+        if activation != "gelu" and trunk != "mlp":
+            raise ValueError(f"DraftWithProjection: activation {activation!r} needs trunk='mlp' (the residual trunk uses GELU), found trunk={trunk!r}")
         if mode not in DRAFT_MODES:
             raise ValueError(f"DraftWithProjection: expected mode in {DRAFT_MODES}, found {mode!r}")
         if input not in DRAFT_INPUTS:
@@ -87,6 +96,7 @@ class DraftWithProjection(nn.Module):
         self.mode = mode
         self.input = input
         self.trunk = trunk
+        self.activation = activation
         # layers the draft proposes: 0..K-1 from features; 1..K after the main model's layer 0
         self.first_layer = 1 if input == "main_hidden" else 0
 
@@ -97,9 +107,10 @@ class DraftWithProjection(nn.Module):
             self.blocks = nn.Sequential(*[_ResidualMLP(width=self.width, dropout=self.dropout) for _ in range(self.hidden_layers)])
             self.ln_out = nn.LayerNorm(self.width)
         else:  # hidden_layers nonlinearities: GELU, then (Linear, GELU) pairs
-            layers: list[nn.Module] = [nn.GELU()] if self.hidden_layers else []
+            act = DRAFT_ACTIVATIONS[activation]
+            layers: list[nn.Module] = [act()] if self.hidden_layers else []
             for _ in range(self.hidden_layers - 1):
-                layers += [nn.Linear(self.width, self.width), nn.GELU()]
+                layers += [nn.Linear(self.width, self.width), act()]
             self.blocks = nn.Sequential(*layers)
             self.ln_out = nn.Identity()
         T, V, K = self.tokens_per_layer, self.num_levels, self.coarse_layers
@@ -131,12 +142,13 @@ class DraftWithProjection(nn.Module):
             "mode": self.mode,
             "input": self.input,
             "trunk": self.trunk,
+            "activation": self.activation,
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "DraftWithProjection":
         """Rebuild from ``config`` (a checkpoint's config may hold more keys: tokenizer, head hash)."""
-        keys = ("feature_dim", "width", "coarse_layers", "tokens_per_layer", "num_levels", "hidden_layers", "dropout", "mode", "input", "trunk")
+        keys = ("feature_dim", "width", "coarse_layers", "tokens_per_layer", "num_levels", "hidden_layers", "dropout", "mode", "input", "trunk", "activation")
         return cls(**{"mode": "parallel", **{k: config[k] for k in keys if k in config}})  # "mode": checkpoints from before modes existed
 
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -211,7 +223,20 @@ class DraftWithProjection(nn.Module):
     def propose_rows(self, features: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """``propose`` laid out as rows [B, K, T] (one per drafted layer; what the decode loop feeds)."""
         dtype = self.projection[1].weight.dtype
-        return self(features if features.dtype == dtype else features.to(dtype), prefix=prefix).argmax(dim=-1)
+        x = features if features.dtype == dtype else features.to(dtype)
+        if self.mode == "parallel" and self.trunk == "mlp" and self.input == "features" and not self.training:
+            return self._lean_logits(x).argmax(dim=-1)
+        return self(x, prefix=prefix).argmax(dim=-1)
+
+    def _lean_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` of a parallel MLP draft on features, for the decode loop: the same ops, each
+        module's ``forward`` called directly (no argument checks, no ``Module.__call__`` hook
+        handling, which at batch 1 costs about as much as a small op)."""
+        ln, proj = self.projection
+        h = proj.forward(ln.forward(x))
+        for layer in self.blocks:
+            h = layer.forward(h)
+        return self.out.forward(h).view(x.shape[0], self.coarse_layers, self.tokens_per_layer, self.num_levels)
 
     @torch.no_grad()
     def propose_candidates(self, features: torch.Tensor, num_candidates: int) -> torch.Tensor:

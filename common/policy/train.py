@@ -224,7 +224,7 @@ def _train_draft(cfg, paths, tok, policy, head_hash, train_f, val_f, train_codes
     draft = DraftWithProjection(
         feature_dim=policy.head.d_model if hidden else policy.feature_dim, width=cfg.draft_width, coarse_layers=K,
         tokens_per_layer=m.tokens_per_layer, num_levels=m.num_levels, hidden_layers=cfg.draft_hidden_layers, mode=cfg.draft_mode,
-        input=cfg.draft_input, trunk=cfg.draft_trunk,
+        input=cfg.draft_input, trunk=cfg.draft_trunk, activation=cfg.draft_activation,
     ).to(device)
     # what the draft reads in training: the backbone features, or the main model's position-0 hidden
     # state for them (train_codes then carry the main model's layer 0 as the draft's prefix)
