@@ -8,8 +8,8 @@ the main model is the ``make run`` size (d_model 128, 2 blocks, L = 3 decoded la
 levels per layer) and its pass is the one-position ``extend_`` step; each draft is a parallel MLP
 draft over K = 2 layers (what Phase 3 uses), called through ``propose_rows`` as the decode loop calls
 it. "cold" sweeps a 32 MiB buffer before every call, as a simulator step between two chunks does in
-closed loop, so weights come from memory rather than cache. The calls are timed back to back in a
-rotating order, so a busy machine slows all alike; the tables give medians. Also the per-call cost
+closed loop, so weights come from memory rather than cache; "warm" times a call right after an
+untimed one. The calls are timed back to back in a rotating order, so a busy machine slows all alike; the tables give medians. Also the per-call cost
 of each activation on one draft-sized row, which is why ``--draft-activation`` exists.
 Writes ``draft_cost.json`` / ``.md`` to ``--out``.
 """
@@ -61,6 +61,8 @@ def measure(dtype: torch.dtype, repeats: int, seed: int = 0) -> dict:
                 for mode in ("warm", "cold"):
                     if mode == "cold":
                         _cold(flush)
+                    else:  # one untimed call first: the other calls of the round evicted this one's weights
+                        calls[name]()
                     t0 = time.perf_counter()
                     calls[name]()
                     times[mode][name].append(time.perf_counter() - t0)
@@ -94,7 +96,7 @@ def measure(dtype: torch.dtype, repeats: int, seed: int = 0) -> dict:
 def markdown(result: dict) -> str:
     m = result["main_pass_ms"]
     lines = [
-        f"# Draft cost c next to one main pass ({result['dtype']}, batch 1, {result['threads']} thread(s), {result['repeats']} rounds)",
+        f"Draft cost c next to one main pass ({result['dtype']}, batch 1, {result['threads']} thread(s), {result['repeats']} rounds)",
         "",
         f"Main pass (make-run size, one position): {m['warm']:.3f} ms warm, {m['cold']:.3f} ms cold.",
         "",

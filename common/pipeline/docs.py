@@ -51,7 +51,7 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                              "python -m phase3.modal_phase3_libero_eval --task-suite libero_object --tasks 0-9 --num-trials 10 "
                              "--tokenizer robust --strategy A --draft-dtype float32 --out results/phase3/draft_float32_libero_object"),
     "phase3_libero_spatial": ("phase3/compare_libero_spatial/comparison.md", "phase3/compare_libero_spatial/comparison.json",
-                              "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 10 --first-trial 20 "
+                              "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 30 --first-trial 20 "
                               "--variant-trials robust-B=5 --auto-decode --models-dir <models of rsd_pipeline run --profile spatial> --results-dir results"),
     "bench_rate_distortion": ("bench_rate_distortion.md", "bench_rate_distortion.json",
                               "python -m benchmarks.bench_rate_distortion --epochs 15 (demos: see phase1_improved/AGENT_GUIDE.md)"),
@@ -83,6 +83,8 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "phase3_decode_depth_latency_float32": ("phase3_diagnostics/decode_depth_latency_float32.md",
                                             "phase3_diagnostics/decode_depth_latency_float32.json",
                                             "python -m benchmarks.decode_depth_latency --models-dir <models of the default make run> --candidates 1,2,4"),
+    "phase3_draft_cost": ("phase3_diagnostics/draft_cost/draft_cost.md", "phase3_diagnostics/draft_cost/draft_cost.json",
+                          "python -m benchmarks.draft_cost"),
     "bench_decode_sweep": ("bench_decode_sweep/bench_decode_sweep.md", "bench_decode_sweep/bench_decode_sweep.json",
                            "python -m benchmarks.bench_decode_sweep"),
     "bench_decode_sweep_gpu": ("bench_decode_sweep_gpu/bench_decode_sweep.md", "bench_decode_sweep_gpu/bench_decode_sweep.json",
