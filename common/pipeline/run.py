@@ -79,9 +79,9 @@ PROFILES = {
                        policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2,
                        reach_margin=2.0, first_stage_margin=1.0, draft_activation="relu"),
     # the default profile on libero_spatial's tasks the scripted expert solves (task 4 it does not:
-    # results/expert_success.md), plus 20 DART demos per task (on spatial's held-out init states they
-    # raised robust-A from 58.9% to 75.6%: results/phase3_diagnostics/data_levers); `rsd_pipeline run
-    # --profile spatial` writes report/spatial/
+    # results/expert_success.md), plus 20 DART demos per task (with them robust-A reaches 69.3% on the
+    # 30 held-out init states per task, 58.9% without on 10: results/phase3/compare_libero_spatial and
+    # results/phase3_diagnostics/data_levers); `rsd_pipeline run --profile spatial` writes report/spatial/
     "spatial": Profile("spatial", "libero_spatial", "0-3,5-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=30,
                        policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2,
                        dart_demos_per_task=20, dart_noise=0.2),
