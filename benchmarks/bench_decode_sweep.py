@@ -53,6 +53,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from common.decoding.graphs import GraphedDecoder, Replay
 from common.decoding.speculative import main_only_decode, speculative_decode
 from common.policy.draft import DraftWithProjection
 from common.policy.head import RFSQHead
@@ -65,10 +66,12 @@ MAIN_SIZES = {  # name -> (d_model, num_blocks, num_heads)
     "main-512x6": (512, 6, 8),
     "main-1024x8": (1024, 8, 16),
 }
-DRAFT_SIZES = {  # name -> (width, hidden_layers, mode)
-    "draft-64 parallel": (64, 0, "parallel"),
-    "draft-512x3 chained (Phase 3)": (512, 3, "chained"),
+DRAFT_SIZES = {  # name -> DraftWithProjection settings
+    "draft-64 parallel": dict(width=64, hidden_layers=0, mode="parallel"),
+    "draft-256x2 ReLU MLP (Phase 3)": dict(width=256, hidden_layers=2, mode="parallel", trunk="mlp", activation="relu"),
+    "draft-512x3 chained (old Phase 3)": dict(width=512, hidden_layers=3, mode="chained"),
 }
+REPLAYS = ("eager", "cuda graphs")  # how both paths run: op by op, or replayed from captured graphs (--graphs)
 FEATURE_DIM, L, T, V, K = 128, 8, 16, 7, 3
 DEFAULT_OUT = {"cpu": REPO_ROOT / "results" / "bench_decode_sweep", "cuda": REPO_ROOT / "results" / "bench_decode_sweep_gpu"}
 DEFAULT_DTYPE = {"cpu": "float64", "cuda": "float32"}
@@ -97,20 +100,29 @@ def select_sizes(spec: str | None) -> dict[str, tuple[int, int, int]]:
 
 class ForcedAcceptanceDraft(torch.nn.Module):
     """Runs the real draft (its cost is real), then proposes the main model's greedy layers < a and
-    a wrong token in every slot of the layers >= a: exactly a layers are accepted."""
+    a wrong token in every slot of the layers >= a: exactly a layers are accepted. The proposal is
+    one buffer rewritten in place by ``set_accepted``, so a captured graph that reads it follows."""
 
     def __init__(self, draft: DraftWithProjection, main_codes: torch.Tensor, accepted: int):
         super().__init__()
-        self.draft, self.accepted = draft, accepted
+        self.draft = draft
         self.coarse_layers, self.tokens_per_layer, self.num_levels = draft.coarse_layers, draft.tokens_per_layer, draft.num_levels
-        proposal = main_codes[..., :K].clone()
-        proposal[..., accepted:] = (proposal[..., accepted:] + 1) % V
-        self.proposal = proposal
+        self.greedy_rows = main_codes[..., :K].transpose(1, 2).contiguous()  # [B, K, T]
+        self.proposal_rows = self.greedy_rows.clone()
+        self.set_accepted(accepted)
         self.training = False
 
+    def set_accepted(self, accepted: int) -> None:
+        self.accepted = accepted
+        self.proposal_rows.copy_(self.greedy_rows)
+        self.proposal_rows[:, accepted:] = (self.greedy_rows[:, accepted:] + 1) % V
+
+    def propose_rows(self, features: torch.Tensor) -> torch.Tensor:
+        self.draft.propose_rows(features)
+        return self.proposal_rows
+
     def propose(self, features: torch.Tensor) -> torch.Tensor:
-        self.draft.propose(features)
-        return self.proposal
+        return self.propose_rows(features).transpose(1, 2)
 
 
 class Clock:
@@ -156,32 +168,64 @@ def median_ratio(numerator: Sequence[float], denominator: Sequence[float], scale
     return statistics.median(scale * n / d for n, d in zip(numerator, denominator))
 
 
+def _row(main_name: str, main: RFSQHead, draft_name: str, draft: DraftWithProjection, replay: str, a: int, observed: int,
+         lossless: bool, terms: dict, t_main_pair: list[float], t_spec: list[float]) -> dict:
+    s_per_repeat = sorted(m / s for m, s in zip(t_main_pair, t_spec))
+    q1, _, q3 = statistics.quantiles(s_per_repeat, n=4) if len(s_per_repeat) > 1 else s_per_repeat * 3
+    c, v = terms["c"][draft_name], terms["v"]
+    return {
+        "main": main_name, "d_model": main.d_model, "num_blocks": main.num_blocks, "main_params": main.num_parameters(),
+        "draft": draft_name, "draft_params": draft.num_parameters(), "replay": replay, "accepted_layers": a,
+        "accepted_layers_observed": observed, "codes_equal_main_only": lossless, "timing": TIMING,
+        "repeats": len(t_spec), "terms_repeats": terms["repeats"], "main_pass_ms": terms["t_greedy"] / L,
+        "main_only_ms_terms_loop": terms["t_greedy"], "verify_ms": terms["t_verify"],
+        "draft_ms": terms["t_draft"][draft_name], "c": c, "v": v,
+        "main_only_ms_per_chunk": statistics.median(t_main_pair), "speculative_ms_per_chunk": statistics.median(t_spec),
+        "speedup_measured": statistics.median(s_per_repeat), "speedup_measured_q1": q1, "speedup_measured_q3": q3,
+        "speedup_ratio_of_medians": statistics.median(t_main_pair) / statistics.median(t_spec),
+        "speedup_formula": L / (L - observed + c + v),
+    }
+
+
+def _terms(t_main: list[float], t_verify: list[float], t_drafts: list[list[float]], names: Sequence[str]) -> dict:
+    """c and v from one interleaved loop (medians of per-repeat ratios to one main pass)."""
+    return {
+        "repeats": len(t_main), "t_greedy": statistics.median(t_main), "t_verify": statistics.median(t_verify),
+        "v": median_ratio(t_verify, t_main, scale=L) - 1.0,
+        "c": {n: median_ratio(t, t_main, scale=L) for n, t in zip(names, t_drafts)},
+        "t_draft": {n: statistics.median(t) for n, t in zip(names, t_drafts)},
+    }
+
+
+def _report(main_name: str, draft_name: str, replay: str, terms: dict, top: dict) -> None:
+    tqdm.write(f"{main_name:>28} | {draft_name:>34} | {replay:>11} | pass {terms['t_greedy'] / L:.3f} ms  "
+               f"c {terms['c'][draft_name]:.2f}  v {terms['v']:.2f}  S(a=K) {top['speedup_measured']:.2f}x "
+               f"(formula {top['speedup_formula']:.2f}x)")
+
+
 def measure_main(main_name: str, shape: tuple[int, int, int], features: torch.Tensor, clock: Clock, repeats: int,
-                 device: torch.device, dtype: torch.dtype) -> list[dict]:
+                 device: torch.device, dtype: torch.dtype, graphs: bool = False) -> list[dict]:
     d, blocks, heads = shape
     torch.manual_seed(0)
     main = RFSQHead(feature_dim=FEATURE_DIM, num_layers=L, tokens_per_layer=T, num_levels=V, d_model=d,
                     num_heads=heads, num_blocks=blocks).to(device=device, dtype=dtype).eval()
     drafts = {}
-    for draft_name, (width, hidden, mode) in DRAFT_SIZES.items():
+    for draft_name, settings in DRAFT_SIZES.items():
         torch.manual_seed(1)
-        drafts[draft_name] = DraftWithProjection(
-            feature_dim=FEATURE_DIM, width=width, coarse_layers=K, tokens_per_layer=T, num_levels=V,
-            hidden_layers=hidden, mode=mode).to(device=device, dtype=dtype).eval()
-    loops = tqdm(total=1 + len(drafts) * (K + 1), desc=f"{size_key(main_name)} loops", unit="loop", leave=False)
+        drafts[draft_name] = DraftWithProjection(feature_dim=FEATURE_DIM, coarse_layers=K, tokens_per_layer=T, num_levels=V,
+                                                 **settings).to(device=device, dtype=dtype).eval()
+    loops = tqdm(total=(1 + len(drafts) * (K + 1)) * (2 if graphs else 1), desc=f"{size_key(main_name)} loops", unit="loop", leave=False)
+    rows = []
     with torch.inference_mode():
         main_codes = main.greedy_decode(features)
-        # c and v: one interleaved loop of main-only decode, verify pass and every draft's call
-        terms = [lambda: main_only_decode(main, features), lambda: main.verify(features, main_codes[..., :K])]
-        terms += [lambda draft=draft: draft.propose(features) for draft in drafts.values()]
-        t_main, t_verify, *t_drafts = clock.measure(terms, repeats, warmup=WARMUP_REPEATS)
+        # eager: one interleaved loop of main-only decode, verify pass and every draft's call -> c, v
+        rows_K = main_codes[..., :K].transpose(1, 2).contiguous()
+        fns = [lambda: main_only_decode(main, features), lambda: main.verify_rows_(features, rows_K)]
+        fns += [lambda draft=draft: draft.propose_rows(features) for draft in drafts.values()]
+        t_main, t_verify, *t_drafts = clock.measure(fns, repeats, warmup=WARMUP_REPEATS)
+        terms = _terms(t_main, t_verify, t_drafts, list(drafts))
         loops.update()
-    t_greedy = statistics.median(t_main)
-    t_pass = t_greedy / L
-    v = median_ratio(t_verify, t_main, scale=L) - 1.0
-    rows = []
-    for (draft_name, draft), t_draft in zip(drafts.items(), t_drafts):
-        c = median_ratio(t_draft, t_main, scale=L)
+    for draft_name, draft in drafts.items():
         for a in range(K + 1):
             oracle = ForcedAcceptanceDraft(draft, main_codes, a)
             codes, stats = speculative_decode(main, oracle, features)
@@ -189,29 +233,52 @@ def measure_main(main_name: str, shape: tuple[int, int, int], features: torch.Te
             # single-position passes; record it (and time the acceptance that happened) rather than lose the run
             observed, lossless = stats.accepted_layers[0], bool(torch.equal(codes, main_codes))
             if observed != a or not lossless:
-                tqdm.write(f"WARNING {main_name} / {draft_name}: forced a={a}, observed a={observed}, "
+                tqdm.write(f"WARNING {main_name} / {draft_name} (eager): forced a={a}, observed a={observed}, "
                            f"codes equal main-only: {lossless}")
             pair = [lambda: main_only_decode(main, features), lambda oracle=oracle: speculative_decode(main, oracle, features)]
             with torch.inference_mode():
                 t_main_pair, t_spec = clock.measure(pair, repeats, warmup=PAIR_WARMUP_REPEATS)
             loops.update()
-            s_per_repeat = sorted(m / s for m, s in zip(t_main_pair, t_spec))
-            q1, _, q3 = statistics.quantiles(s_per_repeat, n=4) if len(s_per_repeat) > 1 else s_per_repeat * 3
-            rows.append({
-                "main": main_name, "d_model": d, "num_blocks": blocks, "main_params": main.num_parameters(),
-                "draft": draft_name, "draft_params": draft.num_parameters(), "accepted_layers": a,
-                "accepted_layers_observed": observed, "codes_equal_main_only": lossless, "timing": TIMING,
-                "repeats": len(t_spec), "terms_repeats": len(t_main), "main_pass_ms": t_pass,
-                "main_only_ms_terms_loop": t_greedy, "verify_ms": statistics.median(t_verify),
-                "draft_ms": statistics.median(t_draft), "c": c, "v": v,
-                "main_only_ms_per_chunk": statistics.median(t_main_pair), "speculative_ms_per_chunk": statistics.median(t_spec),
-                "speedup_measured": statistics.median(s_per_repeat), "speedup_measured_q1": q1, "speedup_measured_q3": q3,
-                "speedup_ratio_of_medians": statistics.median(t_main_pair) / statistics.median(t_spec),
-                "speedup_formula": L / (L - observed + c + v),
-            })
-        tqdm.write(f"{main_name:>28} | {draft_name:>30} | pass {t_pass:.3f} ms  c {c:.2f}  v {v:.2f}  "
-                   f"S(a=K) {rows[-1]['speedup_measured']:.2f}x (formula {rows[-1]['speedup_formula']:.2f}x)")
+            rows.append(_row(main_name, main, draft_name, draft, "eager", a, observed, lossless, terms, t_main_pair, t_spec))
+        _report(main_name, draft_name, "eager", terms, rows[-1])
+    if graphs:
+        rows += _measure_graphed(main_name, main, drafts, main_codes, features, clock, repeats, loops)
     loops.close()
+    return rows
+
+
+def _measure_graphed(main_name: str, main: RFSQHead, drafts: dict, main_codes: torch.Tensor, features: torch.Tensor,
+                     clock: Clock, repeats: int, loops: tqdm) -> list[dict]:
+    """Both paths replayed from captured CUDA graphs (``common/decoding/graphs.py``); off CUDA the same
+    code runs eagerly (a check of the code path, not a measurement of graphs)."""
+    device = features.device
+    replay = "cuda graphs" if device.type == "cuda" else "eager (graph stand-in)"
+    rows_K = main_codes[..., :K].transpose(1, 2).contiguous()
+    oracles = {n: ForcedAcceptanceDraft(dr, main_codes, K) for n, dr in drafts.items()}
+    decoders = {n: GraphedDecoder(main, oracle, num_layers=L) for n, oracle in oracles.items()}
+    main_only = next(iter(decoders.values()))
+    # the terms, each captured on its own: main-only decode, the verify pass, each draft's call
+    verify = Replay(lambda: main.verify_rows_(main_only.features, rows_K), device)
+    draft_calls = [Replay(lambda dr=dr: dr.propose_rows(main_only.features), device) for dr in drafts.values()]
+    with torch.inference_mode():
+        main_only.features.copy_(features)
+        t_main, t_verify, *t_drafts = clock.measure([main_only.main_only, verify, *draft_calls], repeats, warmup=WARMUP_REPEATS)
+    terms = _terms(t_main, t_verify, t_drafts, list(drafts))
+    loops.update()
+    rows = []
+    for draft_name, decoder in decoders.items():
+        for a in range(K + 1):
+            oracles[draft_name].set_accepted(a)
+            codes, observed, _ = decoder.decode(features)
+            lossless = bool(torch.equal(codes, main_codes))
+            if observed != a or not lossless:
+                tqdm.write(f"WARNING {main_name} / {draft_name} ({replay}): forced a={a}, observed a={observed}, "
+                           f"codes equal main-only: {lossless}")
+            pair = [lambda decoder=decoder: decoder.decode_main_only(features), lambda decoder=decoder: decoder.decode(features)]
+            t_main_pair, t_spec = clock.measure(pair, repeats, warmup=PAIR_WARMUP_REPEATS)
+            loops.update()
+            rows.append(_row(main_name, main, draft_name, drafts[draft_name], replay, a, observed, lossless, terms, t_main_pair, t_spec))
+        _report(main_name, draft_name, replay, terms, rows[-1])
     return rows
 
 
@@ -221,6 +288,10 @@ def device_label(device: torch.device, threads: int) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {threads} thread(s)"
 
 
+def _replay_order(replay: str) -> int:
+    return 0 if replay == "eager" else 1
+
+
 def markdown(rows: list[dict], dtype: str, label: str) -> str:
     lines = [
         f"Device: {label}; batch 1, {dtype}, torch {torch.__version__}; L = {L} layers x {T} tokens, K = {K} drafted layers; "
@@ -228,19 +299,23 @@ def markdown(rows: list[dict], dtype: str, label: str) -> str:
         "the two back to back (alternating which goes first), at forced acceptance a (oracle draft, real draft cost), "
         "with the formula S = L / (L - a + c + v) in brackets; c and v = medians of per-repeat ratios to one main pass "
         "(main-only decode / L) from one loop per main size that times main-only decode, verify pass and draft calls "
-        "back to back in a rotating order.",
+        "back to back in a rotating order. Replay: both paths op by op (eager), or both replayed from captured CUDA "
+        "graphs (one graph for main-only; draft + verify + acceptance, then the remaining passes for the accepted a, "
+        "for speculative: one host sync).",
         "",
-        "| main | params | draft | one main pass (ms) | main-only ms / chunk (c, v loop) | c (draft, passes) | v (verify extra, passes) | "
+        "| main | params | draft | replay | one main pass (ms) | main-only ms / chunk (c, v loop) | c (draft, passes) | v (verify extra, passes) | "
         "S a=0 (formula) | S a=1 (formula) | S a=2 (formula) | S a=3 (formula) | main-only / spec ms per chunk at a=3 (same loop) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    keys = sorted({(r["main"], r["draft"]) for r in rows}, key=lambda k: (list(MAIN_SIZES).index(k[0]), list(DRAFT_SIZES).index(k[1])))
-    for main_name, draft_name in keys:
-        rs = sorted((r for r in rows if r["main"] == main_name and r["draft"] == draft_name), key=lambda r: r["accepted_layers"])
+    keys = sorted({(r["main"], r["draft"], r.get("replay", "eager")) for r in rows},
+                  key=lambda k: (list(MAIN_SIZES).index(k[0]), _replay_order(k[2]), list(DRAFT_SIZES).index(k[1])))
+    for main_name, draft_name, replay in keys:
+        rs = sorted((r for r in rows if (r["main"], r["draft"], r.get("replay", "eager")) == (main_name, draft_name, replay)),
+                    key=lambda r: r["accepted_layers"])
         r0 = rs[0]
         s = " | ".join(f"{r['speedup_measured']:.2f}x ({r['speedup_formula']:.2f}x)" for r in rs)
         lines.append(
-            f"| {main_name} | {r0['main_params']:,} | {draft_name} | {r0['main_pass_ms']:.3f} | {r0['main_only_ms_terms_loop']:.2f} | "
+            f"| {main_name} | {r0['main_params']:,} | {draft_name} | {replay} | {r0['main_pass_ms']:.3f} | {r0['main_only_ms_terms_loop']:.2f} | "
             f"{r0['c']:.2f} | {r0['v']:.2f} | {s} | {rs[-1]['main_only_ms_per_chunk']:.2f} / {rs[-1]['speculative_ms_per_chunk']:.2f} |"
         )
     off = [r for r in rows if r["accepted_layers_observed"] != r["accepted_layers"] or not r["codes_equal_main_only"]]
@@ -253,18 +328,23 @@ def markdown(rows: list[dict], dtype: str, label: str) -> str:
 def plot(rows: list[dict], path: Path, label: str) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for draft_name in DRAFT_SIZES:
-        top = [r for r in rows if r["draft"] == draft_name and r["accepted_layers"] == K]
-        x = [r["main_params"] for r in top]
-        s = [r["speedup_measured"] for r in top]
-        quartiles = [[m - r["speedup_measured_q1"] for m, r in zip(s, top)], [r["speedup_measured_q3"] - m for m, r in zip(s, top)]]
-        bars = ax.errorbar(x, s, yerr=quartiles, fmt="o-", capsize=3, label=f"{draft_name}: measured (paired; bars: quartiles)")
-        ax.plot(x, [r["speedup_formula"] for r in top], "x--", color=bars.lines[0].get_color(), label=f"{draft_name}: formula")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    replays = sorted({r.get("replay", "eager") for r in rows}, key=_replay_order)
+    for replay in replays:
+        for draft_name in DRAFT_SIZES:
+            top = [r for r in rows if r["draft"] == draft_name and r.get("replay", "eager") == replay and r["accepted_layers"] == K]
+            if not top:
+                continue
+            x = [r["main_params"] for r in top]
+            s = [r["speedup_measured"] for r in top]
+            quartiles = [[m - r["speedup_measured_q1"] for m, r in zip(s, top)], [r["speedup_measured_q3"] - m for m, r in zip(s, top)]]
+            style = "o-" if replay == "eager" else "s-"
+            bars = ax.errorbar(x, s, yerr=quartiles, fmt=style, capsize=3, label=f"{draft_name}, {replay}: measured")
+            ax.plot(x, [r["speedup_formula"] for r in top], "x--", color=bars.lines[0].get_color(), alpha=0.6)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set(xscale="log", xlabel="main model parameters", ylabel=f"token-decode speedup at a = {K} (all drafted layers accepted)",
-           title=f"Speculative decoding vs main-only, batch 1, paired timing, {label}")
-    ax.legend(fontsize=8)
+           title=f"Speculative vs main-only, batch 1, paired timing (x: formula; bars: quartiles)\n{label}")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -288,6 +368,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="precision of both models (default float64 on cpu, float32 on cuda)")
     parser.add_argument("--sizes", default=None, help=f"comma list of main sizes, default all: {','.join(map(size_key, MAIN_SIZES))}")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (batch 1: one is fastest)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time both paths replayed from captured CUDA graphs (common/decoding/graphs.py); "
+                             "on a CPU the same code runs eagerly, a check of the path, not a measurement")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         raise SystemExit(f"bench_decode_sweep --repeats: expected >= 1, found {args.repeats}")
@@ -307,11 +390,11 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": [], "complete": False, "timing": TIMING, "device": device.type, "device_name": label, "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda, "dtype": dtype_name, "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "repeats": args.repeats, "budget_s": clock.budget_ms / 1e3, "threads": args.threads, "sizes": [size_key(n) for n in sizes],
-        "L": L, "K": K, "tokens_per_layer": T, "provenance": provenance(seed=0),
+        "L": L, "K": K, "tokens_per_layer": T, "graphs": args.graphs, "provenance": provenance(seed=0),
     }
     print(f"bench_decode_sweep: {label}, {dtype_name}, torch {torch.__version__} -> {out}", flush=True)
     for main_name, shape in tqdm(sizes.items(), desc="main sizes", unit="size"):
-        result["rows"] += measure_main(main_name, shape, features, clock, args.repeats, device, dtype)
+        result["rows"] += measure_main(main_name, shape, features, clock, args.repeats, device, dtype, graphs=args.graphs)
         write_json(out / "bench_decode_sweep.json", result)  # a run cut short keeps what it measured
     result["complete"] = True
     write_json(out / "bench_decode_sweep.json", result)

@@ -105,3 +105,14 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path):
 def test_gpu_defaults_never_overwrite_cpu_results():
     assert sweep.DEFAULT_OUT["cuda"] != sweep.DEFAULT_OUT["cpu"]
     assert sweep.DEFAULT_DTYPE == {"cpu": "float64", "cuda": "float32"}
+
+
+def test_graphs_flag_adds_graph_rows_that_stay_exact(tmp_path):
+    # off CUDA the graphed decoder runs its static-buffer code eagerly: the rows check the path, labelled as such
+    result = sweep.main(["--sizes", "64x1", "--repeats", "2", "--budget-s", "0.001", "--graphs", "--out", str(tmp_path)])
+    graphed = [r for r in result["rows"] if r["replay"] == "eager (graph stand-in)"]
+    assert len(graphed) == len(result["rows"]) // 2 == len(sweep.DRAFT_SIZES) * (sweep.K + 1)
+    assert all(r["accepted_layers_observed"] == r["accepted_layers"] and r["codes_equal_main_only"] for r in graphed)
+    assert result["graphs"] is True
+    table = (tmp_path / "bench_decode_sweep.md").read_text()
+    assert table.count("| eager (graph stand-in) |") == len(sweep.DRAFT_SIZES) and "| replay |" in table
