@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=200, help="most timed repeats per interleaved loop (medians over repeats)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall time aimed at per interleaved loop; fewer repeats for slow models (default 2 on cpu, 1 on cuda)")
-    parser.add_argument("--dtype", choices=("float64", "float32"), default=None,
+    parser.add_argument("--dtype", choices=("float64", "float32", "bfloat16"), default=None,
                         help="precision of both models (default float64 on cpu, float32 on cuda)")
     parser.add_argument("--sizes", default=None, help=f"comma list of main sizes, default all: {','.join(map(size_key, MAIN_SIZES))}")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (batch 1: one is fastest)")
