@@ -88,7 +88,10 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "bench_decode_sweep": ("bench_decode_sweep/bench_decode_sweep.md", "bench_decode_sweep/bench_decode_sweep.json",
                            "python -m benchmarks.bench_decode_sweep"),
     "bench_decode_sweep_gpu": ("bench_decode_sweep_gpu/bench_decode_sweep.md", "bench_decode_sweep_gpu/bench_decode_sweep.json",
-                               "bash benchmarks/device_sweep.sh (on a GPU machine)"),
+                               "bash benchmarks/device_sweep.sh --budget-s 1.5 --repeats 3000 (on a GPU machine)"),
+    "bench_decode_sweep_gpu_bf16": ("bench_decode_sweep_gpu_bf16/bench_decode_sweep.md", "bench_decode_sweep_gpu_bf16/bench_decode_sweep.json",
+                                    "python -m benchmarks.bench_decode_sweep --device cuda --graphs --dtype bfloat16 --sizes 128x2,256x4,512x6,1024x8 "
+                                    "--budget-s 1.5 --repeats 3000 --out results/bench_decode_sweep_gpu_bf16 (on a GPU machine)"),
     # the local pipeline's report folder (report/ beside results/), written by `make run`
     "pipeline": ("../report/data/pipeline/pipeline_summary.md", "../report/data/pipeline/pipeline_summary.json", "make run"),
     "pipeline_spatial": ("../report/spatial/data/pipeline/pipeline_summary.md", "../report/spatial/data/pipeline/pipeline_summary.json",
