@@ -15,6 +15,9 @@ evaluation uses; more layouts than 50), optionally with DART action noise (the s
 expert's intended actions):
     python -m phase1_improved.collect_demos --suite libero_spatial --tasks 0-3,5-9 --demos-per-task 20 \
         --fresh-layouts --seed 2 --out libero_spatial_fresh.hdf5
+DAgger (a trained policy drives, the expert labels every state it visits; every episode is kept):
+    python -m phase1_improved.collect_demos --suite libero_spatial --tasks 0-3,5-9 --demos-per-task 20 \
+        --dagger-models-dir artifacts/pipeline/spatial/models --seed 11 --out libero_spatial_dagger_r1.hdf5
 Official LIBERO datasets into the volume (/data/libero_official/<suite>/):
     modal run phase1_improved/collect_demos.py::download_official --suites libero_spatial,libero_object
 
@@ -40,11 +43,12 @@ from common.sim.demo_collection import CollectConfig, run_collection
 # ---------------------------------------------------------------------------- Modal
 app = modal.App("rsd-collect-demos")
 data_volume = rsd_entry.data_volume()
+models_volume = rsd_entry.models_volume()  # read by DAgger (--dagger-models-dir /models: the driving policy)
 
 
 @app.function(
     image=rsd_entry.cloud_image(with_sim=True),
-    volumes={rsd_entry.DATA_MOUNT: data_volume},
+    volumes={rsd_entry.DATA_MOUNT: data_volume, rsd_entry.MODELS_MOUNT: models_volume},
     cpu=8.0,
     memory=32768,  # ~1.8 GB per simulator; two per worker with --record-images
     timeout=6 * 3600,

@@ -282,3 +282,29 @@ def test_first_trial_offsets_the_init_states_and_is_checked(models, tmp_path):
         planned_jobs(_cfg(models, tmp_path / "b", num_trials=3, first_trial=48))
     with pytest.raises(ValueError, match="--first-trial must be >= 0"):
         _cfg(models, tmp_path / "c", first_trial=-1)
+
+
+def test_dagger_collection_keeps_policy_driven_episodes_with_the_experts_labels(models, tmp_path):
+    """A trained policy drives (common/sim/dagger.py), the expert labels: the episode is kept whatever
+    its outcome, its labels differ from what was executed, a rerun finds the task full, and a file of
+    DAgger episodes refuses plain demos."""
+    import json
+
+    h5py = pytest.importorskip("h5py")
+    from common.sim.dagger import DaggerConfig
+    from common.sim.demo_collection import collect_demos
+
+    dagger = DaggerConfig(models_dir=str(models["models"]), replan_steps=4).as_dict()
+    out = tmp_path / "dagger.hdf5"
+    summary = collect_demos(SUITE, [0], 1, out, workers=1, seed=4, dagger=dagger, progress=False)
+    assert summary["episodes_run"] == 1 and summary["tasks"][0]["kept"] == 1 and summary["given_up_tasks"] == []
+    with h5py.File(out, "r") as f:
+        data = f["data"]
+        assert json.loads(data.attrs["dagger"]) == dagger and data.attrs["num_demos"] == 1
+        demo = data["demo_0"]
+        executed, labels = demo["actions"][()], demo["expert_actions"][()]
+        assert executed.shape == labels.shape and not np.allclose(executed, labels)
+        assert bool(demo.attrs["success"]) == (summary["success_rate"] == 1.0)
+    assert collect_demos(SUITE, [0], 1, out, workers=1, seed=4, dagger=dagger, progress=False)["episodes_run"] == 0
+    with pytest.raises(ValueError, match="cannot add demos with dagger=none"):
+        collect_demos(SUITE, [0], 2, out, workers=1, progress=False)

@@ -34,6 +34,10 @@ are kept unless keep_failures. Re-running with the same file resumes: existing d
 task is filled up to demos_per_task successful demos, and episode indices continue where the last
 run stopped (so retries are new episodes).
 
+DAgger (``dagger``, ``common/sim/dagger.py``): a trained policy executes its actions while the expert
+labels each visited state (``expert_actions``, as DART demos carry); every episode is kept and
+counted, attrs ``dagger`` (json of its settings) marks the file, and one file holds one setting.
+
 Faults: one collection at a time writes a file (``.<file name>.lock`` next to it); an existing
 ``--out`` that is not an HDF5 file is refused before anything runs; workers ignore Ctrl-C and exit
 with their parent (``common/locks.py``), and on an interrupt or SIGTERM the parent stops them at
@@ -69,7 +73,7 @@ class CollectConfig:
 
     suite: str = "libero_object"  # libero_spatial | libero_object | libero_goal | libero_10 | libero_90
     tasks: str = "0-9"  # 'all', '0-9' or '0,3,5'
-    demos_per_task: int = 50  # successful demos to keep per task (a rerun fills up to this)
+    demos_per_task: int = 50  # successful demos to keep per task (a rerun fills up to this; DAgger: episodes)
     workers: int = 2  # parallel simulator processes (~1.8 GB memory each)
     out: str = "libero_object_demos.hdf5"  # relative to the data dir
     data_dir: str = ""  # "" = $RSD_DATA_DIR or ./data (Modal: /data)
@@ -85,6 +89,21 @@ class CollectConfig:
     # start every episode from a newly sampled object layout instead of init state k % 50: more
     # layouts than the suite's 50, and none of the fixed ones the evaluation runs on
     fresh_layouts: bool = False
+    # DAgger (common/sim/dagger.py): the Phase 2 policy under this models folder drives, the expert labels
+    # every visited state (`expert_actions`); every episode is kept and counts as one of demos_per_task
+    dagger_models_dir: str = ""
+    dagger_tokenizer: str = "robust"  # robust | naive: which of that folder's policies drives
+    dagger_beta: float = 0.0  # probability that the expert drives a chunk instead of the policy
+    dagger_replan_steps: int = 4  # policy actions executed per decoded chunk (Phase 3's --replan-steps)
+
+    def dagger(self) -> dict | None:
+        """The DAgger settings for the workers (validated), or None."""
+        if not self.dagger_models_dir:
+            return None
+        from common.sim.dagger import DaggerConfig
+
+        return DaggerConfig(models_dir=str(Path(self.dagger_models_dir).resolve()), tokenizer=self.dagger_tokenizer,
+                            beta=self.dagger_beta, replan_steps=self.dagger_replan_steps).as_dict()
 
     def __post_init__(self) -> None:
         from common.sim.operator_model import OPERATORS
@@ -103,6 +122,11 @@ class CollectConfig:
             raise ValueError(f"action_noise must be >= 0, got {self.action_noise}")
         if not self.out.endswith((".hdf5", ".h5")):
             raise ValueError(f"out must be an .hdf5 file path, got {self.out!r}")
+        if self.dagger_models_dir and self.action_noise > 0:
+            raise ValueError("dagger_models_dir and action_noise > 0: choose one way to leave the expert's path (DAgger or DART)")
+        if self.dagger_models_dir and not Path(self.dagger_models_dir).is_dir():
+            raise FileNotFoundError(f"dagger_models_dir {self.dagger_models_dir}: not a folder (expected the Phase 2 models of the driving policy)")
+        self.dagger()  # the remaining DAgger checks
         if not str(self.tasks).strip():
             raise ValueError("tasks must be 'all', a range like '0-9' or a list like '0,3,5'")
 
@@ -130,7 +154,7 @@ def run_collection(config: CollectConfig, *, progress: bool = True) -> dict:
         config.suite, task_ids, config.demos_per_task, out_path, workers=config.workers, seed=config.seed,
         keep_failures=config.keep_failures, record_images=config.record_images, camera_size=config.camera_size,
         fresh_layouts=config.fresh_layouts, expert_config=ExpertConfig(action_noise=config.action_noise, seed=config.seed, operator=config.operator),
-        progress=progress,
+        dagger=config.dagger(), progress=progress,
     )
     with h5py.File(out_path, "a") as f:
         f["data"].attrs["operator"] = config.operator
@@ -168,9 +192,13 @@ def collect_demos(
     camera_size: int = 128,
     fresh_layouts: bool = False,
     expert_config=None,
+    dagger: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Collect scripted-expert demos (layout and resume rules in the module docstring).
+
+    ``dagger`` (``DaggerConfig.as_dict()``): a trained policy drives and the expert labels
+    (``common/sim/dagger.py``); every episode is kept and counts towards ``demos_per_task``.
 
     Returns a summary: per-task kept/attempted/new counts, success rate of this run's episodes,
     tasks given up (too many failures), output path and versions.
@@ -215,19 +243,27 @@ def collect_demos(
         if has_demos and found != layouts:
             raise ValueError(f"{out_path} holds demos from {found} layouts; cannot add demos from {layouts} layouts")
         data.attrs["layouts"] = layouts
+        dagger_attr = json.dumps(dagger, sort_keys=True) if dagger else ""
+        found_dagger = str(data.attrs.get("dagger", ""))
+        if has_demos and found_dagger != dagger_attr:
+            raise ValueError(f"{out_path} holds demos with dagger={found_dagger or 'none'}; cannot add demos with "
+                             f"dagger={dagger_attr or 'none'} (one file, one way of collecting)")
+        if dagger_attr:
+            data.attrs["dagger"] = dagger_attr
         # File-level attrs first, so an interrupted run still leaves a self-describing file.
         _write_file_attrs(data, suite, infos, {t: _env_args(suite, t, infos[t]) for t in task_ids})
         if record_images:
             # Images come from replaying `states` in a camera env of this size (flipped 180°).
             data.attrs["camera_size"] = camera_size
         f.flush()
-        kept, next_ep, next_demo = _existing_counts(data, task_ids)
+        kept, next_ep, next_demo = _existing_counts(data, task_ids, count_all=bool(dagger))
         existing = dict(kept)
         needed = {t: max(demos_per_task - kept[t], 0) for t in task_ids}
         attempts = {t: 0 for t in task_ids}
         max_attempts = {t: _MAX_ATTEMPT_FACTOR * needed[t] + 10 for t in task_ids}
         in_flight = {t: 0 for t in task_ids}
-        new_success = {t: 0 for t in task_ids}
+        new_success = {t: 0 for t in task_ids}  # new episodes that count towards demos_per_task
+        successes = {t: 0 for t in task_ids}  # new episodes that succeeded
         given_up: list[int] = []
 
         def next_job() -> dict[str, Any] | None:
@@ -242,12 +278,13 @@ def collect_demos(
                         "suite": suite, "task_id": t, "episode_index": episode,
                         "seed": episode_seed(seed, t, episode), "record_images": record_images,
                         "camera_size": camera_size, "keep_failures": keep_failures, "fresh_layout": fresh_layouts,
+                        "dagger": dagger,
                     }
             return None
 
         total_needed = sum(needed.values())
         if total_needed == 0:
-            return _summary(out_path, suite, task_ids, existing, kept, attempts, new_success, given_up)
+            return _summary(out_path, suite, task_ids, existing, kept, attempts, new_success, given_up, successes)
 
         ctx = mp.get_context("spawn")  # forked MuJoCo/GL state is unsafe in children
         job_queue, result_queue = ctx.Queue(), ctx.Queue()
@@ -281,10 +318,12 @@ def collect_demos(
                 outstanding -= 1
                 t = payload["task_id"]
                 in_flight[t] -= 1
-                if payload["success"] or keep_failures:
+                counts = payload["success"] or bool(dagger)  # DAgger: a failed episode's states are labelled too
+                if counts or keep_failures:
                     _write_demo(data, next_demo, payload, infos[t]["language_instruction"])
                     next_demo += 1
-                if payload["success"]:
+                successes[t] += int(payload["success"])
+                if counts:
                     new_success[t] += 1
                     kept[t] += 1
                     bar.update(1)
@@ -304,7 +343,7 @@ def collect_demos(
             raise
         _stop_workers(procs, job_queue, graceful=True)
         given_up = [t for t in task_ids if new_success[t] < needed[t]]
-    return _summary(out_path, suite, task_ids, existing, kept, attempts, new_success, given_up)
+    return _summary(out_path, suite, task_ids, existing, kept, attempts, new_success, given_up, successes)
 
 
 def _stop_workers(procs, job_queue, *, graceful: bool) -> None:
@@ -331,7 +370,7 @@ def _env_args(suite: str, task_id: int, info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _summary(out_path, suite, task_ids, existing, kept, attempts, new_success, given_up) -> dict[str, Any]:
+def _summary(out_path, suite, task_ids, existing, kept, attempts, new_success, given_up, successes) -> dict[str, Any]:
     ran = sum(attempts.values())
     return {
         "out_path": str(out_path),
@@ -341,7 +380,7 @@ def _summary(out_path, suite, task_ids, existing, kept, attempts, new_success, g
             for t in task_ids
         },
         "episodes_run": ran,
-        "success_rate": (sum(new_success.values()) / ran) if ran else None,
+        "success_rate": (sum(successes.values()) / ran) if ran else None,
         "given_up_tasks": given_up,
         "versions": library_versions(),
     }

@@ -26,8 +26,9 @@ def check_demo_out(out_path: Path) -> None:
         raise ValueError(f"--out {out_path}: exists and is {kind}; choose another --out (a new file or an earlier demo file)")
 
 
-def _existing_counts(data, task_ids: list[int]) -> tuple[dict[int, int], dict[int, int], int]:
-    """(successful demos per task, next episode index per task, next demo number)."""
+def _existing_counts(data, task_ids: list[int], *, count_all: bool = False) -> tuple[dict[int, int], dict[int, int], int]:
+    """(successful demos per task -- every demo with ``count_all``, as DAgger keeps them --, next
+    episode index per task, next demo number)."""
     kept = {t: 0 for t in task_ids}
     next_ep = {int(k): int(v) for k, v in json.loads(data.attrs.get("next_episode_index", "{}")).items()}
     next_demo = 0
@@ -36,7 +37,7 @@ def _existing_counts(data, task_ids: list[int]) -> tuple[dict[int, int], dict[in
             continue
         next_demo = max(next_demo, int(name.split("_")[1]) + 1)
         t = int(group.attrs["task_id"])
-        if t in kept and bool(group.attrs["success"]):
+        if t in kept and (count_all or bool(group.attrs["success"])):
             kept[t] += 1
         next_ep[t] = max(next_ep.get(t, 0), int(group.attrs["episode_index"]) + 1)
     return kept, {t: next_ep.get(t, 0) for t in task_ids}, next_demo

@@ -17,8 +17,9 @@ from common.sim.libero_env import quat_to_axis_angle
 WORKER_POLL_S = 5.0
 
 
-def rollout_episode(env, expert, job: dict[str, Any]) -> dict[str, Any]:
-    """Physics-only rollout; returns arrays for one demo."""
+def rollout_episode(env, expert, job: dict[str, Any], driver=None) -> dict[str, Any]:
+    """Physics-only rollout; returns arrays for one demo. The expert acts at every step; ``driver``
+    (DAgger, ``common/sim/dagger.py``) may execute another action instead, the expert's staying the label."""
     if job.get("fresh_layout"):  # a newly sampled layout (seeded by the episode's seed), not a fixed init state
         init_index = -1
         obs = env.reset_to_fresh_layout(job["seed"])
@@ -27,6 +28,8 @@ def rollout_episode(env, expert, job: dict[str, Any]) -> dict[str, Any]:
         obs = env.reset_to_trial(init_index)
     expert.reseed(job["seed"])
     expert.reset()
+    if driver is not None:
+        driver.reset(job["seed"])
     objects = sorted(env.env.env.objects_dict)
     rec: dict[str, list] = {k: [] for k in ("actions", "expert_actions", "states", "rewards", "dones", "low_dim", "eef_pos", "eef_quat", "gripper", "joints")}
     obj_rec: dict[str, list] = {f"{n}_{s}": [] for n in objects for s in ("pos", "quat")}
@@ -41,8 +44,12 @@ def rollout_episode(env, expert, job: dict[str, Any]) -> dict[str, Any]:
         for name in objects:
             obj_rec[f"{name}_pos"].append(obs[f"{name}_pos"])
             obj_rec[f"{name}_quat"].append(obs[f"{name}_quat"])
+        if driver is not None:
+            expert.sync_to_state(obs)  # the policy moved the hand: the expert's phase follows the scene
         action = expert.act(obs)
         rec["expert_actions"].append(expert.last_clean_action)
+        if driver is not None:
+            action = driver(env, obs, action)
         obs, reward, done, _ = env.step(action)
         rec["actions"].append(action)
         rec["rewards"].append(reward)
@@ -65,8 +72,8 @@ def rollout_episode(env, expert, job: dict[str, Any]) -> dict[str, Any]:
         "init_state_index": init_index,
         "success": bool(done),
         "actions": np.asarray(rec["actions"], dtype=np.float64),
-        # what the expert intended at each visited state (differs from the executed actions only
-        # with action noise: DART labels; see CollectConfig.action_noise)
+        # what the expert intended at each visited state (differs from the executed actions with
+        # action noise, DART, or when a policy drives, DAgger; see CollectConfig)
         "expert_actions": np.asarray(rec["expert_actions"], dtype=np.float64),
         "states": np.asarray(rec["states"], dtype=np.float64),
         "rewards": np.asarray(rec["rewards"], dtype=np.float64),
@@ -92,6 +99,22 @@ def render_images(camera_env, demo: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in frames.items()}
 
 
+def _dagger_driver(job: dict[str, Any], env, policy):
+    """The DAgger driver for this task, loading the policy once per process (-> driver, policy)."""
+    import torch
+
+    from common.sim.dagger import DaggerConfig, PolicyDriver, load_driving_policy
+
+    config = DaggerConfig(**job["dagger"])
+    if policy is None or getattr(policy, "dagger_config", None) != config:
+        torch.set_num_threads(1)  # batch-1 decoding: one thread is fastest, and the workers share the cores
+        policy = load_driving_policy(config, job["suite"])
+        policy.dagger_config = config
+    task_index = policy.task_index(job["suite"], job["task_id"], env.instruction)
+    driver = PolicyDriver(policy, task_index=task_index, replan_steps=config.replan_steps, beta=config.beta, seed=job["seed"])
+    return driver, policy
+
+
 def worker_main(job_queue, result_queue, expert_config: dict[str, Any], parent_pid: int) -> None:
     """One process: keeps one physics env (and one camera env) for the current task; exits with
     its parent (and leaves Ctrl-C to it)."""
@@ -100,7 +123,7 @@ def worker_main(job_queue, result_queue, expert_config: dict[str, Any], parent_p
     from common.sim.scripted_expert import ExpertConfig, ScriptedExpert
 
     current: tuple | None = None
-    env = camera_env = expert = None
+    env = camera_env = expert = driver = policy = None
     try:
         while True:
             try:
@@ -125,7 +148,10 @@ def worker_main(job_queue, result_queue, expert_config: dict[str, Any], parent_p
                         cameras=("agentview", "wrist"), camera_size=job["camera_size"],
                     )
                 current = key
-            demo = rollout_episode(env, expert, job)
+                driver = None
+                if job.get("dagger"):
+                    driver, policy = _dagger_driver(job, env, policy)
+            demo = rollout_episode(env, expert, job, driver)
             if camera_env is not None and (demo["success"] or job["keep_failures"]):
                 demo["obs"].update(render_images(camera_env, demo))
             result_queue.put(("demo", demo))

@@ -52,6 +52,8 @@ RIM_INSET = 0.012  # m, rim grasp point lies this far inside the bowl's outer ra
 RIM_DEPTH = 0.025  # m, grasp this far below the rim top
 CARRY_MARGIN = 0.04  # m, clearance between the held object's bottom and every other top
 MAX_RETRIES = 3  # re-grasp attempts after a blocked descent or a grasp that did not lift the object
+# a grip (``is_gripping``): finger opening (m) between shut-on-air and open, hand within reach of the object's box
+GRIP_OPENING_MIN, GRIP_OPENING_MAX, GRIP_REACH = 0.002, 0.06, 0.03
 
 
 class UnsupportedGoalError(ValueError):
@@ -241,6 +243,37 @@ class ScriptedExpert:
         if self.relation == "in":
             return target_hi[2] + 0.015  # drop just above the container rim
         return target_hi[2] + 0.01
+
+    def is_gripping(self, obs: dict[str, np.ndarray]) -> bool:
+        """Something is between the fingers (neither open nor shut on air) and the hand is at the object."""
+        fingers = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64)
+        opening = float(fingers[0] - fingers[1])
+        if not GRIP_OPENING_MIN < opening < GRIP_OPENING_MAX:
+            return False
+        lo, hi = self._geom.aabb(self.obj)
+        eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+        gap = np.maximum(np.maximum(lo - eef, eef - hi), 0.0)  # distance from the hand to the object's box
+        return float(np.linalg.norm(gap)) < GRIP_REACH
+
+    def sync_to_state(self, obs: dict[str, np.ndarray]) -> None:
+        """DAgger: another policy moves the hand, so the phase may no longer match the scene. Make it
+        match before ``act`` labels the state: holding the object -> from ``lift`` on (the hand holds
+        where it grips, not where this expert would have); the object lost after the grasp -> reopen
+        and approach again from its new pose. Without a grip the approach and descent phases stay:
+        they steer to this expert's grasp point from wherever the hand is."""
+        gripping = self.is_gripping(obs)
+        holding_phases = ("lift", "carry", "place", "release", "retreat", "done")
+        if gripping and self.phase in ("approach", "reopen", "descend"):
+            eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+            self._grasp_hold = eef.copy()
+            lo, _ = self._geom.aabb(self.obj)
+            self._hand_minus_bottom = eef[2] - lo[2]
+            self._carry_z = self._movable_tops(exclude=self.obj) + CARRY_MARGIN + self._hand_minus_bottom
+            self._lift_start = None
+            self._set_phase("lift")
+        elif not gripping and self.phase in ("lift", "carry", "place"):
+            self._plan()
+            self._set_phase("reopen")
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
