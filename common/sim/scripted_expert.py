@@ -262,7 +262,6 @@ class ScriptedExpert:
         and approach again from its new pose. Without a grip the approach and descent phases stay:
         they steer to this expert's grasp point from wherever the hand is."""
         gripping = self.is_gripping(obs)
-        holding_phases = ("lift", "carry", "place", "release", "retreat", "done")
         if gripping and self.phase in ("approach", "reopen", "descend"):
             eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
             self._grasp_hold = eef.copy()
