@@ -1,0 +1,39 @@
+"""benchmarks/decode_trained_graphs: a bundle's decodes, eager and graphed, exact against main-only (tiny CPU run)."""
+
+import pytest
+import torch
+
+from benchmarks import decode_trained_graphs as bench
+from common.policy.draft import DraftWithProjection
+from common.policy.head import RFSQHead
+
+
+def write_bundle(path, depth=3):
+    torch.manual_seed(0)
+    head = RFSQHead(feature_dim=12, num_layers=4, tokens_per_layer=4, num_levels=7, d_model=16, num_heads=2, num_blocks=1)
+    draft = DraftWithProjection(feature_dim=12, coarse_layers=2, tokens_per_layer=4, num_levels=7, width=16, trunk="mlp", activation="relu")
+    torch.save({"kind": bench.BUNDLE_KIND, "features": torch.randn(30, 12), "decode_choice": {"layers": depth, "rule": "expected"},
+                "head_config": head.config, "head_state": head.state_dict(), "draft_config": draft.config, "draft_state": draft.state_dict(),
+                "head": "models/best_rfsq_head.pt", "draft": "models/best_draft_with_projection.pt", "head_hash": "h", "draft_hash": "d"}, path)
+    return path
+
+
+def test_run_writes_exact_rows_for_both_replays(tmp_path):
+    bundle = write_bundle(tmp_path / "b.pt")
+    result = bench.main(["run", "--bundle", str(bundle), "--chunks", "5", "--repeats", "2", "--out", str(tmp_path / "out")])
+    assert result["identical_to_main_only"] == {"eager": 30, "graphs": 30} and result["chunks_checked"] == 30
+    assert result["depth"] == 3 and result["drafted_layers"] == 2 and result["chunks_timed"] == 5
+    assert sum(result["accepted_distribution"].values()) == 30
+    assert result["mean_accepted_layers"] == pytest.approx(sum(int(k) * v for k, v in result["accepted_distribution"].items()) / 30)
+    table = (tmp_path / "out" / "decode_trained_graphs.md").read_text()
+    assert "| eager (graph stand-in) |" in table and "30 / 30" in table
+
+
+def test_bundle_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such bundle"):
+        bench.load_bundle(tmp_path / "none.pt", torch.device("cpu"), torch.float32)
+    torch.save({"kind": "other"}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="expected a rsd-decode-bundle-v1 file, found other"):
+        bench.load_bundle(tmp_path / "x.pt", torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="the head decodes 1 layer; speculation needs at least 2"):
+        bench.run(write_bundle(tmp_path / "one.pt", depth=1), torch.device("cpu"), torch.float32, 2, 1)
