@@ -85,6 +85,13 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                             "python -m benchmarks.decode_depth_latency --models-dir <models of the default make run> --candidates 1,2,4"),
     "phase3_draft_cost": ("phase3_diagnostics/draft_cost/draft_cost.md", "phase3_diagnostics/draft_cost/draft_cost.json",
                           "python -m benchmarks.draft_cost"),
+    "phase3_decode_trained_graphs_gpu": ("phase3_diagnostics/decode_trained_graphs_gpu/float32/decode_trained_graphs.md",
+                                         "phase3_diagnostics/decode_trained_graphs_gpu/float32/decode_trained_graphs.json",
+                                         "python -m benchmarks.decode_trained_graphs export --models-dir <make run models> --bundle B.pt, then "
+                                         "on a GPU machine: python -m benchmarks.decode_trained_graphs run --bundle B.pt --device cuda --chunks 300 --repeats 5"),
+    "phase3_decode_trained_graphs_gpu_bf16": ("phase3_diagnostics/decode_trained_graphs_gpu/bfloat16/decode_trained_graphs.md",
+                                              "phase3_diagnostics/decode_trained_graphs_gpu/bfloat16/decode_trained_graphs.json",
+                                              "the same, run with --dtype bfloat16"),
     "bench_decode_sweep": ("bench_decode_sweep/bench_decode_sweep.md", "bench_decode_sweep/bench_decode_sweep.json",
                            "python -m benchmarks.bench_decode_sweep"),
     "bench_decode_sweep_gpu": ("bench_decode_sweep_gpu/bench_decode_sweep.md", "bench_decode_sweep_gpu/bench_decode_sweep.json",
