@@ -46,13 +46,13 @@ import argparse
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
+from benchmarks.paired_timing import Clock, median_ratio
 from common.decoding.graphs import GraphedDecoder, Replay
 from common.decoding.speculative import main_only_decode, speculative_decode
 from common.policy.draft import DraftWithProjection
@@ -76,7 +76,6 @@ FEATURE_DIM, L, T, V, K = 128, 8, 16, 7, 3
 DEFAULT_OUT = {"cpu": REPO_ROOT / "results" / "bench_decode_sweep", "cuda": REPO_ROOT / "results" / "bench_decode_sweep_gpu"}
 DEFAULT_DTYPE = {"cpu": "float64", "cuda": "float32"}
 DEFAULT_BUDGET_S = {"cpu": 2.0, "cuda": 1.0}  # wall time aimed at per interleaved loop (the repeat count adapts)
-MIN_REPEATS = 15  # per-repeat ratios vary far less than separate medians, so the slow heads need fewer repeats
 WARMUP_REPEATS = 5  # discarded repeats at the start of a main size's first loop (CUDA kernels, allocator, caches)
 PAIR_WARMUP_REPEATS = 2  # the S loops reuse modules the first loop has already warmed
 TIMING = "paired, interleaved"  # see the module docstring
@@ -123,49 +122,6 @@ class ForcedAcceptanceDraft(torch.nn.Module):
 
     def propose(self, features: torch.Tensor) -> torch.Tensor:
         return self.propose_rows(features).transpose(1, 2)
-
-
-class Clock:
-    """Interleaved wall-time loops; on CUDA the queue is drained before and after each timed call.
-
-    ``now`` is injectable so the tests can drive the loop with a simulated, drifting clock."""
-
-    def __init__(self, device: torch.device, budget_s: float, now: Callable[[], float] = time.perf_counter):
-        self.sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.budget_ms = 1e3 * budget_s
-        self.now = now
-
-    def interleaved_ms(self, fns: Sequence[Callable[[], object]], repeats: int) -> list[list[float]]:
-        """Times (ms) of each fn per repeat, all fns called back to back in every repeat, the order rotated
-        by one each repeat (two fns: alternating which goes first), so drift and call-order effects hit
-        every fn alike -> one list of ``repeats`` times per fn."""
-        times: list[list[float]] = [[] for _ in fns]
-        for i in range(repeats):
-            first = i % len(fns)
-            for j in [*range(first, len(fns)), *range(first)]:
-                self.sync()
-                t0 = self.now()
-                fns[j]()
-                self.sync()
-                times[j].append(1e3 * (self.now() - t0))
-        return times
-
-    def measure(self, fns: Sequence[Callable[[], object]], max_repeats: int, warmup: int) -> list[list[float]]:
-        """``warmup`` repeats (discarded, except as a probe of one repeat's cost), then as many repeats as fill
-        the time budget: at least MIN_REPEATS (or max_repeats if smaller), at most max_repeats."""
-        if warmup < 1:
-            raise ValueError(f"Clock.measure: expected warmup >= 1 (it probes the cost of a repeat), found {warmup}")
-        probe = self.interleaved_ms(fns, warmup)
-        per_repeat_ms = statistics.median(sum(t) for t in zip(*probe))
-        repeats = max(min(MIN_REPEATS, max_repeats), min(max_repeats, int(self.budget_ms / max(per_repeat_ms, 1e-6))))
-        return self.interleaved_ms(fns, repeats)
-
-
-def median_ratio(numerator: Sequence[float], denominator: Sequence[float], scale: float = 1.0) -> float:
-    """Median over repeats of scale * numerator_i / denominator_i (the pairs come from the same repeat)."""
-    if len(numerator) != len(denominator) or not numerator:
-        raise ValueError(f"median_ratio: expected two equally long non-empty lists, found {len(numerator)} and {len(denominator)}")
-    return statistics.median(scale * n / d for n, d in zip(numerator, denominator))
 
 
 def _row(main_name: str, main: RFSQHead, draft_name: str, draft: DraftWithProjection, replay: str, a: int, observed: int,

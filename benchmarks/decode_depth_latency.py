@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 import rsd_entry
-from benchmarks.bench_decode_sweep import Clock, median_ratio
+from benchmarks.paired_timing import Clock, median_ratio
 from common.artifacts import policy_paths
 from common.checkpoints import read_checkpoint
 from common.decoding.speculative import main_only_decode, speculative_decode

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks.bench_decode_sweep import Clock, device_label, median_ratio
+from benchmarks.bench_decode_sweep import device_label
+from benchmarks.paired_timing import Clock, median_ratio
 from common.decoding.graphs import GraphedDecoder
 from common.decoding.speculative import main_only_decode, speculative_decode
 from common.policy.draft import DraftWithProjection

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks import bench_decode_sweep as sweep
+from benchmarks import paired_timing
 
 
 def test_tiny_cpu_sweep_writes_table_with_device_and_formula(tmp_path):
@@ -81,7 +82,7 @@ def test_measure_fills_the_budget_within_the_repeat_bounds():
     assert [len(t) for t in clock.measure(pair, max_repeats=1000, warmup=3)] == [100, 100]
     assert [len(t) for t in clock.measure(pair, max_repeats=60, warmup=3)] == [60, 60]
     tight = sweep.Clock(torch.device("cpu"), budget_s=0.001, now=machine.now)
-    assert len(tight.measure(pair, max_repeats=1000, warmup=1)[0]) == sweep.MIN_REPEATS
+    assert len(tight.measure(pair, max_repeats=1000, warmup=1)[0]) == paired_timing.MIN_REPEATS
     with pytest.raises(ValueError, match="expected warmup >= 1"):
         clock.measure(pair, max_repeats=10, warmup=0)
     with pytest.raises(ValueError, match="median_ratio: expected two equally long non-empty lists, found 2 and 1"):
