@@ -12,12 +12,12 @@ import torch
 import rsd_entry
 from common.data.episodes import synthetic_episodes
 from common.tokenizer.model import ActionRFSQAE, load_tokenizer
-from common.checkpoints import CheckpointError
+from common.checkpoints import CheckpointError, read_checkpoint
 from common.data.episodes import split_episodes
 from common.policy.feature_cache import cache_features_for_file
 from common.policy.labels import build_split, load_policy_episodes
 from common.policy.metrics import compute_features, evaluate_draft, evaluate_main
-from common.policy.model import load_policy
+from common.policy.model import HEAD_KIND, load_policy
 from common.policy.train import PolicyTrainConfig, perturbed_distillation_set
 
 
@@ -329,3 +329,26 @@ def test_two_files_of_one_suite_share_task_indices_other_suites_do_not(tmp_path)
         f["data"]["demo_0"].attrs["language_instruction"] = "put object 9 in the basket"
     with pytest.raises(ValueError, match="libero_object task 0: .*clean.hdf5 says .*dart.hdf5 says"):
         load_policy_episodes([str(clean), str(extra)])
+
+
+def test_decode_depth_is_chosen_on_the_clean_held_out_demos_when_relabelled_ones_are_mixed_in(env, tmp_path):
+    """DART / DAgger episodes (labels = the expert's intent, ``expert_actions``) raise the policy's error
+    floor enough to hide what a finer layer adds; Phase 2 picks the depth on the clean held-out demos."""
+    from phase2_draft_retrain.modal_train_draft_with_projection import cli
+
+    assert env["summary"]["main"]["decode_choice"]["held_out"] == "all"  # clean demos only: nothing to set apart
+    relabelled = write_demos(tmp_path / "dart.hdf5")
+    with h5py.File(relabelled, "a") as f:
+        for name, g in f["data"].items():
+            g.create_dataset("expert_actions", data=np.clip(g["actions"][()] + 0.1, -1, 1))
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "rfsq_robust_best.pt").write_bytes((env["models"] / "rfsq_robust_best.pt").read_bytes())
+    s = cli(TINY + ["--data", f"{env['demos']},{relabelled}", "--models-dir", str(models), "--results-dir", str(tmp_path / "results"),
+                    "--train", "main", "--val-fraction", "0.5"])
+    choice = s["main"]["decode_choice"]
+    held_out = read_checkpoint(models / "best_rfsq_head.pt", kind=HEAD_KIND)["metrics"]["val_episode_keys"]
+    clean = [k for k in held_out if k.startswith("demos/")]
+    assert choice["held_out"] == "clean demos" and 0 < len(clean) < len(held_out)
+    assert choice["held_out_episodes"] == len(clean)
+    assert "clean held-out demos, apart from the expert-relabelled ones" in (tmp_path / "results" / "phase2" / "train_summary.md").read_text()

@@ -46,7 +46,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
             "",
             f"Decoding chosen for Phase 3 `--auto-decode`: **{choice['layers']} layers, last by "
             f"{'its expected value' if choice['rule'] == 'expected' else 'argmax'}** (MSE {choice['val_action_mse']:.2e}; the smallest depth "
-            f"within {100 * choice['tolerance']:.0f}% of the best, {choice['best_val_action_mse']:.2e}; normalized action units).",
+            f"within {100 * choice['tolerance']:.0f}% of the best, {choice['best_val_action_mse']:.2e}; normalized action units"
+            + (f"; on the {choice['held_out_episodes']} clean held-out demos, apart from the expert-relabelled ones)."
+               if choice.get("held_out") == "clean demos" else ")."),
             "",
         ]
     tc = s.get("train_config", {})

@@ -86,7 +86,7 @@ def _tokenizer_info(tok: LoadedTokenizer) -> dict[str, Any]:
 
 
 # ==================================================================================== stages
-def _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkpoint) -> tuple[PolicyModel, dict, str]:
+def _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkpoint, decode_val=None) -> tuple[PolicyModel, dict, str]:
     """Train backbone + head; returns (best policy on device, best metrics, head checkpoint hash)."""
     m = tok.model
     obs_dim = int(train.inputs.shape[1])
@@ -148,8 +148,10 @@ def _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkp
     metrics = dict(ckpt["metrics"])
     if "val_greedy_token_acc" not in metrics or "decode_choice" not in metrics:
         metrics.update(evaluate_main(policy, val, device=device, greedy=True))
-        errors = action_errors_by_depth(policy.head, compute_features(policy, val, device=device), val.codes, tok.model)
-        metrics["decode_choice"] = choose_decoding(errors)
+        chosen_on = decode_val if decode_val is not None else val
+        errors = action_errors_by_depth(policy.head, compute_features(policy, chosen_on, device=device), chosen_on.codes, tok.model)
+        metrics["decode_choice"] = {**choose_decoding(errors), "held_out_episodes": len(chosen_on.episodes),
+                                    "held_out": "clean demos" if decode_val is not None else "all"}
         ckpt_new = save_checkpoint(
             paths["head"], kind=HEAD_KIND, model=policy, config=ckpt["config"], normalizer=ckpt["normalizer"],
             metrics=metrics, extra=ckpt["extra"],
@@ -323,6 +325,11 @@ def _train_policy_locked(cfg: PolicyTrainConfig, tok: LoadedTokenizer, tag: str,
     train_eps, val_eps = split_episodes(chosen, val_fraction=cfg.val_fraction, seed=cfg.seed)
     split = dict(backbone=cfg.backbone, data_paths=cfg.data_paths, feature_cache_paths=cfg.feature_cache_paths)
     train, val = build_split(tok, train_eps, **split), build_split(tok, val_eps, **split)
+    # The decode depth is chosen on the clean held-out demos when the held-out set also holds episodes
+    # relabelled by the expert off its own path (DART, DAgger): there the policy's error floor is high
+    # enough to hide what a finer layer adds, and the choice fell to one layer (issue 12's data rounds).
+    clean_val_eps = [e for e in val_eps if e["episode"].executed_actions is None]
+    decode_val = build_split(tok, clean_val_eps, **split) if clean_val_eps and len(clean_val_eps) < len(val_eps) else None
     meta = {
         "data": cfg.data, "backbone": cfg.backbone, "num_episodes": len(chosen), "train_episodes": len(train_eps),
         "val_episodes": len(val_eps), "train_steps": len(train), "val_steps": len(val), "val_episode_keys": val.episodes,
@@ -336,7 +343,7 @@ def _train_policy_locked(cfg: PolicyTrainConfig, tok: LoadedTokenizer, tag: str,
     }
     t_main = time.perf_counter()
     if "main" in cfg.stages:
-        policy, main_metrics, head_hash = _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkpoint)
+        policy, main_metrics, head_hash = _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkpoint, decode_val)
     else:
         policy, main_metrics, head_hash = _load_trained_head(cfg, paths, tok, task_table, device)
     summary["main_seconds"] = time.perf_counter() - t_main if "main" in cfg.stages else 0.0
