@@ -75,6 +75,9 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "phase3_data_levers": ("phase3_diagnostics/data_levers/levers.md", "phase3_diagnostics/data_levers/levers.json",
                            "the commands in results/phase3_diagnostics/data_levers/COMMANDS.md, then python -m benchmarks.lever_table "
                            "--out results/phase3_diagnostics/data_levers --runs label=<eval folder>,..."),
+    "phase3_data_rounds": ("phase3_diagnostics/data_rounds/levers.md", "phase3_diagnostics/data_rounds/levers.json",
+                           "the commands in results/phase3_diagnostics/data_rounds/COMMANDS.md, then python -m benchmarks.lever_table "
+                           "--out results/phase3_diagnostics/data_rounds --variants robust-A --runs label=<eval folder>,..."),
     "phase3_relaxed_acceptance": ("phase3_diagnostics/relaxed_acceptance/relaxed_acceptance.md",
                                   "phase3_diagnostics/relaxed_acceptance/relaxed_acceptance.json",
                                   "python -m benchmarks.relaxed_acceptance --models-dir <models of the default make run> --num-trials 3 --workers 1"),
