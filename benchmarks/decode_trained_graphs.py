@@ -76,7 +76,7 @@ def export(models_dir: Path, tag: str, bundle: Path) -> dict:
 def load_bundle(bundle: Path, device: torch.device, dtype: torch.dtype) -> tuple[RFSQHead, DraftWithProjection, torch.Tensor, dict]:
     if not bundle.exists():
         raise FileNotFoundError(f"{bundle}: no such bundle (make one with `python -m benchmarks.decode_trained_graphs export`)")
-    content = torch.load(bundle, map_location="cpu", weights_only=False)
+    content = torch.load(bundle, map_location="cpu", weights_only=True)
     if not isinstance(content, dict) or content.get("kind") != BUNDLE_KIND:
         raise ValueError(f"{bundle}: expected a {BUNDLE_KIND} file, found {content.get('kind') if isinstance(content, dict) else type(content).__name__}")
     head = RFSQHead.from_config(content["head_config"])
