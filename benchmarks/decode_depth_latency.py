@@ -36,7 +36,9 @@ from common.provenance import REPO_ROOT, provenance, write_json
 from common.tokenizer.model import load_tokenizer
 
 
-def measure(models_dir: Path, tag: str, chunks: int, repeats: int, candidates: tuple[int, ...] = (1,), dtype: str = "float32") -> dict:
+def load_held_out(models_dir: Path, tag: str) -> tuple[dict, dict, object, torch.Tensor]:
+    """(checkpoint paths, decode choice, loaded policy, float32 backbone features [N, F] of every held-out
+    demo step) of the Phase 2 models in ``models_dir`` (the head's ``val_episode_keys``)."""
     paths = policy_paths(models_dir, models_dir, tag)
     ckpt = read_checkpoint(paths["head"], kind=HEAD_KIND)
     choice = ckpt["metrics"].get("decode_choice")
@@ -48,8 +50,13 @@ def measure(models_dir: Path, tag: str, chunks: int, repeats: int, candidates: t
     episodes, _ = load_policy_episodes(data_paths)
     held_out = [e for e in episodes if e["key"] in set(ckpt["metrics"]["val_episode_keys"])]
     split = build_split(tokenizer, held_out, backbone="state", data_paths=data_paths, feature_cache_paths=[])
+    return paths, choice, policy, compute_features(policy.policy, split, device=torch.device("cpu")).float()
+
+
+def measure(models_dir: Path, tag: str, chunks: int, repeats: int, candidates: tuple[int, ...] = (1,), dtype: str = "float32") -> dict:
+    paths, choice, policy, all_feats = load_held_out(models_dir, tag)
     to = getattr(torch, dtype)
-    all_feats = compute_features(policy.policy, split, device=torch.device("cpu")).to(to)
+    all_feats = all_feats.to(to)
     step = max(1, len(all_feats) // chunks)
     feats = all_feats[::step][:chunks]
     head, draft = policy.head.to(to), policy.draft.to(to)

@@ -41,27 +41,11 @@ BUNDLE_KIND = "rsd-decode-bundle-v1"
 
 def export(models_dir: Path, tag: str, bundle: Path) -> dict:
     """Held-out features + head + draft + decode choice of the Phase 2 models in ``models_dir`` -> ``bundle``."""
-    from common.artifacts import policy_paths
-    from common.checkpoints import read_checkpoint
-    from common.policy.labels import build_split, load_policy_episodes
-    from common.policy.metrics import compute_features
-    from common.policy.model import HEAD_KIND, load_policy
-    from common.tokenizer.model import load_tokenizer
+    from benchmarks.decode_depth_latency import load_held_out
 
-    paths = policy_paths(models_dir, models_dir, tag)
-    ckpt = read_checkpoint(paths["head"], kind=HEAD_KIND)
-    choice = ckpt["metrics"].get("decode_choice")
-    if not choice:
-        raise ValueError(f"{paths['head']}: no decode_choice in its metrics (retrain Phase 2 with this code)")
-    tokenizer = load_tokenizer(ckpt["extra"]["tokenizer_path"])
-    policy = load_policy(paths["head"], paths["draft"], tokenizer)
+    paths, choice, policy, features = load_held_out(models_dir, tag)
     if policy.draft is None or policy.draft.input != "features":
         raise ValueError(f"{paths['draft']}: expected a features draft (the graphed decoder takes no main_hidden draft)")
-    data_paths = [p.strip() for p in ckpt["extra"]["train_config"]["data"].split(",") if p.strip()]
-    episodes, _ = load_policy_episodes(data_paths)
-    held_out = [e for e in episodes if e["key"] in set(ckpt["metrics"]["val_episode_keys"])]
-    split = build_split(tokenizer, held_out, backbone="state", data_paths=data_paths, feature_cache_paths=[])
-    features = compute_features(policy.policy, split, device=torch.device("cpu")).float()
     content = {
         "kind": BUNDLE_KIND, "features": features, "decode_choice": dict(choice),
         "head_config": policy.head.config, "head_state": policy.head.state_dict(),
