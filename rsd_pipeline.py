@@ -1,6 +1,6 @@
 """The local pipeline and the docs generator.
 
-    python -m rsd_pipeline run [--profile default|quick|spatial|tiny]   # what `make run` / `make run QUICK=1` call
+    python -m rsd_pipeline run [--profile default|quick|spatial|tiny] [--sequential]   # what `make run` / `make run QUICK=1` call
     python -m rsd_pipeline report                               # regenerate the results sections of the docs
     python -m rsd_pipeline check-docs                           # exit 1 if a generated section is stale
 
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--layout", choices=("dct", "chunk", "timestep"), default="",
                      help="tokenizer layout for this run (default: the profile's)")
     run.add_argument("--report-dir", default="", help="report folder (default: report/ for the default profile, report/<profile>/ otherwise)")
+    run.add_argument("--sequential", action="store_true",
+                     help="train the naive and the robust branch one after the other (default: side by side, one process "
+                          "each, when the profile has 2 workers; each branch's output goes to <root>/logs/)")
     sub.add_parser("report", help="regenerate the results sections of README / MIGRATION / guides")
     sub.add_parser("check-docs", help="fail if a generated docs section differs from the results")
     args = parser.parse_args(argv)
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.root) if args.root else REPO_ROOT / "artifacts" / "pipeline" / profile.name
         report_dir = Path(args.report_dir) if args.report_dir else default_report_dir(profile.name)
         rsd_entry.setup_process(torch_threads=1)  # tiny models: one thread is fastest (and what every stage assumes)
-        summary = run_pipeline(profile, root=root, report_dir=report_dir)
+        summary = run_pipeline(profile, root=root, report_dir=report_dir, branches=1 if args.sequential else None)
         print(f"pipeline ({profile.name}) finished in {summary['wall_seconds'] / 60:.1f} min; report: {report_dir / 'REPORT.md'}")
         return 0
     if args.command == "report":

@@ -14,7 +14,9 @@ from common.pipeline.docs import SECTIONS, render_doc, stale_sections
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     logs: list[str] = []
-    summary = run_pipeline(PROFILES["tiny"], root=root / "artifacts", report_dir=root / "report", log=logs.append, progress=False)
+    # the naive and robust branches side by side (what the 2-worker profiles do); the rerun below is sequential
+    summary = run_pipeline(PROFILES["tiny"], root=root / "artifacts", report_dir=root / "report", log=logs.append, progress=False,
+                           branches=2)
     return {"root": root, "summary": summary, "logs": logs}
 
 
@@ -38,13 +40,30 @@ def test_tiny_pipeline_produces_a_report_whose_numbers_match_the_json(tiny_run):
         "demos", "demos_dart", "tokenizer_none", "tokenizer_layernorm", "phase1_compare", "main_layernorm", "rollouts_layernorm", "draft_layernorm",
         "main_none", "rollouts_none", "draft_none", "phase3_compare"
     }
+    # the branch processes' stage lines reached the caller's log; their full output is in logs/
+    assert any(line.startswith("[draft_none]") for line in tiny_run["logs"]), tiny_run["logs"]
+    assert "[main_layernorm]" in (tiny_run["root"] / "artifacts" / "logs" / "branch_layernorm.log").read_text()
+    assert tiny_run["summary"]["side_by_side"] and tiny_run["summary"]["branch_stages"]["none"] == [
+        "draft_none", "main_none", "rollouts_none", "tokenizer_none"]
 
 
 def test_rerun_reuses_every_finished_stage(tiny_run):
     logs: list[str] = []
-    summary = run_pipeline(PROFILES["tiny"], root=tiny_run["root"] / "artifacts", report_dir=tiny_run["root"] / "report2", log=logs.append)
+    summary = run_pipeline(PROFILES["tiny"], root=tiny_run["root"] / "artifacts", report_dir=tiny_run["root"] / "report2", log=logs.append,
+                           branches=1)
     assert all(t["skipped"] for t in summary["stages"].values()), logs
     assert (tiny_run["root"] / "report2" / "REPORT.md").exists()
+    assert not summary["side_by_side"]
+
+
+def test_from_scratch_time_counts_the_longer_branch_when_side_by_side():
+    from common.pipeline.report import from_scratch_seconds
+
+    summary = {"stage_seconds": {"demos": 10.0, "tokenizer_none": 5.0, "main_none": 20.0, "tokenizer_layernorm": 6.0,
+                                 "main_layernorm": 30.0, "phase3_compare": 7.0},
+               "branch_stages": {"none": ["main_none", "tokenizer_none"], "layernorm": ["main_layernorm", "tokenizer_layernorm"]}}
+    assert from_scratch_seconds({**summary, "side_by_side": True}) == 10 + 36 + 7
+    assert from_scratch_seconds({**summary, "side_by_side": False}) == 78
 
 
 def test_committed_docs_match_the_generator():

@@ -14,12 +14,24 @@ def _pct(v) -> str:
     return "—" if v is None or v != v else f"{100 * v:.1f}%"
 
 
+def from_scratch_seconds(summary: dict) -> float:
+    """What the profile takes when no stage is reused, from the stages' own recorded times: their sum,
+    or, when the naive and robust branches ran side by side, the other stages' sum plus the longer
+    branch (each branch's times were recorded while the other ran beside it)."""
+    seconds = {k: v for k, v in summary.get("stage_seconds", {}).items() if v is not None}
+    if not summary.get("side_by_side"):
+        return sum(seconds.values())
+    branches = summary["branch_stages"]
+    in_branch = {k for names in branches.values() for k in names}
+    return (sum(v for k, v in seconds.items() if k not in in_branch)
+            + max(sum(seconds.get(k, 0.0) for k in names) for names in branches.values()))
+
+
 def _from_scratch(summary: dict) -> str:
-    """The stages' own recorded times, summed: what the profile takes when no stage is reused."""
-    times = [t for t in summary.get("stage_seconds", {}).values() if t is not None]
-    if not times or all(not t["skipped"] for t in summary["stages"].values()):
+    if not summary.get("stage_seconds") or all(not t["skipped"] for t in summary["stages"].values()):
         return ""
-    return f" (this call, reusing finished stages; the stages' recorded times sum to {sum(times) / 60:.1f} min from scratch)"
+    how = "the stages' recorded times, the two branches side by side," if summary.get("side_by_side") else "the stages' recorded times"
+    return f" (this call, reusing finished stages; from scratch {how} sum to {from_scratch_seconds(summary) / 60:.1f} min)"
 
 
 def headline_markdown(summary: dict) -> str:
@@ -29,7 +41,8 @@ def headline_markdown(summary: dict) -> str:
         f"Profile **{p['name']}**: `{p['suite']}` tasks {p['tasks']}, {p['demos_per_task']} scripted demos per task"
         + (f" + {p['dart_demos_per_task']} DART demos per task (action noise {p['dart_noise']:g}; tokenizers on the clean demos)"
            if p.get("dart_demos_per_task") else "") + ", "
-        f"tokenizer {p['tokenizer_epochs']} epochs, policy {p['policy_epochs']} epochs, {p['eval_trials']} trials per task. "
+        f"tokenizer {p['tokenizer_epochs']} epochs, policy {p['policy_epochs']} epochs, {p['eval_trials']} trials per task"
+        + (f" ({p['variant_trials']})" if p.get("variant_trials") else "") + ". "
         f"Wall time {summary['wall_seconds'] / 60:.1f} min" + _from_scratch(summary) + ".",
         "",
         "| | naive RFSQ | robust RFSQ |",

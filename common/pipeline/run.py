@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -71,13 +72,18 @@ class Profile:
     # the tokenizers on the clean demos only (their fingerprints stay what they were). 0 = none.
     dart_demos_per_task: int = 0
     dart_noise: float = 0.2
+    # per-variant trial counts that differ from eval_trials, e.g. "robust-B=1" (Phase 3's --variant-trials)
+    variant_trials: str = ""
 
 
 PROFILES = {
-    # all 10 libero_object tasks; under an hour on 2 cores from scratch (the report sums the stage times)
+    # all 10 libero_object tasks; target <= 30 min on 2 cores from scratch (the report gives the stage times)
+    # 5 trials per task (init states 0-4) for naive and robust-A; robust-B, which fails by construction
+    # (results/phase3: 0-1% on both suites), 1 per task; the rollouts for the draft use init states 5-6
     "default": Profile("default", "libero_object", "0-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=30,
-                       policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2,
-                       reach_margin=2.0, first_stage_margin=1.0, draft_activation="relu"),
+                       policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=5, eval_max_steps=0, workers=2,
+                       reach_margin=2.0, first_stage_margin=1.0, draft_activation="relu", variant_trials="robust-B=1",
+                       rollout_first_trial=5),
     # the default profile on libero_spatial's tasks the scripted expert solves (task 4 it does not:
     # results/expert_success.md), plus 20 DART demos per task (with them robust-A reaches 69.3% on the
     # 30 held-out init states per task, 58.9% without on 10: results/phase3/compare_libero_spatial and
@@ -113,7 +119,109 @@ def settings(cfg, ignore: tuple[str, ...] = ()) -> dict:
             if k not in ("progress", "overwrite", *ignore) and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
 
 
-def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+# the two branches: naive tokens ("none") and robust tokens ("layernorm"); Phase 2 tags them "naive" and ""
+CONDITIONS = ("none", "layernorm")
+POLICY_TAGS = {"layernorm": "", "none": "naive"}
+
+
+@dataclass(frozen=True)
+class BranchInputs:
+    """What a branch (tokenizer → main → rollouts → draft of one condition) needs from the run; picklable,
+    so that a branch can run in its own process."""
+    profile: Profile
+    root: Path
+    demos: Path  # the clean demos (the tokenizers train on these only)
+    demo_hash: str
+    policy_data: str  # comma-separated demo files the policies train on (clean + DART)
+    dart_hash: str | None
+    num_demos: int
+    progress: bool
+
+
+def tokenizer_config(inp: BranchInputs, cond: str):
+    from common.tokenizer.train import TokenizerTrainConfig
+
+    profile = inp.profile
+    return TokenizerTrainConfig(use_layernorm=cond == "layernorm", data=str(inp.demos), num_episodes=inp.num_demos,
+                                epochs=profile.tokenizer_epochs, layout=profile.layout, latent_dim=profile.latent_dim,
+                                models_dir=str(ArtifactDirs.under(inp.root).models), progress=inp.progress, overwrite=True,
+                                **({"reach_margin": profile.reach_margin, "first_stage_margin": profile.first_stage_margin}
+                                   if cond == "layernorm" else {}))
+
+
+def policy_config(inp: BranchInputs, cond: str):
+    from common.policy.config import PolicyTrainConfig
+
+    profile, dirs = inp.profile, ArtifactDirs.under(inp.root)
+    return PolicyTrainConfig(
+        data=inp.policy_data, num_episodes=0, epochs=profile.policy_epochs, batch_size=profile.policy_batch_size,
+        lr=1e-3, d_model=profile.d_model, num_blocks=profile.num_blocks, models_dir=str(dirs.models),
+        own_prefix_prob=profile.own_prefix_prob, expected_value_weight=profile.expected_value_weight,
+        coarse_layers=profile.coarse_layers, draft_width=profile.draft_width, draft_hidden_layers=profile.draft_hidden_layers,
+        draft_trunk=profile.draft_trunk, draft_activation=profile.draft_activation,
+        draft_soft_targets=profile.draft_soft_targets, draft_augment_copies=profile.draft_augment_copies,
+        draft_augment_noise=profile.draft_augment_noise,
+        results_dir=str(dirs.results), data_dir=str(dirs.data), progress=inp.progress,
+        rfsq_checkpoint=str(tokenizer_config(inp, cond).output_paths()["best"]), timing_repeats=50,
+        overwrite=True,  # a stage reruns on purpose (its fingerprint or outputs changed)
+    )
+
+
+def condition_branch(inp: BranchInputs, cond: str, log: Callable[[str], None]) -> dict:
+    """One condition's stages in order: tokenizer → main model → main-only rollouts → draft.
+    Returns the stages' timings. Runs in the caller's process or in a branch process of its own."""
+    from common.eval.closed_loop import evaluate
+    from common.eval.config import EvalConfig
+    from common.policy.train import train_policy
+    from common.tokenizer.train import train_tokenizer
+
+    profile, dirs = inp.profile, ArtifactDirs.under(inp.root)
+    stages = Stages(inp.root, log)
+    tok_cfg = tokenizer_config(inp, cond)
+    best = tok_cfg.output_paths()["best"]
+    stages.run(f"tokenizer_{cond}", {"cfg": settings(tok_cfg), "demos": inp.demo_hash}, [best],
+               lambda: f"val MSE {train_tokenizer(tok_cfg)['best_val_mse']:.3e}")
+    tok_hash = file_hash(best)
+
+    pcfg = policy_config(inp, cond)
+    out_paths = pcfg.output_paths(POLICY_TAGS[cond])
+    # Two stages, so that changing the draft retrains the draft only: the main model's
+    # fingerprint leaves the draft's settings out, the draft's holds the main model's hash.
+    rollouts = phase3_results(dirs.results, f"rollouts_{cond}")
+    main_cfg, draft_cfg = replace(pcfg, train="main"), replace(pcfg, train="draft", draft_rollouts=str(rollouts) if profile.rollout_trials else "")
+
+    main_inputs = {"cfg": settings(main_cfg, ignore=DRAFT_SETTINGS), "tokenizer": tok_hash}
+    if inp.dart_hash:  # (absent without DART demos: the other profiles' fingerprints stay what they were)
+        main_inputs["dart_demos"] = inp.dart_hash
+    stages.run(f"main_{cond}", main_inputs, [out_paths["head"]],
+               lambda: f"main model trained in {train_policy(main_cfg)['main_seconds']:.0f} s")
+    head_hash = file_hash(out_paths["head"])
+    rollout_hash = None
+    if profile.rollout_trials:
+        rcfg = EvalConfig(task_suite=profile.suite, tasks=profile.tasks, num_trials=profile.rollout_trials,
+                          first_trial=profile.rollout_first_trial, use_speculative_decoding=False, compare_main_only=False,
+                          # float64: the precision these rollouts ran in before Phase 3 switched to float32;
+                          # they only supply states for the draft, where the precision does not matter
+                          record_features=True, decode_dtype="float64",
+                          tokenizer="robust" if cond == "layernorm" else "naive", strategy="A",
+                          workers=profile.workers, max_steps=profile.eval_max_steps, auto_decode=profile.auto_decode,
+                          models_dir=str(dirs.models), results_dir=str(dirs.results), out=str(rollouts))
+
+        def do_rollouts():
+            info = evaluate(rcfg, progress=inp.progress)
+            return f"{info['chunks']} closed-loop states from {info['episodes']} main-only episodes (success {info['success_rate']:.0%})"
+
+        stages.run(f"rollouts_{cond}", {"cfg": settings(rcfg, ignore=("models_dir", "results_dir", "out")), "head": head_hash},
+                   [rollouts / "episodes.jsonl"], do_rollouts, stale=(rollouts,))
+        rollout_hash = file_hash(rollouts / "episodes.jsonl")
+    stages.run(f"draft_{cond}", {"cfg": settings(draft_cfg), "tokenizer": tok_hash, "head": head_hash, "rollouts": rollout_hash},
+               [out_paths["draft"], out_paths["summary_json"]],
+               lambda: f"draft trained in {train_policy(draft_cfg)['draft_seconds']:.0f} s")
+    return stages.timings
+
+
+def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callable[[str], None] = print, progress: bool = True,
+                 branches: int | None = None) -> dict:
     """Run (or resume) every stage of ``profile`` under ``root``; write ``report_dir``."""
     from common.sim.demo_collection import collect_demos
     from common.sim.libero_env import get_suite, parse_task_spec
@@ -152,20 +260,22 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
                                   "noise": profile.dart_noise}, [dart], do_dart)
         policy_data, dart_hash = f"{demos},{dart}", file_hash(dart)
 
-    from common.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+    inputs = BranchInputs(profile=profile, root=root, demos=demos, demo_hash=demo_hash, policy_data=policy_data,
+                          dart_hash=dart_hash, num_demos=num_demos, progress=progress)
+    side_by_side = min(2, profile.workers) if branches is None else branches
+    if side_by_side > 1:
+        from common.pipeline.branches import run_side_by_side
 
-    tok_cfgs = {
-        cond: TokenizerTrainConfig(use_layernorm=cond == "layernorm", data=str(demos), num_episodes=num_demos,
-                                   epochs=profile.tokenizer_epochs, layout=profile.layout, latent_dim=profile.latent_dim, models_dir=str(models),
-                                   progress=progress, overwrite=True,
-                                   **({"reach_margin": profile.reach_margin, "first_stage_margin": profile.first_stage_margin}
-                                      if cond == "layernorm" else {}))
-        for cond in ("none", "layernorm")
-    }
-    for cond, cfg in tok_cfgs.items():
-        best = cfg.output_paths()["best"]
-        stages.run(f"tokenizer_{cond}", {"cfg": settings(cfg), "demos": demo_hash}, [best],
-                   lambda cfg=cfg: f"val MSE {train_tokenizer(cfg)['best_val_mse']:.3e}")
+        # each branch logs one line per stage: tokenizer, main model, rollouts (optional), draft
+        per_branch = 3 + bool(profile.rollout_trials)
+        timings = run_side_by_side({cond: partial(condition_branch, inputs, cond) for cond in CONDITIONS},
+                                   log_dir=root / "logs", log=log, progress=progress, expected_lines=per_branch * len(CONDITIONS))
+        for cond in CONDITIONS:
+            stages.timings.update(timings[cond])
+    else:
+        for cond in CONDITIONS:
+            stages.timings.update(condition_branch(inputs, cond, log))
+    tok_cfgs = {cond: tokenizer_config(inputs, cond) for cond in CONDITIONS}
     tok_hashes = {c: file_hash(cfg.output_paths()["best"]) for c, cfg in tok_cfgs.items()}
 
     from common.tokenizer.compare import TokenizerComparisonConfig, compare_naive_and_robust
@@ -175,68 +285,14 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
     stages.run("phase1_compare", {"tokenizers": tok_hashes}, [p1],
                lambda: "improvement {:.1f}%".format(compare_naive_and_robust(p1_cfg)["improvement_pct"]))
 
-    from common.eval.closed_loop import evaluate
-    from common.eval.config import EvalConfig
-    from common.policy.config import PolicyTrainConfig
-    from common.policy.train import train_policy
-
-    for cond, tag in (("layernorm", ""), ("none", "naive")):
-        pcfg = PolicyTrainConfig(
-            data=policy_data, num_episodes=0, epochs=profile.policy_epochs, batch_size=profile.policy_batch_size,
-            lr=1e-3, d_model=profile.d_model, num_blocks=profile.num_blocks, models_dir=str(models),
-            own_prefix_prob=profile.own_prefix_prob, expected_value_weight=profile.expected_value_weight,
-            coarse_layers=profile.coarse_layers, draft_width=profile.draft_width, draft_hidden_layers=profile.draft_hidden_layers,
-            draft_trunk=profile.draft_trunk, draft_activation=profile.draft_activation,
-            draft_soft_targets=profile.draft_soft_targets, draft_augment_copies=profile.draft_augment_copies,
-            draft_augment_noise=profile.draft_augment_noise,
-            results_dir=str(results), data_dir=str(data), progress=progress, rfsq_checkpoint=str(tok_cfgs[cond].output_paths()["best"]), timing_repeats=50,
-            overwrite=True,  # a stage reruns on purpose (its fingerprint or outputs changed)
-        )
-        out_paths = pcfg.output_paths(tag)
-        # Two stages, so that changing the draft retrains the draft only: the main model's
-        # fingerprint leaves the draft's settings out, the draft's holds the main model's hash.
-        rollouts = phase3_results(results, f"rollouts_{cond}")
-        main_cfg, draft_cfg = replace(pcfg, train="main"), replace(pcfg, train="draft", draft_rollouts=str(rollouts) if profile.rollout_trials else "")
-
-        def do_main(cfg=main_cfg):
-            return f"main model trained in {train_policy(cfg)['main_seconds']:.0f} s"
-
-        def do_draft(cfg=draft_cfg):
-            return f"draft trained in {train_policy(cfg)['draft_seconds']:.0f} s"
-
-        main_inputs = {"cfg": settings(main_cfg, ignore=DRAFT_SETTINGS), "tokenizer": tok_hashes[cond]}
-        if dart_hash:  # (absent without DART demos: the other profiles' fingerprints stay what they were)
-            main_inputs["dart_demos"] = dart_hash
-        stages.run(f"main_{cond}", main_inputs, [out_paths["head"]], do_main)
-        head_hash = file_hash(out_paths["head"])
-        rollout_hash = None
-        if profile.rollout_trials:
-            rcfg = EvalConfig(task_suite=profile.suite, tasks=profile.tasks, num_trials=profile.rollout_trials,
-                              first_trial=profile.rollout_first_trial, use_speculative_decoding=False, compare_main_only=False,
-                              # float64: the precision these rollouts ran in before Phase 3 switched to float32;
-                              # they only supply states for the draft, where the precision does not matter
-                              record_features=True, decode_dtype="float64",
-                              tokenizer="robust" if cond == "layernorm" else "naive", strategy="A",
-                              workers=profile.workers, max_steps=profile.eval_max_steps, auto_decode=profile.auto_decode,
-                              models_dir=str(models), results_dir=str(results), out=str(rollouts))
-
-            def do_rollouts(rcfg=rcfg):
-                info = evaluate(rcfg, progress=progress)
-                return f"{info['chunks']} closed-loop states from {info['episodes']} main-only episodes (success {info['success_rate']:.0%})"
-
-            stages.run(f"rollouts_{cond}", {"cfg": settings(rcfg, ignore=("models_dir", "results_dir", "out")), "head": head_hash},
-                       [rollouts / "episodes.jsonl"], do_rollouts, stale=(rollouts,))
-            rollout_hash = file_hash(rollouts / "episodes.jsonl")
-        stages.run(f"draft_{cond}", {"cfg": settings(draft_cfg), "tokenizer": tok_hashes[cond], "head": head_hash, "rollouts": rollout_hash},
-                   [out_paths["draft"], out_paths["summary_json"]], do_draft)
-    policy_hashes = {p.name: file_hash(p) for p in sorted(models.glob("best_*.pt"))}
-
     from common.eval.compare import ComparisonConfig, run_comparison
+
+    policy_hashes = {p.name: file_hash(p) for p in sorted(models.glob("best_*.pt"))}
 
     # the scripted expert's committed success rates (benchmarks/expert_success.py), not this run's
     ccfg = ComparisonConfig(task_suite=profile.suite, tasks=profile.tasks, num_trials=profile.eval_trials,
                             workers=profile.workers, max_steps=profile.eval_max_steps, auto_decode=profile.auto_decode,
-                            draft_candidates=profile.draft_candidates,
+                            draft_candidates=profile.draft_candidates, variant_trials=profile.variant_trials,
                             expert_results=str(expert_success_results(REPO_ROOT / "results")),
                             models_dir=str(models), results_dir=str(results))
     p3 = phase3_comparison(results, profile.suite) / "comparison.json"
@@ -250,13 +306,17 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
     summary = {
         "profile": asdict(profile),
         "wall_seconds": time.perf_counter() - started,
-        # what each stage took when it last ran (a rerun skips finished stages): their sum is the
-        # time of this profile from scratch
+        # what each stage took when it last ran (a rerun skips finished stages); with the branches'
+        # stages side by side, the time of this profile from scratch is the other stages' sum plus
+        # the longest branch's (``report.from_scratch_seconds``)
         "stage_seconds": {stamp.stem: json.loads(stamp.read_text()).get("seconds") for stamp in sorted(stages.stamps.glob("*.json"))
                           if stamp.stem in stages.timings},
+        "side_by_side": side_by_side > 1,
+        "branch_stages": {cond: sorted(k for k in stages.timings if k.endswith(f"_{cond}")) for cond in CONDITIONS},
         "stages": stages.timings,
         "phase1": json.loads(p1.read_text()),
-        "phase2": {tag or "robust": json.loads(pcfg.output_paths(tag)["summary_json"].read_text()) for tag in ("", "naive")},
+        "phase2": {POLICY_TAGS[cond] or "robust": json.loads(policy_config(inputs, cond).output_paths(POLICY_TAGS[cond])["summary_json"].read_text())
+                   for cond in ("layernorm", "none")},
         "phase3": json.loads(p3.read_text()),
         "provenance": provenance(seed=0),
     }
