@@ -3,6 +3,7 @@ back, each branch's output lands in its log file, and a failing branch stops the
 
 import multiprocessing as mp
 import os
+import subprocess
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from common.pipeline.branches import run_side_by_side
 def report_pid(name, log):
     log(f"[{name}] step done")
     print(f"{name} detail for the log file")
+    subprocess.run(["sh", "-c", f"echo {name} grandchild on stderr >&2"], check=True)  # like a simulator worker's output
     return {"name": name, "pid": os.getpid()}
 
 
@@ -37,6 +39,7 @@ def test_branches_run_in_their_own_processes_and_return_results(tmp_path):
     assert len({results["a"]["pid"], results["b"]["pid"], os.getpid()}) == 3
     assert "[a] step done" in lines and "[b] step done" in lines
     assert "a detail for the log file" in (tmp_path / "branch_a.log").read_text()
+    assert "a grandchild on stderr" in (tmp_path / "branch_a.log").read_text()
     assert "a detail" not in (tmp_path / "branch_b.log").read_text()
 
 

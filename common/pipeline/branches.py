@@ -14,10 +14,10 @@ are stamped and reused by the next run) and the error names the branch and its l
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import queue
+import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -32,24 +32,30 @@ _POLL_S = 0.5
 def _branch_main(name: str, fn: Callable, log_path: str, messages, parent_pid: int, torch_threads: int) -> None:
     """In the branch process: run ``fn`` with its output in the branch's log file, report back."""
     exit_with_parent(parent_pid)
+    # the file descriptors, not just sys.stdout/err: the simulator workers a branch starts write there too
+    with open(log_path, "a") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)
     import torch
 
     torch.set_num_threads(torch_threads)
-    with open(log_path, "a", buffering=1) as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        def log(line: str) -> None:
-            print(line, flush=True)
-            messages.put(("log", name, line))
 
-        try:
-            result = fn(log)
-        except KeyboardInterrupt:
-            messages.put(("interrupted", name, ""))
-            return
-        except BaseException as exc:  # reported to the parent, which raises it with the branch's name
-            traceback.print_exc()
-            messages.put(("error", name, f"{type(exc).__name__}: {exc}"))
-            return
-        messages.put(("done", name, result))
+    def log(line: str) -> None:
+        print(line, flush=True)
+        messages.put(("log", name, line))
+
+    try:
+        result = fn(log)
+    except KeyboardInterrupt:
+        messages.put(("interrupted", name, ""))
+        return
+    except BaseException as exc:  # reported to the parent, which raises it with the branch's name
+        traceback.print_exc()
+        messages.put(("error", name, f"{type(exc).__name__}: {exc}"))
+        return
+    messages.put(("done", name, result))
 
 
 def _stop(processes: dict[str, Any]) -> None:
