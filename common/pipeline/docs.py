@@ -80,7 +80,7 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                            "--out results/phase3_diagnostics/data_rounds --variants robust-A --runs label=<eval folder>,..."),
     "phase3_relaxed_acceptance": ("phase3_diagnostics/relaxed_acceptance/relaxed_acceptance.md",
                                   "phase3_diagnostics/relaxed_acceptance/relaxed_acceptance.json",
-                                  "python -m benchmarks.relaxed_acceptance --models-dir <models of the default make run> --num-trials 3 --workers 1"),
+                                  "python -m benchmarks.relaxed_acceptance --models-dir <models of the default make run> --num-trials 5 --workers 2"),
     "phase3_decode_depth_latency": ("phase3_diagnostics/decode_depth_latency.md", "phase3_diagnostics/decode_depth_latency.json",
                                     "python -m benchmarks.decode_depth_latency --models-dir <models of the default make run> --candidates 1,2,4 --dtype float64"),
     "phase3_decode_depth_latency_float32": ("phase3_diagnostics/decode_depth_latency_float32.md",
