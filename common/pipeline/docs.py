@@ -45,8 +45,9 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "phase2_draft_w256": ("phase2/ablation_draft_chained_w256/train_summary.md", "phase2/ablation_draft_chained_w256/train_summary.json",
                           "make evidence's robust draft line with --draft-width 256 --draft-hidden-layers 2 --epochs 15 --models-dir <copy of the models>"),
     "phase3_libero_object": ("phase3/compare_libero_object/comparison.md", "phase3/compare_libero_object/comparison.json",
-                             "python -m phase3.compare --task-suite libero_object --tasks 0-9 --num-trials 20 --first-trial 20 "
-                             "--variant-trials robust-B=5 --auto-decode --models-dir <models of the default make run> --results-dir results"),
+                             "python -m phase3.compare --task-suite libero_object --tasks 0-9 --num-trials 30 --first-trial 20 "
+                             "--variant-trials robust-B=5 --auto-decode --models-dir <models of the default make run> --workers 2 "
+                             "--out results/phase3/compare_libero_object"),
     "phase3_draft_float32": ("phase3/draft_float32_libero_object/eval_table.md", "phase3/draft_float32_libero_object/eval_info.json",
                              "python -m phase3.modal_phase3_libero_eval --task-suite libero_object --tasks 0-9 --num-trials 10 "
                              "--tokenizer robust --strategy A --draft-dtype float32 --out results/phase3/draft_float32_libero_object"),
