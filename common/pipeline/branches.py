@@ -99,7 +99,8 @@ def run_side_by_side(jobs: dict[str, Callable], *, log_dir: Path, log: Callable[
                                        f"finished; see {log_paths[dead[0]]}")
                 continue
             if kind == "log":
-                log(payload)
+                with tqdm.external_write_mode():  # the line above the bar, not inside it
+                    log(payload)
                 bar.update(1)
             elif kind == "done":
                 results[name] = payload

@@ -91,9 +91,10 @@ PROFILES = {
     "spatial": Profile("spatial", "libero_spatial", "0-3,5-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=30,
                        policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2,
                        dart_demos_per_task=20, dart_noise=0.2),
-    # target <= 10 min: 5 tasks, fewer demos/epochs/trials
-    "quick": Profile("quick", "libero_object", "0-4", demos_per_task=8, tokenizer_epochs=15, policy_epochs=6,
-                     policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=2, eval_max_steps=0, workers=2, rollout_trials=1),
+    # target <= 10 min: 5 tasks, fewer demos/epochs/trials; the default profile's code and draft
+    "quick": Profile("quick", "libero_object", "0-4", demos_per_task=8, tokenizer_epochs=15, policy_epochs=20,
+                     policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2, rollout_trials=1,
+                     reach_margin=2.0, first_stage_margin=1.0, draft_activation="relu", variant_trials="robust-B=1"),
     # test-suite smoke run: one task, a few demos/epochs, short episodes
     "tiny": Profile("tiny", "libero_object", "0", demos_per_task=3, tokenizer_epochs=2, policy_epochs=1,
                     policy_batch_size=64, d_model=32, num_blocks=1, eval_trials=1, eval_max_steps=24, workers=1, rollout_trials=1,
