@@ -8,7 +8,8 @@ Every stage records a fingerprint (its settings + the content hashes of its inpu
 ``<root>/stamps/<stage>.json`` (``stages.py``); a rerun skips a stage whose fingerprint and outputs
 are unchanged and redoes it (and, through the changed input hashes, everything after it) otherwise.
 Each run keeps its data, models and results in its own folders under ``root``, passed explicitly
-to every stage.
+to every stage. The naive and the robust branch (tokenizer → main → rollouts → draft) share nothing
+until Phase 3: on a profile with 2 workers they run side by side, one process each (``branches.py``).
 """
 
 from __future__ import annotations
