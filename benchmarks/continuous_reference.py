@@ -306,7 +306,7 @@ def markdown(result: dict) -> str:
     best = min(result["training"], key=lambda h: h["held_out_mse"])
     cfg = result["config"]
     lines = [
-        f"Continuous-action reference (StateBackbone + MLP, {cfg['epochs']} epochs) on the split of `{Path(result['head']).name}`: "
+        f"Continuous-action reference (StateBackbone{' with eef-relative objects' if result.get('backbone_config', {}).get('eef_relative') else ''} + MLP, {cfg['epochs']} epochs) on the split of `{Path(result['head']).name}`: "
         f"{result['data_summary']['train_steps']} train / {result['data_summary']['held_out_steps']} held-out steps "
         f"({result['data_summary']['train_episodes']} / {result['data_summary']['held_out_episodes']} episodes).",
         "",
@@ -358,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-trial", type=int, default=10, help="init state of the first trial (trial i = init state i)")
     p.add_argument("--replan-steps", type=int, default=4, help="actions executed per predicted chunk before replanning (1..chunk length)")
     p.add_argument("--workers", type=int, default=1, help="processes for the closed loop (one task per job)")
+    p.add_argument("--eef-relative", action=argparse.BooleanOptionalAction, default=None,
+                   help="state backbone with object positions relative to the end effector (default: as the head's backbone)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -383,6 +385,8 @@ def main(argv: list[str]) -> dict:
             raise ValueError(f"--replan-steps {args.replan_steps}: expected 1..{data['chunk_len']} (the tokenizer's chunk length)")
         tasks = select_tasks(data["task_table"], args.suite, args.tasks)
         trials = check_trials(args.suite, tasks, args.first_trial, args.trials)
+        if args.eef_relative is not None:
+            data["backbone_config"] = {**data["backbone_config"], "eef_relative": args.eef_relative}
         torch.manual_seed(args.seed)
         model = ChunkRegressor(data["backbone_config"], chunk_len=data["chunk_len"], hidden=args.hidden, hidden_layers=args.hidden_layers)
         history = train_regressor(model, data["train"], data["held_out"], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

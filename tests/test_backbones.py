@@ -41,6 +41,34 @@ def test_state_backbone_normalizer_shapes_and_round_trip():
         bb(obs[:1, :4], torch.tensor([0]))
 
 
+def test_state_backbone_eef_relative_offsets_values_and_round_trip():
+    from common.policy.backbones.state import EEF_RELATIVE_DIM
+    from common.sim.libero_env import LOW_DIM_OBS_DIM
+
+    obs = torch.zeros(2, LOW_DIM_OBS_DIM)
+    obs[:, :3] = torch.tensor([[0.1, 0.2, 0.3], [0.0, 0.0, 1.0]])  # end effector
+    obs[:, 16:19] = torch.tensor([[0.5, 0.5, 0.5], [1.0, 2.0, 3.0]])  # slot 0: the goal's object
+    obs[:, 23] = 1.0
+    obs[0, 24:27] = torch.tensor([0.4, 0.0, 0.1])  # slot 1: its target, present in the first sample only
+    obs[0, 31] = 1.0
+    bb = StateBackbone(obs_dim=LOW_DIM_OBS_DIM, num_tasks=2, hidden_dim=16, feature_dim=8, eef_relative=True)
+    extra = bb.inputs(obs)[:, LOW_DIM_OBS_DIM:]
+    assert extra.shape == (2, EEF_RELATIVE_DIM) and bb.obs_mean.shape == (LOW_DIM_OBS_DIM + EEF_RELATIVE_DIM,)
+    assert torch.allclose(extra[0, :6], torch.tensor([0.4, 0.3, 0.2, 0.3, -0.2, -0.2]))
+    assert torch.allclose(extra[1, :6], torch.tensor([1.0, 2.0, 2.0, 0.0, 0.0, 0.0]))  # absent slot 1 -> 0, not -eef
+    assert torch.count_nonzero(extra[:, 6:-3]) == 0  # empty slots
+    assert torch.allclose(extra[:, -3:], torch.tensor([[0.1, 0.5, 0.4], [0.0, 0.0, 0.0]]))  # object - target; absent target -> 0
+    bb.fit_normalizer(torch.cat([obs, obs + 0.01]))
+    clone = StateBackbone.from_config(bb.config)
+    clone.load_state_dict(bb.state_dict())
+    ids = torch.tensor([0, 1])
+    assert clone.eef_relative and torch.equal(clone(obs, ids), bb(obs, ids))
+    legacy = {k: v for k, v in bb.config.items() if k != "eef_relative"}  # checkpoints from before the option
+    assert StateBackbone.from_config(legacy).eef_relative is False
+    with pytest.raises(ValueError, match="eef_relative needs the 96-float"):
+        StateBackbone(obs_dim=5, num_tasks=1, eef_relative=True)
+
+
 def test_build_backbone_unknown_kind():
     with pytest.raises(ValueError, match="expected 'state' or 'openvla-oft', found 'resnet'"):
         build_backbone("resnet")

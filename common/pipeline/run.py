@@ -51,6 +51,8 @@ class Profile:
     own_prefix_prob: float = 0.5
     expected_value_weight: float = 5.0
     auto_decode: bool = True
+    # the state backbone also reads object positions relative to the end effector (common/policy/backbones/state.py)
+    eef_relative: bool = False
     # the draft (common/policy/draft.py) and speculative decoding (common/decoding/speculative.py):
     # K from the decode choice, distilled on the main model's distributions over demo and perturbed
     # states, N candidates for the first layer verified in one pass
@@ -105,7 +107,7 @@ PROFILES = {
 
 # Settings added after stages were fingerprinted, with the value that reproduces the earlier behaviour:
 # at that value they stay out of the fingerprint, so adding a flag does not redo finished stages.
-ADDED_SETTINGS = {"reach_margin": 1.05, "draft_rollouts": "", "record_features": False, "draft_trunk": "residual", "draft_soft_targets": False, "draft_candidates": 1, "draft_activation": "gelu", "first_stage_margin": 1.5, "own_prefix_prob": 0.0, "expected_value_weight": 0.0,
+ADDED_SETTINGS = {"eef_relative": False, "reach_margin": 1.05, "draft_rollouts": "", "record_features": False, "draft_trunk": "residual", "draft_soft_targets": False, "draft_candidates": 1, "draft_activation": "gelu", "first_stage_margin": 1.5, "own_prefix_prob": 0.0, "expected_value_weight": 0.0,
                   "decode_rule": "argmax", "auto_decode": False, "first_trial": 0}
 
 
@@ -158,7 +160,7 @@ def policy_config(inp: BranchInputs, cond: str):
     return PolicyTrainConfig(
         data=inp.policy_data, num_episodes=0, epochs=profile.policy_epochs, batch_size=profile.policy_batch_size,
         lr=1e-3, d_model=profile.d_model, num_blocks=profile.num_blocks, models_dir=str(dirs.models),
-        own_prefix_prob=profile.own_prefix_prob, expected_value_weight=profile.expected_value_weight,
+        own_prefix_prob=profile.own_prefix_prob, expected_value_weight=profile.expected_value_weight, eef_relative=profile.eef_relative,
         coarse_layers=profile.coarse_layers, draft_width=profile.draft_width, draft_hidden_layers=profile.draft_hidden_layers,
         draft_trunk=profile.draft_trunk, draft_activation=profile.draft_activation,
         draft_soft_targets=profile.draft_soft_targets, draft_augment_copies=profile.draft_augment_copies,

@@ -29,6 +29,9 @@ class PolicyTrainConfig:
     data: str = ""  # HDF5 path, or comma-separated paths (e.g. object + spatial demos)
     rfsq_checkpoint: str = ""  # "" = <models dir>/rfsq_robust_best.pt
     backbone: str = "state"  # state | openvla-oft
+    # state backbone: also read each object's position relative to the end effector (and the goal
+    # object's relative to its target), which carry over to layouts the demos never showed
+    eef_relative: bool = False
     # K: layers the draft predicts; 0 = from the main model's decode choice (the layers Phase 3
     # executes): min(3, decoded - 1), since the verify pass must stay inside the decoded layers
     coarse_layers: int = 3
@@ -115,6 +118,8 @@ class PolicyTrainConfig:
             raise ValueError("--draft-augment-copies > 0 needs --draft-augment-noise > 0")
         if self.backbone not in BACKBONES:
             raise ValueError(f"--backbone must be one of {BACKBONES}; got {self.backbone!r}")
+        if self.eef_relative and self.backbone != "state":
+            raise ValueError(f"--eef-relative is an option of the state backbone; got --backbone {self.backbone}")
         stages = self.stages
         if not stages or any(s not in STAGES for s in stages):
             raise ValueError(f"--train must be a comma-separated subset of {STAGES}; got {self.train!r}")

@@ -91,7 +91,8 @@ def _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkp
     m = tok.model
     obs_dim = int(train.inputs.shape[1])
     if cfg.backbone == "state":
-        backbone_config = dict(obs_dim=obs_dim, num_tasks=len(task_table), feature_dim=cfg.d_model, hidden_dim=max(cfg.d_model, 64))
+        backbone_config = dict(obs_dim=obs_dim, num_tasks=len(task_table), feature_dim=cfg.d_model, hidden_dim=max(cfg.d_model, 64),
+                               eef_relative=cfg.eef_relative)
         feature_dim = cfg.d_model
     else:
         backbone_config, feature_dim = None, obs_dim

@@ -1,5 +1,11 @@
 """``StateBackbone`` (local, CPU): MLP over the normalized low-dimensional observation vector plus a
-learned per-task embedding -> features [B, D] for the draft and main models."""
+learned per-task embedding -> features [B, D] for the draft and main models.
+
+``eef_relative=True`` appends, for every object slot of the observation (``common.sim.libero_env``
+layout), the object's position minus the end effector's (zero for an empty slot) and, for the first
+two slots (the goal's object and its target), their difference. These are the quantities a reach
+or a place depends on, whatever the layout; world positions alone make a policy trained on a few
+layouts learn the subtraction from those few."""
 
 from __future__ import annotations
 
@@ -8,6 +14,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from common.sim.libero_env import MAX_OBJECTS, OBJECT_SLOT_DIM, ROBOT_OBS_DIM
+
+# eef - object offsets (3 per slot) and goal object - goal target (3)
+EEF_RELATIVE_DIM = 3 * MAX_OBJECTS + 3
+
+
+def eef_relative_features(obs: torch.Tensor) -> torch.Tensor:
+    """[B, 96] low-dim observations -> [B, EEF_RELATIVE_DIM]: each slot's position minus the end
+    effector's, masked by the slot's present flag, then slot 0's position minus slot 1's (masked by both)."""
+    slots = obs[:, ROBOT_OBS_DIM:].reshape(obs.shape[0], MAX_OBJECTS, OBJECT_SLOT_DIM)
+    pos, present = slots[..., :3], slots[..., 7:8]
+    to_objects = (pos - obs[:, None, :3]) * present
+    between = (pos[:, 0] - pos[:, 1]) * present[:, 0] * present[:, 1]
+    return torch.cat([to_objects.flatten(1), between], dim=1)
 
 
 class StateBackbone(nn.Module):
@@ -21,6 +41,7 @@ class StateBackbone(nn.Module):
         task_embed_dim: int = 32,
         hidden_dim: int = 256,
         feature_dim: int = 256,
+        eef_relative: bool = False,
     ) -> None:
         super().__init__()
         for name, val in (("obs_dim", obs_dim), ("num_tasks", num_tasks), ("task_embed_dim", task_embed_dim),
@@ -32,13 +53,18 @@ class StateBackbone(nn.Module):
         self.task_embed_dim = int(task_embed_dim)
         self.hidden_dim = int(hidden_dim)
         self.feature_dim = int(feature_dim)
+        self.eef_relative = bool(eef_relative)
+        if self.eef_relative and self.obs_dim != ROBOT_OBS_DIM + MAX_OBJECTS * OBJECT_SLOT_DIM:
+            raise ValueError(f"StateBackbone: eef_relative needs the {ROBOT_OBS_DIM + MAX_OBJECTS * OBJECT_SLOT_DIM}-float "
+                             f"low-dim observation (common.sim.libero_env), found obs_dim={self.obs_dim}")
+        self.input_dim = self.obs_dim + (EEF_RELATIVE_DIM if self.eef_relative else 0)
         # Normalizer statistics are model state (saved in the state dict), fitted once on training data.
-        self.register_buffer("obs_mean", torch.zeros(self.obs_dim))
-        self.register_buffer("obs_std", torch.ones(self.obs_dim))
+        self.register_buffer("obs_mean", torch.zeros(self.input_dim))
+        self.register_buffer("obs_std", torch.ones(self.input_dim))
         self.register_buffer("normalizer_fitted", torch.tensor(False))
         self.task_embed = nn.Embedding(self.num_tasks, self.task_embed_dim)
         self.mlp = nn.Sequential(
-            nn.Linear(self.obs_dim + self.task_embed_dim, self.hidden_dim),
+            nn.Linear(self.input_dim + self.task_embed_dim, self.hidden_dim),
             nn.GELU(),
             nn.Linear(self.hidden_dim, self.hidden_dim),
             nn.GELU(),
@@ -54,6 +80,7 @@ class StateBackbone(nn.Module):
             "task_embed_dim": self.task_embed_dim,
             "hidden_dim": self.hidden_dim,
             "feature_dim": self.feature_dim,
+            "eef_relative": self.eef_relative,
         }
 
     @classmethod
@@ -71,14 +98,19 @@ class StateBackbone(nn.Module):
             raise ValueError(f"fit_normalizer: expected [N>=2, {self.obs_dim}], found {list(obs.shape)}")
         if not torch.isfinite(obs).all():
             raise ValueError("fit_normalizer: observations contain NaN/inf")
+        obs = self.inputs(obs)
         std = obs.std(dim=0)
         std = torch.where(std < min_std, torch.ones_like(std), std)
         self.obs_mean.copy_(obs.mean(dim=0))
         self.obs_std.copy_(std)
         self.normalizer_fitted.fill_(True)
 
+    def inputs(self, obs: torch.Tensor) -> torch.Tensor:
+        """The raw observation, plus the eef-relative offsets when ``eef_relative``."""
+        return torch.cat([obs, eef_relative_features(obs)], dim=1) if self.eef_relative else obs
+
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
-        return (obs - self.obs_mean) / self.obs_std
+        return (self.inputs(obs) - self.obs_mean) / self.obs_std
 
     def forward(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         if not bool(self.normalizer_fitted):
