@@ -2,7 +2,7 @@
 oracle), op by op and replayed from captured CUDA graphs (``common/decoding/graphs.py``), on one device.
 
     # here, where the demos are: the held-out features + the head and draft, in one small file
-    python -m benchmarks.decode_trained_graphs export --models-dir MODELS --bundle BUNDLE.pt
+    python -m benchmarks.decode_trained_graphs export --models-dir MODELS --bundle BUNDLE.pt [--states RUN_DIR]
     # anywhere torch runs (a bare GPU machine needs only this file and the repository)
     python -m benchmarks.decode_trained_graphs run --bundle BUNDLE.pt --device cuda [--dtype float32|bfloat16] [--out DIR]
 
@@ -15,7 +15,9 @@ table gives the median ms per chunk, the median per-chunk speedup of each specul
 main-only path of the same kind, the mean accepted layers a (the trained draft's, on held-out
 states: closed-loop acceptance is lower, see Phase 3) and, over every exported chunk, how many
 speculative decodes gave exactly main-only's tokens. Off CUDA the "graphs" rows run the same code
-eagerly (a check of the path, labelled so). Writes ``decode_trained_graphs.json`` / ``.md``.
+eagerly (a check of the path, labelled so). ``--states RUN_DIR`` exports, instead of the held-out demo
+steps, the states a Phase 3 run of the same head recorded (``--record-features``): the closed-loop
+states where the draft is actually asked, with the acceptance it really gets there. Writes ``decode_trained_graphs.json`` / ``.md``.
 """
 
 from __future__ import annotations
@@ -39,11 +41,15 @@ from common.provenance import REPO_ROOT, provenance, write_json
 BUNDLE_KIND = "rsd-decode-bundle-v1"
 
 
-def export(models_dir: Path, tag: str, bundle: Path) -> dict:
-    """Held-out features + head + draft + decode choice of the Phase 2 models in ``models_dir`` -> ``bundle``."""
+def export(models_dir: Path, tag: str, bundle: Path, states: Path | None = None) -> dict:
+    """Held-out features (or, with ``states``, a Phase 3 run's recorded closed-loop features) + head +
+    draft + decode choice of the Phase 2 models in ``models_dir`` -> ``bundle``."""
     from benchmarks.decode_depth_latency import load_held_out
+    from common.eval.rollouts import read_rollout_features
 
     paths, choice, policy, features = load_held_out(models_dir, tag)
+    if states is not None:
+        features = read_rollout_features(states, head_hash=policy.head_hash)
     if policy.draft is None or policy.draft.input != "features":
         raise ValueError(f"{paths['draft']}: expected a features draft (the graphed decoder takes no main_hidden draft)")
     content = {
@@ -51,10 +57,11 @@ def export(models_dir: Path, tag: str, bundle: Path) -> dict:
         "head_config": policy.head.config, "head_state": policy.head.state_dict(),
         "draft_config": policy.draft.config, "draft_state": policy.draft.state_dict(),
         "head": str(paths["head"]), "draft": str(paths["draft"]), "head_hash": policy.head_hash, "draft_hash": policy.draft_hash,
+        "states": "held-out demo steps" if states is None else f"closed-loop states recorded by {states}",
     }
     bundle.parent.mkdir(parents=True, exist_ok=True)
     torch.save(content, bundle)
-    return {"bundle": str(bundle), "chunks": len(features), "decode_choice": dict(choice)}
+    return {"bundle": str(bundle), "chunks": len(features), "states": content["states"], "decode_choice": dict(choice)}
 
 
 def load_bundle(bundle: Path, device: torch.device, dtype: torch.dtype) -> tuple[RFSQHead, DraftWithProjection, torch.Tensor, dict]:
@@ -68,6 +75,7 @@ def load_bundle(bundle: Path, device: torch.device, dtype: torch.dtype) -> tuple
     draft = DraftWithProjection.from_config(content["draft_config"])
     draft.load_state_dict(content["draft_state"])
     head, draft = head.to(device, dtype).eval(), draft.to(device, dtype).eval()
+    content.setdefault("states", "held-out demo steps")  # bundles from before --states
     return head, draft, content["features"].to(device, dtype), content
 
 
@@ -102,7 +110,7 @@ def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, rep
     K = decoder.coarse_layers
     a_mean = sum(accepted) / len(accepted)
     return {
-        "bundle": str(bundle), "head": content["head"], "draft": content["draft"], "head_hash": content["head_hash"],
+        "bundle": str(bundle), "states": content["states"], "head": content["head"], "draft": content["draft"], "head_hash": content["head_hash"],
         "device": device.type, "device_name": device_label(device, torch.get_num_threads()), "dtype": str(dtype).removeprefix("torch."),
         "graphs": graphs, "decode_choice": content["decode_choice"], "depth": depth, "drafted_layers": K,
         "chunks_timed": len(timed), "repeats": repeats, "chunks_checked": len(features),
@@ -122,7 +130,7 @@ def markdown(r: dict) -> str:
     return "\n".join([
         f"Device: {r['device_name']}; {r['dtype']}, batch 1; head `{Path(r['head']).name}` decoding {r['depth']} layers "
         f"({r['decode_choice'].get('rule', '?')} last), the trained draft proposing {r['drafted_layers']}; "
-        f"{r['chunks_timed']} held-out demo chunks x {r['repeats']} repeats, the four decodes of a repeat timed back to back "
+        f"{r['chunks_timed']} chunks ({r.get('states', 'held-out demo steps')}) x {r['repeats']} repeats, the four decodes of a repeat timed back to back "
         "in a rotating order; speedup = median per-repeat ratio of main-only to speculative time, each path against its own kind.",
         "",
         "| replay | main-only ms / chunk | speculative ms / chunk | speculative speedup | tokens identical to main-only |",
@@ -131,7 +139,7 @@ def markdown(r: dict) -> str:
         f"| {r['graphs']} | {m['main_only_graphs']:.3f} | {m['speculative_graphs']:.3f} | {r['speedup_graphs']:.2f}x | "
         f"{r['identical_to_main_only']['graphs']} / {n} |",
         "",
-        f"Mean accepted layers a = {r['mean_accepted_layers']:.3f} of {r['drafted_layers']} over the {n} held-out chunks ({dist}); "
+        f"Mean accepted layers a = {r['mean_accepted_layers']:.3f} of {r['drafted_layers']} over all {n} chunks ({dist}); "
         f"main-only from graphs is {r['graphs_main_only_vs_eager_main_only']:.2f}x faster than main-only op by op.",
     ]) + "\n"
 
@@ -143,6 +151,8 @@ def main(argv: list[str]) -> dict:
     ex.add_argument("--models-dir", required=True)
     ex.add_argument("--tag", default="", help='"" (robust tokens) or "naive"')
     ex.add_argument("--bundle", required=True)
+    ex.add_argument("--states", default="", help="a Phase 3 run folder of this head made with --record-features: "
+                    "export its closed-loop states instead of the held-out demo steps")
     rn = sub.add_parser("run", help="time the bundle's decodes on one device")
     rn.add_argument("--bundle", required=True)
     rn.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -153,7 +163,7 @@ def main(argv: list[str]) -> dict:
     rn.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "decode_trained_graphs"))
     args = parser.parse_args(argv)
     if args.command == "export":
-        result = export(Path(args.models_dir), args.tag, Path(args.bundle))
+        result = export(Path(args.models_dir), args.tag, Path(args.bundle), Path(args.states) if args.states else None)
         print(result)
         return result
     if args.device == "cuda" and not torch.cuda.is_available():

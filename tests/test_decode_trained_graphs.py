@@ -8,13 +8,13 @@ from common.policy.draft import DraftWithProjection
 from common.policy.head import RFSQHead
 
 
-def write_bundle(path, depth=3):
+def write_bundle(path, depth=3, **extra):
     torch.manual_seed(0)
     head = RFSQHead(feature_dim=12, num_layers=4, tokens_per_layer=4, num_levels=7, d_model=16, num_heads=2, num_blocks=1)
     draft = DraftWithProjection(feature_dim=12, coarse_layers=2, tokens_per_layer=4, num_levels=7, width=16, trunk="mlp", activation="relu")
     torch.save({"kind": bench.BUNDLE_KIND, "features": torch.randn(30, 12), "decode_choice": {"layers": depth, "rule": "expected"},
                 "head_config": head.config, "head_state": head.state_dict(), "draft_config": draft.config, "draft_state": draft.state_dict(),
-                "head": "models/best_rfsq_head.pt", "draft": "models/best_draft_with_projection.pt", "head_hash": "h", "draft_hash": "d"}, path)
+                "head": "models/best_rfsq_head.pt", "draft": "models/best_draft_with_projection.pt", "head_hash": "h", "draft_hash": "d", **extra}, path)
     return path
 
 
@@ -27,6 +27,15 @@ def test_run_writes_exact_rows_for_both_replays(tmp_path):
     assert result["mean_accepted_layers"] == pytest.approx(sum(int(k) * v for k, v in result["accepted_distribution"].items()) / 30)
     table = (tmp_path / "out" / "decode_trained_graphs.md").read_text()
     assert "| eager (graph stand-in) |" in table and "30 / 30" in table
+    assert result["states"] == "held-out demo steps" and "5 chunks (held-out demo steps)" in table  # a bundle from before --states
+
+
+def test_closed_loop_states_are_named_in_the_table(tmp_path):
+    states = "closed-loop states recorded by runs/robust-A"
+    bundle = write_bundle(tmp_path / "b.pt", states=states)
+    result = bench.main(["run", "--bundle", str(bundle), "--chunks", "3", "--repeats", "1", "--out", str(tmp_path / "out")])
+    assert result["states"] == states
+    assert f"3 chunks ({states})" in (tmp_path / "out" / "decode_trained_graphs.md").read_text()
 
 
 def test_bundle_errors_name_the_file(tmp_path):
