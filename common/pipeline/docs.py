@@ -96,6 +96,15 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "phase3_decode_trained_graphs_gpu_bf16": ("phase3_diagnostics/decode_trained_graphs_gpu/bfloat16/decode_trained_graphs.md",
                                               "phase3_diagnostics/decode_trained_graphs_gpu/bfloat16/decode_trained_graphs.json",
                                               "the same, run with --dtype bfloat16"),
+    "phase3_decode_trained_graphs_h100_held_out": ("phase3_diagnostics/decode_trained_graphs_h100/held_out/float32/decode_trained_graphs.md",
+                                                   "phase3_diagnostics/decode_trained_graphs_h100/held_out/float32/decode_trained_graphs.json",
+                                                   "bash benchmarks/device_trained_graphs.sh <held-out bundle> on the GPU machine "
+                                                   "(results/phase3_diagnostics/decode_trained_graphs_h100/COMMANDS.md)"),
+    "phase3_decode_trained_graphs_h100_closed_loop": ("phase3_diagnostics/decode_trained_graphs_h100/closed_loop/float32/decode_trained_graphs.md",
+                                                      "phase3_diagnostics/decode_trained_graphs_h100/closed_loop/float32/decode_trained_graphs.json",
+                                                      "python -m benchmarks.decode_trained_graphs export ... --states <Phase 3 run with --record-features>, "
+                                                      "then bash benchmarks/device_trained_graphs.sh <bundle> on the GPU machine "
+                                                      "(results/phase3_diagnostics/decode_trained_graphs_h100/COMMANDS.md)"),
     "bench_decode_sweep": ("bench_decode_sweep/bench_decode_sweep.md", "bench_decode_sweep/bench_decode_sweep.json",
                            "python -m benchmarks.bench_decode_sweep"),
     "bench_decode_sweep_gpu": ("bench_decode_sweep_gpu/bench_decode_sweep.md", "bench_decode_sweep_gpu/bench_decode_sweep.json",
