@@ -96,6 +96,13 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "phase3_decode_trained_graphs_gpu_bf16": ("phase3_diagnostics/decode_trained_graphs_gpu/bfloat16/decode_trained_graphs.md",
                                               "phase3_diagnostics/decode_trained_graphs_gpu/bfloat16/decode_trained_graphs.json",
                                               "the same, run with --dtype bfloat16"),
+    "phase3_continuous_reference_spatial_world": ("phase3_diagnostics/eef_relative/continuous_world/continuous_reference.md",
+                                                  "phase3_diagnostics/eef_relative/continuous_world/continuous_reference.json",
+                                                  "python -m benchmarks.continuous_reference --models-dir <spatial profile models> --suite libero_spatial "
+                                                  "--tasks 0-3,5-9 --trials 10 --first-trial 20 --workers 2 --no-eef-relative"),
+    "phase3_continuous_reference_spatial_eef": ("phase3_diagnostics/eef_relative/continuous_eef_relative/continuous_reference.md",
+                                                "phase3_diagnostics/eef_relative/continuous_eef_relative/continuous_reference.json",
+                                                "the same with --eef-relative"),
     "phase3_decode_trained_graphs_h100_held_out": ("phase3_diagnostics/decode_trained_graphs_h100/held_out/float32/decode_trained_graphs.md",
                                                    "phase3_diagnostics/decode_trained_graphs_h100/held_out/float32/decode_trained_graphs.json",
                                                    "bash benchmarks/device_trained_graphs.sh <held-out bundle> on the GPU machine "
