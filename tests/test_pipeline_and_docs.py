@@ -2,8 +2,10 @@
 generated docs sections."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from common.pipeline.report import headline_markdown
 from common.pipeline.run import PROFILES, run_pipeline
@@ -33,11 +35,16 @@ def test_tiny_pipeline_produces_a_report_whose_numbers_match_the_json(tiny_run):
     assert list((tiny_run["root"] / "report" / "data").rglob("*.png"))
     robust = tiny_run["summary"]["phase2"]["robust"]  # the draft saw the policy's own closed-loop states
     assert sum(robust["draft_rollout_states"].values()) > 0 and "1" in robust["draft"]["candidate_acceptance"]
-    # the policies learn the clean and the DART demos; the tokenizers the clean ones only
-    assert robust["num_episodes"] == 3 + 1 and robust["data"].endswith("libero_object_dart0.2.hdf5"), robust["data"]
+    # the policies learn the clean, the DART and the fresh-layout DART demos; the tokenizers the clean ones only
+    assert robust["num_episodes"] == 3 + 1 + 1, robust
+    assert [Path(f).name for f in robust["data"].split(",")] == [
+        "libero_object_demos.hdf5", "libero_object_dart0.2.hdf5", "libero_object_fresh_dart0.2.hdf5"], robust["data"]
     assert "+ 1 DART demos per task (action noise 0.2" in report
+    assert "+ 0 clean and 1 DART demos per task on fresh layouts, observations relative to the end effector" in report
+    head = torch.load(tiny_run["root"] / "artifacts" / "models" / "best_rfsq_head.pt", map_location="cpu", weights_only=False)
+    assert head["config"]["backbone_config"]["eef_relative"] is True
     assert set(tiny_run["summary"]["stages"]) == {
-        "demos", "demos_dart", "tokenizer_none", "tokenizer_layernorm", "phase1_compare", "main_layernorm", "rollouts_layernorm", "draft_layernorm",
+        "demos", "demos_dart", "demos_fresh_dart", "tokenizer_none", "tokenizer_layernorm", "phase1_compare", "main_layernorm", "rollouts_layernorm", "draft_layernorm",
         "main_none", "rollouts_none", "draft_none", "phase3_compare"
     }
     # the branch processes' stage lines reached the caller's log; their full output is in logs/

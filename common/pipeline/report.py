@@ -40,7 +40,10 @@ def headline_markdown(summary: dict) -> str:
     lines = [
         f"Profile **{p['name']}**: `{p['suite']}` tasks {p['tasks']}, {p['demos_per_task']} scripted demos per task"
         + (f" + {p['dart_demos_per_task']} DART demos per task (action noise {p['dart_noise']:g}; tokenizers on the clean demos)"
-           if p.get("dart_demos_per_task") else "") + ", "
+           if p.get("dart_demos_per_task") else "")
+        + (f" + {p['fresh_demos_per_task']} clean and {p.get('fresh_dart_demos_per_task', 0)} DART demos per task on fresh layouts"
+           if p.get("fresh_demos_per_task") or p.get("fresh_dart_demos_per_task") else "")
+        + (", observations relative to the end effector" if p.get("eef_relative") else "") + ", "
         f"tokenizer {p['tokenizer_epochs']} epochs, policy {p['policy_epochs']} epochs, {p['eval_trials']} trials per task"
         + (f" ({p['variant_trials']})" if p.get("variant_trials") else "") + ". "
         f"Wall time {summary['wall_seconds'] / 60:.1f} min" + _from_scratch(summary) + ".",

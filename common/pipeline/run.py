@@ -75,6 +75,10 @@ class Profile:
     # the tokenizers on the clean demos only (their fingerprints stay what they were). 0 = none.
     dart_demos_per_task: int = 0
     dart_noise: float = 0.2
+    # demos on layouts robosuite samples anew (none of the 50 fixed init states; collect_demos
+    # --fresh-layouts), clean and DART (noise dart_noise): more layouts for the policies only
+    fresh_demos_per_task: int = 0
+    fresh_dart_demos_per_task: int = 0
     # per-variant trial counts that differ from eval_trials, e.g. "robust-B=1" (Phase 3's --variant-trials)
     variant_trials: str = ""
 
@@ -101,7 +105,7 @@ PROFILES = {
     # test-suite smoke run: one task, a few demos/epochs, short episodes
     "tiny": Profile("tiny", "libero_object", "0", demos_per_task=3, tokenizer_epochs=2, policy_epochs=1,
                     policy_batch_size=64, d_model=32, num_blocks=1, eval_trials=1, eval_max_steps=24, workers=1, rollout_trials=1,
-                    dart_demos_per_task=1),
+                    dart_demos_per_task=1, fresh_dart_demos_per_task=1, eef_relative=True),
 }
 
 
@@ -136,8 +140,8 @@ class BranchInputs:
     root: Path
     demos: Path  # the clean demos (the tokenizers train on these only)
     demo_hash: str
-    policy_data: str  # comma-separated demo files the policies train on (clean + DART)
-    dart_hash: str | None
+    policy_data: str  # comma-separated demo files the policies train on (clean + DART + fresh layouts)
+    extra_demo_hashes: dict  # demo stage -> file hash of each file the policies add to the clean demos
     num_demos: int
     progress: bool
 
@@ -195,8 +199,9 @@ def condition_branch(inp: BranchInputs, cond: str, log: Callable[[str], None]) -
     main_cfg, draft_cfg = replace(pcfg, train="main"), replace(pcfg, train="draft", draft_rollouts=str(rollouts) if profile.rollout_trials else "")
 
     main_inputs = {"cfg": settings(main_cfg, ignore=DRAFT_SETTINGS), "tokenizer": tok_hash}
-    if inp.dart_hash:  # (absent without DART demos: the other profiles' fingerprints stay what they were)
-        main_inputs["dart_demos"] = inp.dart_hash
+    # (absent without extra demos: the other profiles' fingerprints stay what they were; "dart_demos"
+    # keeps the key the DART stage always had)
+    main_inputs.update({"dart_demos" if stage == "demos_dart" else stage: h for stage, h in inp.extra_demo_hashes.items()})
     stages.run(f"main_{cond}", main_inputs, [out_paths["head"]],
                lambda: f"main model trained in {train_policy(main_cfg)['main_seconds']:.0f} s")
     head_hash = file_hash(out_paths["head"])
@@ -246,26 +251,38 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
     stages.run("demos", {"suite": profile.suite, "tasks": tasks, "per_task": profile.demos_per_task}, [demos], do_demos)
     demo_hash = file_hash(demos)
     num_demos = profile.demos_per_task * len(tasks)
-    policy_data, dart_hash = str(demos), None
-    if profile.dart_demos_per_task:
+    # the policies' extra demo files: (stage, per task, noise, fresh layouts, expert seed, file name)
+    extras = [("demos_dart", profile.dart_demos_per_task, profile.dart_noise, False, 1, f"{profile.suite}_dart{profile.dart_noise:g}.hdf5"),
+              ("demos_fresh", profile.fresh_demos_per_task, 0.0, True, 2, f"{profile.suite}_fresh.hdf5"),
+              ("demos_fresh_dart", profile.fresh_dart_demos_per_task, profile.dart_noise, True, 3,
+               f"{profile.suite}_fresh_dart{profile.dart_noise:g}.hdf5")]
+    policy_files, extra_hashes = [str(demos)], {}
+    for stage, per_task, noise, fresh, seed, name in extras:
+        if not per_task:
+            continue
         from common.sim.demo_collection import CollectConfig, run_collection
 
-        dart = data / f"{profile.suite}_dart{profile.dart_noise:g}.hdf5"
-        # what `collect_demos --action-noise` writes (seed 1: another expert seed than the clean demos')
-        dart_cfg = CollectConfig(suite=profile.suite, tasks=profile.tasks, demos_per_task=profile.dart_demos_per_task,
-                                 workers=profile.workers, out=str(dart.resolve()), seed=1, action_noise=profile.dart_noise)
+        path = data / name
+        # what `collect_demos [--action-noise N] [--fresh-layouts]` writes, each set with its own expert seed
+        cfg = CollectConfig(suite=profile.suite, tasks=profile.tasks, demos_per_task=per_task, workers=profile.workers,
+                            out=str(path.resolve()), seed=seed, action_noise=noise, fresh_layouts=fresh)
 
-        def do_dart():
-            s = run_collection(dart_cfg, progress=progress)
+        def collect(cfg=cfg, path=path, noise=noise, fresh=fresh):
+            s = run_collection(cfg, progress=progress)
             kept = sum(t["kept"] for t in s["tasks"].values())
-            return f"{kept} DART demos (noise {profile.dart_noise:g}) in {dart.name} (given up: {s['given_up_tasks'] or 'none'})"
+            kind = ("DART demos (noise %g)" % noise if noise else "demos") + (" on fresh layouts" if fresh else "")
+            return f"{kept} {kind} in {path.name} (given up: {s['given_up_tasks'] or 'none'})"
 
-        stages.run("demos_dart", {"suite": profile.suite, "tasks": tasks, "per_task": profile.dart_demos_per_task,
-                                  "noise": profile.dart_noise}, [dart], do_dart)
-        policy_data, dart_hash = f"{demos},{dart}", file_hash(dart)
+        fingerprint = {"suite": profile.suite, "tasks": tasks, "per_task": per_task, "noise": noise}
+        if fresh:  # (the DART stage's fingerprint stays what it was)
+            fingerprint["fresh_layouts"] = True
+        stages.run(stage, fingerprint, [path], collect)
+        policy_files.append(str(path))
+        extra_hashes[stage] = file_hash(path)
+    policy_data = ",".join(policy_files)
 
     inputs = BranchInputs(profile=profile, root=root, demos=demos, demo_hash=demo_hash, policy_data=policy_data,
-                          dart_hash=dart_hash, num_demos=num_demos, progress=progress)
+                          extra_demo_hashes=extra_hashes, num_demos=num_demos, progress=progress)
     side_by_side = min(2, profile.workers) if branches is None else branches
     if side_by_side > 1:
         from common.pipeline.branches import run_side_by_side
