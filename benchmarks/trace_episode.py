@@ -69,6 +69,7 @@ def summarize_trace(rows: list[dict], *, success: bool, steps: int) -> dict[str,
 
 
 def run_trace(models_dir: str, suite: str, task: int, trial: int, *, tokenizer: str, every: int, progress: bool = True) -> dict[str, Any]:
+    from common.eval.closed_loop import run_episode
     from common.eval.config import EvalConfig
     from common.eval.policy import TokenPolicy
     from common.sim.libero_env import LiberoTaskEnv
@@ -78,24 +79,20 @@ def run_trace(models_dir: str, suite: str, task: int, trial: int, *, tokenizer: 
     policy = TokenPolicy(cfg)
     env = LiberoTaskEnv(suite=suite, task_id=task)
     task_index = policy.task_index(suite, task, env.instruction)
-    obs = env.reset_to_trial(trial)
-    rows, steps, success = [], 0, False
-    with tqdm(total=env.max_steps, desc=f"{suite} task {task} trial {trial}", unit="step", disable=not progress) as bar:
-        while steps < env.max_steps and not success:
-            low_dim = env.low_dim_obs(obs)
-            actions, _ = policy.plan(policy.policy_input(env, obs), task_index)
-            if steps % every == 0:
-                rows.append(trace_row(steps, low_dim, actions[0]))
-            for action in actions[: cfg.replan_steps]:
-                obs, _, done, _ = env.step(action)
-                steps += 1
-                bar.update(1)
-                if done or env.check_success():
-                    success = True
-                    break
-                if steps >= env.max_steps:
-                    break
-    rows.append(trace_row(steps, env.low_dim_obs(obs), np.zeros(7)))
+    rows: list[dict] = []
+    bar = tqdm(total=env.max_steps, desc=f"{suite} task {task} trial {trial}", unit="step", disable=not progress)
+
+    def observe(step: int, obs: dict, actions: np.ndarray) -> None:
+        bar.update(step - bar.n)
+        if step % every == 0:
+            rows.append(trace_row(step, env.low_dim_obs(obs), actions[0]))
+
+    # the evaluation's own episode loop (common.eval.closed_loop), observed at every replanning
+    outcome = run_episode(env, policy, trial, task_index=task_index, max_steps=env.max_steps, replan_steps=cfg.replan_steps, observe=observe)
+    bar.close()
+    success, steps = outcome["success"], outcome["steps"]
+    final = env.set_state(env.get_state())  # the observation after the last step (the episode is over)
+    rows.append(trace_row(steps, env.low_dim_obs(final), np.zeros(7)))
     env.close()
     return {"models_dir": models_dir, "suite": suite, "task": task, "trial": trial, "instruction": env.instruction, "tokenizer": tokenizer,
             "every": every, "summary": summarize_trace(rows, success=success, steps=steps), "rows": rows}

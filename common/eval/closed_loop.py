@@ -37,7 +37,7 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import multiprocessing as mp
 import numpy as np
@@ -53,12 +53,16 @@ from common.locks import exit_with_parent, output_lock
 from common.provenance import write_json
 
 # --- episode / task -------------------------------------------------------------------------------
-def run_episode(env, policy: TokenPolicy, trial: int, *, task_index: int, max_steps: int, replan_steps: int, frames: list | None = None) -> dict[str, Any]:
-    """One trial; returns a row (success, steps, per-chunk decode records)."""
+def run_episode(env, policy: TokenPolicy, trial: int, *, task_index: int, max_steps: int, replan_steps: int, frames: list | None = None,
+                observe: Callable[[int, dict, np.ndarray], None] | None = None) -> dict[str, Any]:
+    """One trial; returns a row (success, steps, per-chunk decode records). ``observe(step, obs, actions)``,
+    if given, sees the observation and the planned chunk at every replanning (diagnostics)."""
     obs = env.reset_to_trial(trial)
     chunks, steps, success = [], 0, False
     while steps < max_steps and not success:
         actions, info = policy.plan(policy.policy_input(env, obs), task_index)
+        if observe is not None:
+            observe(steps, obs, actions)
         chunks.append(info)
         info["env_step_s"] = 0.0  # physics + camera rendering of the executed steps
         for action in actions[:replan_steps]:
