@@ -56,6 +56,30 @@ def test_collect_layout_and_resume(tmp_path):
         assert data.attrs["num_demos"] == 3
 
 
+def test_a_complete_file_is_left_byte_for_byte_as_it_was(tmp_path):
+    """A rerun with nothing to add must not rewrite the file (not even its attributes): the pipeline
+    fingerprints demo files by content, and a rewritten file reruns every stage after it."""
+    h5py = pytest.importorskip("h5py")
+    from common.sim.demo_collection import collect_demos
+    from common.pipeline.stages import file_hash
+
+    out = tmp_path / "demos.hdf5"
+    with h5py.File(out, "w") as f:
+        data = f.create_group("data")
+        data.attrs["suite"] = "libero_object"
+        data.attrs["layouts"] = "fixed"
+        for i in range(2):
+            demo = data.create_group(f"demo_{i}")
+            demo.attrs.update({"task_id": 0, "success": True, "episode_index": i})
+    before = file_hash(out)
+    summary = collect_demos("libero_object", [0], 2, out, workers=1, progress=False)
+    assert summary["tasks"][0] == {"existing": 2, "new": 0, "kept": 2, "attempts": 0}
+    assert summary["episodes_run"] == 0 and file_hash(out) == before
+    with pytest.raises(ValueError, match="holds demos from fixed layouts; cannot add demos from fresh layouts"):
+        collect_demos("libero_object", [0], 2, out, workers=1, fresh_layouts=True, progress=False)
+    assert file_hash(out) == before
+
+
 def test_cli_flags_match_modal_entrypoint():
     from phase1_improved.collect_demos import CollectConfig, build_parser, main
 

@@ -225,29 +225,47 @@ def collect_demos(
     check_demo_out(out_path)
     infos = {t: _task_info(suite, t) for t in task_ids}
 
-    with output_lock(out_path.parent / f".{out_path.name}.lock", f"demo file {out_path}"), h5py.File(out_path, "a") as f:
-        data = f.require_group("data")
+    layouts = "fresh" if fresh_layouts else "fixed"
+    dagger_attr = json.dumps(dagger, sort_keys=True) if dagger else ""
+
+    def check_resume(data) -> None:
+        """Raise if the file's demos were collected another way than this call asks for."""
         if data.attrs.get("suite", suite) != suite:
             raise ValueError(f"{out_path} holds {data.attrs['suite']} demos; cannot add {suite} demos")
-        if TMP_GROUP in data:  # left by an interrupted run
-            del data[TMP_GROUP]
-        has_demos = any(k.startswith("demo_") for k in data)
+        if not any(k.startswith("demo_") for k in data):
+            return
         file_size = data.attrs.get("camera_size")  # present iff the file's demos carry images
-        if has_demos and (file_size is not None) != record_images or (record_images and file_size not in (None, camera_size)):
+        if (file_size is not None) != record_images or (record_images and file_size not in (None, camera_size)):
             raise ValueError(
                 f"{out_path} was collected with record_images={file_size is not None}"
                 f"{f', camera_size={file_size}' if file_size is not None else ''}; resume with the same settings"
             )
-        layouts = "fresh" if fresh_layouts else "fixed"
         found = str(data.attrs.get("layouts", "fixed"))  # files from before the attr hold fixed layouts
-        if has_demos and found != layouts:
+        if found != layouts:
             raise ValueError(f"{out_path} holds demos from {found} layouts; cannot add demos from {layouts} layouts")
-        data.attrs["layouts"] = layouts
-        dagger_attr = json.dumps(dagger, sort_keys=True) if dagger else ""
         found_dagger = str(data.attrs.get("dagger", ""))
-        if has_demos and found_dagger != dagger_attr:
+        if found_dagger != dagger_attr:
             raise ValueError(f"{out_path} holds demos with dagger={found_dagger or 'none'}; cannot add demos with "
                              f"dagger={dagger_attr or 'none'} (one file, one way of collecting)")
+
+    lock = out_path.parent / f".{out_path.name}.lock"
+    if out_path.exists():
+        # A complete file is left as it is: rewriting even the same attributes changes its bytes,
+        # and the pipeline would take that for new demos and retrain everything after them.
+        with output_lock(lock, f"demo file {out_path}"), h5py.File(out_path, "r") as f:
+            if "data" in f and TMP_GROUP not in f["data"]:
+                check_resume(f["data"])
+                kept, _, _ = _existing_counts(f["data"], task_ids, count_all=bool(dagger))
+                if all(kept[t] >= demos_per_task for t in task_ids):
+                    zeros = {t: 0 for t in task_ids}
+                    return _summary(out_path, suite, task_ids, dict(kept), kept, zeros, zeros, [], zeros)
+
+    with output_lock(lock, f"demo file {out_path}"), h5py.File(out_path, "a") as f:
+        data = f.require_group("data")
+        check_resume(data)
+        if TMP_GROUP in data:  # left by an interrupted run
+            del data[TMP_GROUP]
+        data.attrs["layouts"] = layouts
         if dagger_attr:
             data.attrs["dagger"] = dagger_attr
         # File-level attrs first, so an interrupted run still leaves a self-describing file.
