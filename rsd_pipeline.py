@@ -1,6 +1,7 @@
 """The local pipeline and the docs generator.
 
     python -m rsd_pipeline run [--profile default|quick|spatial|tiny] [--sequential]   # what `make run` / `make run QUICK=1` call
+    python -m rsd_pipeline run --profile spatial --plan         # which stages would run, and why; runs nothing
     python -m rsd_pipeline report                               # regenerate the results sections of the docs
     python -m rsd_pipeline check-docs                           # exit 1 if a generated section is stale
 
@@ -27,6 +28,21 @@ def default_report_dir(profile: str) -> Path:
     return REPO_ROOT / "report" if profile == "default" else REPO_ROOT / "report" / profile
 
 
+def plan_summary(plan: dict, root: Path) -> str:
+    """One line for a plan: how many stages would run and the time they took when they last ran."""
+    todo = {name: t for name, t in plan.items() if not t["skipped"]}
+    if not todo:
+        return f"every stage under {root} is up to date: `run` would only rewrite the report"
+    known = [t["seconds"] for t in todo.values() if t["seconds"] is not None]
+    never = [name for name, t in todo.items() if t["seconds"] is None]
+    line = f"{len(todo)} of {len(plan)} stages would run under {root}: {', '.join(todo)}"
+    if known:
+        line += f"; they took {sum(known) / 60:.1f} min when they last ran (one after the other)"
+    if never:
+        line += f"; never run here: {', '.join(never)}"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rsd_pipeline", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--sequential", action="store_true",
                      help="train the naive and the robust branch one after the other (default: side by side, one process "
                           "each, when the profile has 2 workers; each branch's output goes to <root>/logs/)")
+    run.add_argument("--plan", action="store_true",
+                     help="list the stages that would run and why (with the time each took when it last ran); run and write nothing")
     sub.add_parser("report", help="regenerate the results sections of README / MIGRATION / guides")
     sub.add_parser("check-docs", help="fail if a generated docs section differs from the results")
     args = parser.parse_args(argv)
@@ -49,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             profile = dataclasses.replace(profile, layout=args.layout)
         root = Path(args.root) if args.root else REPO_ROOT / "artifacts" / "pipeline" / profile.name
         report_dir = Path(args.report_dir) if args.report_dir else default_report_dir(profile.name)
+        if args.plan:
+            print(plan_summary(run_pipeline(profile, root=root, report_dir=report_dir, plan=True)["plan"], root))
+            return 0
         rsd_entry.setup_process(torch_threads=1)  # tiny models: one thread is fastest (and what every stage assumes)
         summary = run_pipeline(profile, root=root, report_dir=report_dir, branches=1 if args.sequential else None)
         print(f"pipeline ({profile.name}) finished in {summary['wall_seconds'] / 60:.1f} min; report: {report_dir / 'REPORT.md'}")

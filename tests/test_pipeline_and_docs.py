@@ -63,6 +63,32 @@ def test_rerun_reuses_every_finished_stage(tiny_run):
     assert not summary["side_by_side"]
 
 
+def test_plan_names_what_would_run_and_why_and_touches_nothing(tiny_run, monkeypatch):
+    import dataclasses
+
+    root = tiny_run["root"] / "artifacts"
+    snapshot = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (root / "stamps").iterdir()}
+    # the same root spelled relative to the working directory: still every stage up to date
+    monkeypatch.chdir(tiny_run["root"])
+    plan = run_pipeline(PROFILES["tiny"], root=Path("artifacts"), report_dir=tiny_run["root"] / "report_plan", log=lambda line: None,
+                        plan=True)["plan"]
+    assert set(plan) == set(tiny_run["summary"]["stages"]) and all(t["skipped"] for t in plan.values()), plan
+
+    logs: list[str] = []
+    more_epochs = dataclasses.replace(PROFILES["tiny"], policy_epochs=2)
+    plan = run_pipeline(more_epochs, root=root, report_dir=tiny_run["root"] / "report_plan", log=logs.append, plan=True)["plan"]
+    todo = {name: t["planned"] for name, t in plan.items() if not t["skipped"]}
+    assert todo == {
+        "main_layernorm": "settings or inputs changed: cfg.epochs", "main_none": "settings or inputs changed: cfg.epochs",
+        "rollouts_layernorm": "after main_layernorm", "rollouts_none": "after main_none",
+        "draft_layernorm": "after main_layernorm, rollouts_layernorm", "draft_none": "after main_none, rollouts_none",
+        "phase3_compare": "after draft_layernorm, draft_none, main_layernorm, main_none"}, todo
+    assert plan["main_none"]["seconds"] > 0  # the time it took when it last ran
+    assert any(line.startswith("[main_none] would run: settings or inputs changed: cfg.epochs; took") for line in logs), logs
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (root / "stamps").iterdir()} == snapshot
+    assert not (tiny_run["root"] / "report_plan").exists()
+
+
 def test_from_scratch_time_counts_the_longer_branch_when_side_by_side():
     from common.pipeline.report import from_scratch_seconds
 
@@ -81,3 +107,13 @@ def test_generated_section_shows_missing_results_instead_of_numbers(tmp_path):
     text = "intro\n<!-- results:phase2 -->\nold\n<!-- /results:phase2 -->\n"
     out = render_doc(text, tmp_path)
     assert "Not produced yet" in out and "old" not in out and SECTIONS["phase2"][2] in out
+
+
+def test_plan_summary_line():
+    from rsd_pipeline import plan_summary
+
+    plan = {"demos": {"skipped": True}, "main_none": {"skipped": False, "planned": "no stamp", "seconds": None},
+            "draft_none": {"skipped": False, "planned": "after main_none", "seconds": 120.0}}
+    assert plan_summary(plan, Path("r")) == ("2 of 3 stages would run under r: main_none, draft_none; they took 2.0 min when they "
+                                             "last ran (one after the other); never run here: main_none")
+    assert plan_summary({"demos": {"skipped": True}}, Path("r")).startswith("every stage under r is up to date")

@@ -23,7 +23,7 @@ from typing import Callable
 
 from common.artifacts import ArtifactDirs, expert_success_results, phase1_results, phase3_comparison, phase3_results
 from common.pipeline.report import write_report
-from common.pipeline.stages import Stages, file_hash
+from common.pipeline.stages import Stages
 from common.provenance import REPO_ROOT, provenance
 
 
@@ -144,6 +144,7 @@ class BranchInputs:
     extra_demo_hashes: dict  # demo stage -> file hash of each file the policies add to the clean demos
     num_demos: int
     progress: bool
+    plan: bool = False  # list the stages that would run, run none (``Stages(plan=True)``)
 
 
 def tokenizer_config(inp: BranchInputs, cond: str):
@@ -184,12 +185,12 @@ def condition_branch(inp: BranchInputs, cond: str, log: Callable[[str], None]) -
     from common.tokenizer.train import train_tokenizer
 
     profile, dirs = inp.profile, ArtifactDirs.under(inp.root)
-    stages = Stages(inp.root, log)
+    stages = Stages(inp.root, log, plan=inp.plan)
     tok_cfg = tokenizer_config(inp, cond)
     best = tok_cfg.output_paths()["best"]
     stages.run(f"tokenizer_{cond}", {"cfg": settings(tok_cfg), "demos": inp.demo_hash}, [best],
                lambda: f"val MSE {train_tokenizer(tok_cfg)['best_val_mse']:.3e}")
-    tok_hash = file_hash(best)
+    tok_hash = stages.hash(best)
 
     pcfg = policy_config(inp, cond)
     out_paths = pcfg.output_paths(POLICY_TAGS[cond])
@@ -204,7 +205,7 @@ def condition_branch(inp: BranchInputs, cond: str, log: Callable[[str], None]) -
     main_inputs.update({"dart_demos" if stage == "demos_dart" else stage: h for stage, h in inp.extra_demo_hashes.items()})
     stages.run(f"main_{cond}", main_inputs, [out_paths["head"]],
                lambda: f"main model trained in {train_policy(main_cfg)['main_seconds']:.0f} s")
-    head_hash = file_hash(out_paths["head"])
+    head_hash = stages.hash(out_paths["head"])
     rollout_hash = None
     if profile.rollout_trials:
         rcfg = EvalConfig(task_suite=profile.suite, tasks=profile.tasks, num_trials=profile.rollout_trials,
@@ -222,7 +223,7 @@ def condition_branch(inp: BranchInputs, cond: str, log: Callable[[str], None]) -
 
         stages.run(f"rollouts_{cond}", {"cfg": settings(rcfg, ignore=("models_dir", "results_dir", "out")), "head": head_hash},
                    [rollouts / "episodes.jsonl"], do_rollouts, stale=(rollouts,))
-        rollout_hash = file_hash(rollouts / "episodes.jsonl")
+        rollout_hash = stages.hash(rollouts / "episodes.jsonl")
     stages.run(f"draft_{cond}", {"cfg": settings(draft_cfg), "tokenizer": tok_hash, "head": head_hash, "rollouts": rollout_hash},
                [out_paths["draft"], out_paths["summary_json"]],
                lambda: f"draft trained in {train_policy(draft_cfg)['draft_seconds']:.0f} s")
@@ -230,14 +231,21 @@ def condition_branch(inp: BranchInputs, cond: str, log: Callable[[str], None]) -
 
 
 def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callable[[str], None] = print, progress: bool = True,
-                 branches: int | None = None) -> dict:
-    """Run (or resume) every stage of ``profile`` under ``root``; write ``report_dir``."""
+                 branches: int | None = None, plan: bool = False) -> dict:
+    """Run (or resume) every stage of ``profile`` under ``root``; write ``report_dir``.
+    ``plan``: run and write nothing; log each stage that would run, with why, and return
+    ``{"plan": {stage: {"planned": why, "seconds": its last recorded time or None}}}``
+    (up-to-date stages: ``{"skipped": True}``)."""
     from common.sim.demo_collection import collect_demos
     from common.sim.libero_env import get_suite, parse_task_spec
 
     started = time.perf_counter()
-    root.mkdir(parents=True, exist_ok=True)
-    stages = Stages(root, log)
+    # resolved: the stages' settings hold paths under it, and a relative spelling of the same root
+    # must not look like new settings (and rerun every stage)
+    root = Path(root).resolve()
+    if not plan:
+        root.mkdir(parents=True, exist_ok=True)
+    stages = Stages(root, log, plan=plan)
     dirs = ArtifactDirs.under(root)
     data, models, results = dirs.data, dirs.models, dirs.results
     tasks = parse_task_spec(profile.tasks, get_suite(profile.suite).get_num_tasks())
@@ -249,7 +257,7 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
         return f"{kept} demos in {demos.name} (given up: {s['given_up_tasks'] or 'none'})"
 
     stages.run("demos", {"suite": profile.suite, "tasks": tasks, "per_task": profile.demos_per_task}, [demos], do_demos)
-    demo_hash = file_hash(demos)
+    demo_hash = stages.hash(demos)
     num_demos = profile.demos_per_task * len(tasks)
     # the policies' extra demo files: (stage, per task, noise, fresh layouts, expert seed, file name)
     extras = [("demos_dart", profile.dart_demos_per_task, profile.dart_noise, False, 1, f"{profile.suite}_dart{profile.dart_noise:g}.hdf5"),
@@ -278,12 +286,12 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
             fingerprint["fresh_layouts"] = True
         stages.run(stage, fingerprint, [path], collect)
         policy_files.append(str(path))
-        extra_hashes[stage] = file_hash(path)
+        extra_hashes[stage] = stages.hash(path)
     policy_data = ",".join(policy_files)
 
     inputs = BranchInputs(profile=profile, root=root, demos=demos, demo_hash=demo_hash, policy_data=policy_data,
-                          extra_demo_hashes=extra_hashes, num_demos=num_demos, progress=progress)
-    side_by_side = min(2, profile.workers) if branches is None else branches
+                          extra_demo_hashes=extra_hashes, num_demos=num_demos, progress=progress, plan=plan)
+    side_by_side = 1 if plan else min(2, profile.workers) if branches is None else branches
     if side_by_side > 1:
         from common.pipeline.branches import run_side_by_side
 
@@ -292,12 +300,12 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
         timings = run_side_by_side({cond: partial(condition_branch, inputs, cond) for cond in CONDITIONS},
                                    log_dir=root / "logs", log=log, progress=progress, expected_lines=per_branch * len(CONDITIONS))
         for cond in CONDITIONS:
-            stages.timings.update(timings[cond])
+            stages.adopt(timings[cond])
     else:
         for cond in CONDITIONS:
-            stages.timings.update(condition_branch(inputs, cond, log))
+            stages.adopt(condition_branch(inputs, cond, log))
     tok_cfgs = {cond: tokenizer_config(inputs, cond) for cond in CONDITIONS}
-    tok_hashes = {c: file_hash(cfg.output_paths()["best"]) for c, cfg in tok_cfgs.items()}
+    tok_hashes = {c: stages.hash(cfg.output_paths()["best"]) for c, cfg in tok_cfgs.items()}
 
     from common.tokenizer.compare import TokenizerComparisonConfig, compare_naive_and_robust
 
@@ -308,7 +316,8 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
 
     from common.eval.compare import ComparisonConfig, run_comparison
 
-    policy_hashes = {p.name: file_hash(p) for p in sorted(models.glob("best_*.pt"))}
+    heads = set(models.glob("best_*.pt")) | {Path(p) for p in stages.pending if Path(p).parent == models and Path(p).name.startswith("best_")}
+    policy_hashes = {p.name: stages.hash(p) for p in sorted(heads)}
 
     # the scripted expert's committed success rates (benchmarks/expert_success.py), not this run's
     ccfg = ComparisonConfig(task_suite=profile.suite, tasks=profile.tasks, num_trials=profile.eval_trials,
@@ -323,6 +332,8 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
     stages.run("phase3_compare", fingerprint, [p3],
                lambda: "variants: " + ", ".join(f"{k} {v['success_rate']:.0%}" for k, v in run_comparison(ccfg)["variants"].items()),
                stale=(p3.parent,))
+    if plan:
+        return {"plan": stages.timings}
 
     summary = {
         "profile": asdict(profile),

@@ -1,18 +1,26 @@
 """Fingerprinted pipeline stages: a stage reruns when its settings or the content of its inputs
 changed, or when one of its outputs is missing or no longer what it wrote (``<root>/stamps/<stage>.json``
 records the fingerprint and the content hash of every output; a stamp without output hashes, from
-before they were recorded, cannot vouch for its outputs and the stage reruns)."""
+before they were recorded, cannot vouch for its outputs and the stage reruns).
+
+A plan (``Stages(..., plan=True)``) runs nothing and writes nothing: it logs which stages would run
+and why. A stage that would run cannot give its outputs' hashes yet, so ``hash`` names it instead,
+and every stage whose inputs hold such a name would run after it."""
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 import json
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from common.provenance import write_json
+
+
+PENDING = "(pending: "  # a plan's placeholder for the hash of an output a stage would rewrite
 
 
 def file_hash(path: Path) -> str:
@@ -23,29 +31,59 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two fingerprint inputs (``cfg.epochs``, ``demos``)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [prefix or "inputs"]
+    keys = sorted(set(old) | set(new))
+    return [k for key in keys for k in changed_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)]
+
+
 class Stages:
     """Fingerprinted stages: ``run(name, fingerprint_inputs, outputs, fn)``."""
 
-    def __init__(self, root: Path, log: Callable[[str], None]):
+    def __init__(self, root: Path, log: Callable[[str], None], plan: bool = False):
         self.stamps = root / "stamps"
-        self.stamps.mkdir(parents=True, exist_ok=True)
+        self.plan = plan
+        if not plan:
+            self.stamps.mkdir(parents=True, exist_ok=True)
         self.log = log
         self.timings: dict[str, dict[str, Any]] = {}
+        self.pending: dict[str, str] = {}  # plan: output path -> the stage that would (re)write it
 
-    def _up_to_date(self, stamp: Path, fingerprint: str, outputs: list[Path]) -> str:
+    def hash(self, path: Path) -> str:
+        """The content hash of a stage's output; in a plan, for an output a stage would rewrite, a
+        placeholder naming that stage (its content is not known before it runs)."""
+        stage = self.pending.get(str(path))
+        return f"{PENDING}{stage})" if stage else file_hash(path)
+
+    def adopt(self, timings: dict[str, dict[str, Any]]) -> None:
+        """Take over the stages another ``Stages`` ran or planned (a branch's), with their pending outputs."""
+        self.timings.update(timings)
+        for name, t in timings.items():
+            self.pending.update({out: name for out in t.get("outputs", ())})
+
+    def _up_to_date(self, stamp: Path, fingerprint: str, inputs: dict, outputs: list[Path]) -> str:
         """"" when the stage can be skipped, else why it reruns."""
         if not stamp.exists():
             return "no stamp"
+        upstream = sorted(set(re.findall(re.escape(PENDING) + r"([^)]+)\)", json.dumps(inputs, default=str))))
+        if upstream:  # (plan only)
+            return "after " + ", ".join(upstream)
         saved = json.loads(stamp.read_text())
         if saved.get("fingerprint") != fingerprint:
-            return "settings or inputs changed"
+            changed = changed_keys(saved.get("inputs", {}), json.loads(json.dumps(inputs, default=str)))
+            return "settings or inputs changed" + (f": {', '.join(changed)}" if changed else "")
         missing = [p.name for p in outputs if not p.exists()]
         if missing:
             return f"missing {missing}"
         recorded = saved.get("outputs")
         if recorded is None:
             return "stamp predates output hashes"
-        changed = [p.name for p in outputs if recorded.get(str(p)) != file_hash(p)]
+        # by file name (a stage's outputs have distinct names): the same root spelled relative or
+        # absolute, which stamps before the root was resolved recorded as given, is the same output
+        recorded = {Path(k).name: h for k, h in recorded.items()}
+        changed = [p.name for p in outputs if recorded.get(p.name) != file_hash(p)]
         return f"outputs changed since written: {changed}" if changed else ""
 
     def run(self, name: str, inputs: dict, outputs: list[Path], fn: Callable[[], str], *, stale: tuple[Path, ...] = ()) -> None:
@@ -53,10 +91,17 @@ class Stages:
         that a rerun must not resume from (e.g. evaluation episodes of other models); removed first."""
         fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         stamp = self.stamps / f"{name}.json"
-        reason = self._up_to_date(stamp, fingerprint, outputs)
+        reason = self._up_to_date(stamp, fingerprint, inputs, outputs)
         if not reason:
             self.log(f"[{name}] up to date (fingerprint {fingerprint}, outputs unchanged), skipped")
             self.timings[name] = {"seconds": 0.0, "skipped": True}
+            return
+        if self.plan:
+            last = json.loads(stamp.read_text()).get("seconds") if stamp.exists() else None
+            took = f"; took {last / 60:.1f} min when it last ran" if last is not None else ""
+            self.log(f"[{name}] would run: {reason}{took}")
+            self.timings[name] = {"seconds": last, "skipped": False, "planned": reason, "outputs": [str(p) for p in outputs]}
+            self.pending.update({str(p): name for p in outputs})
             return
         if stamp.exists():
             self.log(f"[{name}] rerun: {reason}")
