@@ -60,7 +60,8 @@ def test_a_complete_file_is_left_byte_for_byte_as_it_was(tmp_path):
     """A rerun with nothing to add must not rewrite the file (not even its attributes): the pipeline
     fingerprints demo files by content, and a rewritten file reruns every stage after it."""
     h5py = pytest.importorskip("h5py")
-    from common.sim.demo_collection import collect_demos
+    from common.sim.demo_collection import collect_demos, episode_seed
+    from common.sim.scripted_expert import ExpertConfig
     from common.pipeline.stages import file_hash
 
     out = tmp_path / "demos.hdf5"
@@ -70,13 +71,22 @@ def test_a_complete_file_is_left_byte_for_byte_as_it_was(tmp_path):
         data.attrs["layouts"] = "fixed"
         for i in range(2):
             demo = data.create_group(f"demo_{i}")
-            demo.attrs.update({"task_id": 0, "success": True, "episode_index": i})
+            demo.attrs.update({"task_id": 0, "success": True, "episode_index": i, "seed": episode_seed(0, 0, i)})
     before = file_hash(out)
     summary = collect_demos("libero_object", [0], 2, out, workers=1, progress=False)
     assert summary["tasks"][0] == {"existing": 2, "new": 0, "kept": 2, "attempts": 0}
     assert summary["episodes_run"] == 0 and file_hash(out) == before
+    from common.sim.demo_collection import CollectConfig, run_collection  # the CLI's and the pipeline's path
+
+    assert run_collection(CollectConfig(suite="libero_object", tasks="0", demos_per_task=2, workers=1, out=str(out)),
+                          progress=False)["episodes_run"] == 0
+    assert file_hash(out) == before
     with pytest.raises(ValueError, match="holds demos from fixed layouts; cannot add demos from fresh layouts"):
         collect_demos("libero_object", [0], 2, out, workers=1, fresh_layouts=True, progress=False)
+    with pytest.raises(ValueError, match="another expert seed base than 3 .*resume with the same --seed"):
+        collect_demos("libero_object", [0], 2, out, workers=1, seed=3, progress=False)
+    with pytest.raises(ValueError, match="holds noise-free demos; cannot add DART demos"):
+        collect_demos("libero_object", [0], 2, out, workers=1, expert_config=ExpertConfig(action_noise=0.2), progress=False)
     assert file_hash(out) == before
 
 

@@ -156,8 +156,6 @@ def run_collection(config: CollectConfig, *, progress: bool = True) -> dict:
         fresh_layouts=config.fresh_layouts, expert_config=ExpertConfig(action_noise=config.action_noise, seed=config.seed, operator=config.operator),
         dagger=config.dagger(), progress=progress,
     )
-    with h5py.File(out_path, "a") as f:
-        f["data"].attrs["operator"] = config.operator
     return {**summary, "operator": config.operator}
 
 
@@ -226,6 +224,7 @@ def collect_demos(
     infos = {t: _task_info(suite, t) for t in task_ids}
 
     layouts = "fresh" if fresh_layouts else "fixed"
+    expert_noise = float(getattr(config, "action_noise", 0.0))
     dagger_attr = json.dumps(dagger, sort_keys=True) if dagger else ""
 
     def check_resume(data) -> None:
@@ -247,6 +246,17 @@ def collect_demos(
         if found_dagger != dagger_attr:
             raise ValueError(f"{out_path} holds demos with dagger={found_dagger or 'none'}; cannot add demos with "
                              f"dagger={dagger_attr or 'none'} (one file, one way of collecting)")
+        # the expert's seed and noise, read back from the first demo: its seed derives from the seed base,
+        # and a DART demo stores the expert's intended actions beside the executed ones
+        first = data[min((k for k in data if k.startswith("demo_")), key=lambda k: int(k.split("_")[1]))]
+        task, episode = int(first.attrs["task_id"]), int(first.attrs["episode_index"])
+        if "seed" in first.attrs and int(first.attrs["seed"]) != episode_seed(seed, task, episode):
+            raise ValueError(f"{out_path} holds demos of another expert seed base than {seed} ({first.name} has seed "
+                             f"{int(first.attrs['seed'])}, expected {episode_seed(seed, task, episode)}); resume with the same --seed")
+        noisy = "expert_actions" in first
+        if not dagger and noisy != (expert_noise > 0):
+            raise ValueError(f"{out_path} holds {'DART (action-noise)' if noisy else 'noise-free'} demos; cannot add "
+                             f"{'DART' if expert_noise > 0 else 'noise-free'} demos (action noise {expert_noise:g})")
 
     lock = out_path.parent / f".{out_path.name}.lock"
     if out_path.exists():
@@ -266,6 +276,7 @@ def collect_demos(
         if TMP_GROUP in data:  # left by an interrupted run
             del data[TMP_GROUP]
         data.attrs["layouts"] = layouts
+        data.attrs["operator"] = getattr(config, "operator", "none")
         if dagger_attr:
             data.attrs["dagger"] = dagger_attr
         # File-level attrs first, so an interrupted run still leaves a self-describing file.
