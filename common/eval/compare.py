@@ -22,7 +22,7 @@ from common.artifacts import (
 )
 from common.eval.closed_loop import evaluate
 from common.eval.config import EvalConfig
-from common.eval.summary import decoding_label
+from common.eval.summary import decoding_label, identical_label
 from common.provenance import provenance, write_json
 
 VARIANTS = {  # name -> (tokenizer, strategy)
@@ -197,7 +197,7 @@ def run_comparison(cfg: ComparisonConfig) -> dict:
             f"{_num(spec_tok)} | {_num(lat.get('ref_main_ms', {}).get('mean'))} | {_num(info['token_decode_speedup'])}x | "
             f"{_num(info['main_passes_per_chunk'])} / {_num(info['main_only_passes_per_chunk'])} | {_num(info['mean_accepted_layers'])} | "
             f"{_num(draft_cost_in_main_passes(info))} | {_num(verify_overhead_in_main_passes(info))} | "
-            f"{_pct(info['lossless_identical_fraction'])} | {info['errors']} |"
+            f"{identical_label(info['lossless_identical_fraction'], info.get('chunks'))} | {info['errors']} |"
         )
     fine = fine_motion_rows(cfg.models_dir)
     lines += [
@@ -222,7 +222,8 @@ def run_comparison(cfg: ComparisonConfig) -> dict:
             "success_rate", "fine_grained_success_rate", "success_episodes", "errors", "latency_ms", "step_latency",
             "acceptance_per_layer", "mean_accepted_layers", "main_passes_per_chunk", "main_only_passes_per_chunk",
             "main_pass_ratio", "token_decode_speedup", "lossless_identical_fraction", "per_task", "wall_seconds",
-            "episodes_per_minute")} | {"decoding": info.get("decoding", []), "action_mse_vs_main_only": info.get("action_mse_vs_main_only"),
+            "episodes_per_minute")} | {"decoding": info.get("decoding", []), "chunks": info.get("chunks"),
+                                         "action_max_abs_vs_main_only_identical_tokens": info.get("action_max_abs_vs_main_only_identical_tokens"), "action_mse_vs_main_only": info.get("action_mse_vs_main_only"),
                                          "trials_per_task": cfg.trials_for_variant[name],
                                          "draft_cost_in_main_passes": draft_cost_in_main_passes(info),
                                          "verify_overhead_in_main_passes": verify_overhead_in_main_passes(info)} for name, info in infos.items()},

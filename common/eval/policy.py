@@ -147,6 +147,7 @@ class TokenPolicy:
         def reference():
             ref_codes, ref_stats = main_only_decode(self.policy.head, features, timer=StageTimer(), num_layers=depth)
             info.update(ref_main_passes=ref_stats.main_passes, ref_main_s=ref_stats.main_time_s)
+            decoded["ref_last_logits"] = ref_stats.last_logits
             return ref_codes
 
         if cfg.compare_main_only:
@@ -172,6 +173,13 @@ class TokenPolicy:
             else:  # the last decoded layer as the mean of its level values (the layers before it: argmax)
                 probs = torch.softmax(decoded["last_logits"].double(), dim=-1)
                 normalized = self.token_code.decode_expected(codes[..., :-1], probs)[0].numpy()
+        if self.token_code is not None and info.get("identical_to_main_only"):
+            # identical tokens, yet the expected value reads the last layer's distribution, which the
+            # verify pass and a one-position pass compute with other kernel shapes: how far apart the
+            # executed actions are (normalized units; outside the timed stage)
+            ref_probs = torch.softmax(decoded["ref_last_logits"].double(), dim=-1)
+            ref_normalized = self.token_code.decode_expected(codes[..., :-1], ref_probs)[0].numpy()
+            info["action_max_abs_vs_main_only"] = float(np.abs(normalized - ref_normalized).max())
         actions = self.tokenizer.normalizer.unnormalize(normalized)
         # totals: preprocess/backbone accumulate over the extractor's samples (one per chunk here)
         info.update(backbone_s=timer.totals["backbone"], tokenizer_decode_s=timer.last["tokenizer_decode"],

@@ -93,6 +93,10 @@ def summarize(cfg: EvalConfig, rows: list[dict], *, wall_seconds: float, episode
         "main_pass_ratio": (float(np.mean(passes)) / float(np.mean(ref_passes))) if ref_passes else None,
         "token_decode_speedup": token_speedup,
         "lossless_identical_fraction": (float(np.mean(identical)) if identical else None),
+        # identical tokens, expected-value last layer: the largest gap between the executed and the
+        # main-only action (normalized units), from the two paths' float-level different distributions
+        "action_max_abs_vs_main_only_identical_tokens": max((c["action_max_abs_vs_main_only"] for c in chunks
+                                                             if "action_max_abs_vs_main_only" in c), default=None),
         # mean over ALL compared chunks (identical ones count 0): the action cost of relaxed acceptance
         "action_mse_vs_main_only": (float(np.sum([c.get("action_mse_vs_main_only", 0.0) for c in chunks]) / len(identical))
                                     if identical else None),
@@ -161,6 +165,17 @@ def render_latency_breakdown(info: dict) -> list[str]:
 
 
 # --- outputs -------------------------------------------------------------------------------------
+def identical_label(fraction: float | None, chunks: int | None = None) -> str:
+    """The lossless column: 100.0% only when every compared chunk matched; otherwise the chunks that
+    differ, which a rounded 100.0% would hide (one in 10,000 reads 100.0% at one decimal)."""
+    if fraction is None or fraction != fraction:
+        return "—"
+    if fraction == 1.0:
+        return "100.0%"
+    differ = f"{round((1 - fraction) * chunks)} of {chunks} chunks differ" if chunks else "not every chunk identical"
+    return f"{100 * fraction:.2f}% ({differ})"
+
+
 def _fmt(v, pct=False):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
@@ -189,13 +204,17 @@ def render_table(info: dict) -> str:
         lines.append(f"| {name} | {s['mean']:.2f} | {s['p50']:.2f} | {s['p95']:.2f} |")
     dev = info.get("action_mse_vs_main_only")
     deviation = f" (action MSE vs main-only {dev:.2e})" if dev else ""
+    ev_gap = info.get("action_max_abs_vs_main_only_identical_tokens")
+    if ev_gap is not None:
+        deviation += (f"; with identical tokens the executed actions (last layer by expected value) differ from main-only's "
+                      f"by at most {ev_gap:.1e} (normalized units)")
     lines += [
         "",
         f"Decoded: {decoding_label(info)}. "
         f"Main passes per chunk: {_fmt(info['main_passes_per_chunk'])} (main-only {_fmt(info['main_only_passes_per_chunk'])}); "
         f"mean accepted layers {_fmt(info['mean_accepted_layers'])}; acceptance per layer "
         f"{[round(a, 3) for a in info['acceptance_per_layer']] if info['acceptance_per_layer'] else '—'}; "
-        f"token-decode speedup {_fmt(info['token_decode_speedup'])}x; lossless identical {_fmt(info['lossless_identical_fraction'], True)}{deviation}.",
+        f"token-decode speedup {_fmt(info['token_decode_speedup'])}x; lossless identical {identical_label(info['lossless_identical_fraction'], info.get('chunks'))}{deviation}.",
     ]
     lines += render_latency_breakdown(info)
     return "\n".join(lines)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common.eval.summary import decoding_label
+from common.eval.summary import decoding_label, identical_label
 from common.provenance import write_json
 
 
@@ -69,7 +69,7 @@ def headline_markdown(summary: dict) -> str:
             f"| {name} | {_pct(v['success_rate'])} | {_pct(v['fine_grained_success_rate'])} | {decoding_label(v)} | "
             f"{spec_ms:.2f} / {ref_ms:.2f} | {'—' if sp is None else f'{sp:.2f}x'} | "
             f"{v['main_passes_per_chunk']:.2f} of {v['main_only_passes_per_chunk']:.0f} | "
-            f"{v['mean_accepted_layers']:.2f} | {'—' if cost is None else f'{cost:.2f}'} | {'—' if over is None else f'{over:.2f}'} | {_pct(v['lossless_identical_fraction'])} |"
+            f"{v['mean_accepted_layers']:.2f} | {'—' if cost is None else f'{cost:.2f}'} | {'—' if over is None else f'{over:.2f}'} | {identical_label(v['lossless_identical_fraction'], v.get('chunks'))} |"
         )
     return "\n".join(lines)
 
