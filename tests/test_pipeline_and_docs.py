@@ -99,6 +99,15 @@ def test_from_scratch_time_counts_the_longer_branch_when_side_by_side():
     assert from_scratch_seconds({**summary, "side_by_side": False}) == 78
 
 
+def test_from_scratch_time_names_demo_stages_that_found_their_files_complete():
+    from common.pipeline.report import _from_scratch
+
+    summary = {"stage_seconds": {"demos": 0.2, "demos_dart": 600.0, "main_none": 60.0}, "side_by_side": False,
+               "stages": {"demos": {"skipped": True}, "demos_dart": {"skipped": True}, "main_none": {"skipped": False}}}
+    assert _from_scratch(summary) == (" (this call, reusing finished stages; from scratch the stages' recorded times sum to 11.0 min; "
+                                      "demos found its file complete (recorded under 1 s), so demo collection is not in that sum)")
+
+
 def test_committed_docs_match_the_generator():
     assert stale_sections() == []
 

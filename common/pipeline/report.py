@@ -31,7 +31,11 @@ def _from_scratch(summary: dict) -> str:
     if not summary.get("stage_seconds") or all(not t["skipped"] for t in summary["stages"].values()):
         return ""
     how = "the stages' recorded times, the two branches side by side," if summary.get("side_by_side") else "the stages' recorded times"
-    return f" (this call, reusing finished stages; from scratch {how} sum to {from_scratch_seconds(summary) / 60:.1f} min)"
+    # a demo stage that found its file complete (collect_demos resumes) recorded no collection time
+    resumed = [k for k, v in summary["stage_seconds"].items() if k.startswith("demos") and v is not None and v < 1.0]
+    unknown = (f"; {', '.join(resumed)} found {'its file' if len(resumed) == 1 else 'their files'} complete (recorded under 1 s), "
+               "so demo collection is not in that sum") if resumed else ""
+    return f" (this call, reusing finished stages; from scratch {how} sum to {from_scratch_seconds(summary) / 60:.1f} min{unknown})"
 
 
 def headline_markdown(summary: dict) -> str:
