@@ -54,6 +54,11 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "phase3_libero_spatial": ("phase3/compare_libero_spatial/comparison.md", "phase3/compare_libero_spatial/comparison.json",
                               "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 30 --first-trial 20 "
                               "--variant-trials robust-B=5 --auto-decode --models-dir <models of rsd_pipeline run --profile spatial> --results-dir results"),
+    "phase3_libero_spatial_demo_layouts": ("phase3_diagnostics/spatial_demo_layouts/comparison.md",
+                                           "phase3_diagnostics/spatial_demo_layouts/comparison.json",
+                                           "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 20 --first-trial 0 "
+                                           "--variants robust-A,naive --auto-decode --workers 2 --models-dir <models of rsd_pipeline run --profile spatial> "
+                                           "--out results/phase3_diagnostics/spatial_demo_layouts"),
     "bench_rate_distortion": ("bench_rate_distortion.md", "bench_rate_distortion.json",
                               "python -m benchmarks.bench_rate_distortion --epochs 15 (demos: see phase1_improved/AGENT_GUIDE.md)"),
     "action_statistics": ("action_statistics.md", "action_statistics.json", "python -m benchmarks.action_statistics"),

@@ -92,12 +92,15 @@ PROFILES = {
                        reach_margin=2.0, first_stage_margin=1.0, draft_activation="relu", variant_trials="robust-B=1",
                        rollout_first_trial=5),
     # the default profile on libero_spatial's tasks the scripted expert solves (task 4 it does not:
-    # results/expert_success.md), plus 20 DART demos per task (with them robust-A reaches 69.3% on the
-    # 30 held-out init states per task, 58.9% without on 10: results/phase3/compare_libero_spatial and
-    # results/phase3_diagnostics/data_levers); `rsd_pipeline run --profile spatial` writes report/spatial/
-    "spatial": Profile("spatial", "libero_spatial", "0-3,5-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=30,
+    # results/expert_success.md), with issue 12's spatial recipe (results/phase3_diagnostics/data_rounds):
+    # 20 DART demos per task on the clean demos' layouts, 20 clean and 20 DART demos per task on freshly
+    # sampled layouts, observations relative to the end effector, 20 epochs over the 4x data (robust-A
+    # 85.9% on 30 held-out init states per task in that lever run; the world-frame profile without
+    # fresh layouts 69.3%); `rsd_pipeline run --profile spatial` writes report/spatial/
+    "spatial": Profile("spatial", "libero_spatial", "0-3,5-9", demos_per_task=20, tokenizer_epochs=30, policy_epochs=20,
                        policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2,
-                       dart_demos_per_task=20, dart_noise=0.2),
+                       dart_demos_per_task=20, dart_noise=0.2, fresh_demos_per_task=20, fresh_dart_demos_per_task=20,
+                       eef_relative=True),
     # target <= 10 min: 5 tasks, fewer demos/epochs/trials; the default profile's code and draft
     "quick": Profile("quick", "libero_object", "0-4", demos_per_task=8, tokenizer_epochs=15, policy_epochs=20,
                      policy_batch_size=128, d_model=128, num_blocks=2, eval_trials=3, eval_max_steps=0, workers=2, rollout_trials=1,
