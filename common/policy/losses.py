@@ -43,7 +43,8 @@ class MainLoss:
     @staticmethod
     def value_scale_of(code: TokenCode, codes: torch.Tensor) -> float:
         """Variance of the first stage's target values over ``codes [N, T, L]`` (the EV loss's unit)."""
-        return float(code.stage_values(0, codes[..., 0]).var()) or 1.0
+        first = codes[..., 0].to(code.values.device)  # the training codes stay on the CPU; the code may be on a GPU
+        return float(code.stage_values(0, first).var()) or 1.0
 
     def inputs_and_targets(self, features: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The token inputs the model reads and the targets it learns, ``[B, T, L]`` each (see module docstring)."""
