@@ -352,3 +352,32 @@ def test_decode_depth_is_chosen_on_the_clean_held_out_demos_when_relabelled_ones
     assert choice["held_out"] == "clean demos" and 0 < len(clean) < len(held_out)
     assert choice["held_out_episodes"] == len(clean)
     assert "clean held-out demos, apart from the expert-relabelled ones" in (tmp_path / "results" / "phase2" / "train_summary.md").read_text()
+
+
+def test_draft_run_completes_a_head_whose_main_run_stopped_early(env, tmp_path, capsys):
+    """A main run cut by a time limit leaves its best head without the decode choice (chosen after the
+    last epoch); a draft-only run completes it as the main stage would have, weights and hash unchanged."""
+    from phase2_draft_retrain.modal_train_draft_with_projection import cli
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("rfsq_robust_best.pt", "best_rfsq_head.pt"):
+        (models / name).write_bytes((env["models"] / name).read_bytes())
+    full = read_checkpoint(models / "best_rfsq_head.pt", kind=HEAD_KIND)
+    cut = dict(full, metrics={k: v for k, v in full["metrics"].items() if k not in ("decode_choice", "val_greedy_token_acc")})
+    torch.save(cut, models / "best_rfsq_head.pt")
+
+    s = cli(TINY + ["--data", str(env["demos"]), "--models-dir", str(models), "--results-dir", str(tmp_path / "results"),
+                    "--train", "draft"])
+    assert "no decode choice recorded" in capsys.readouterr().out
+    done = read_checkpoint(models / "best_rfsq_head.pt", kind=HEAD_KIND)
+    assert done["metrics"]["decode_choice"] == full["metrics"]["decode_choice"]
+    assert done["metrics"]["val_greedy_token_acc"] == full["metrics"]["val_greedy_token_acc"]
+    assert done["content_hash"] == full["content_hash"] == s["head_hash"]
+    assert all(torch.equal(done["model"][k], full["model"][k]) for k in full["model"])
+
+    # a head from another split is refused rather than completed on the wrong held-out demos
+    torch.save(dict(cut, metrics={**cut["metrics"], "val_episode_keys": ["demos/demo_99"]}), models / "best_rfsq_head.pt")
+    with pytest.raises(CheckpointError, match="another train/held-out split"):
+        cli(TINY + ["--data", str(env["demos"]), "--models-dir", str(models), "--results-dir", str(tmp_path / "results"),
+                    "--train", "draft", "--overwrite"])

@@ -145,26 +145,32 @@ def _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkp
     ckpt = read_checkpoint(paths["head"], kind=HEAD_KIND)
     policy = PolicyModel.from_config(ckpt["config"])
     load_state_strict(policy, ckpt, paths["head"])
-    policy.to(device).eval()
+    return _complete_head(policy.to(device).eval(), ckpt, paths, tok, val, decode_val, device, on_checkpoint)
+
+
+def _complete_head(policy, ckpt, paths, tok, val, decode_val, device, on_checkpoint) -> tuple[PolicyModel, dict, str]:
+    """Add the greedy-decode metrics and the decode choice to the best head's checkpoint when it lacks
+    them: after the main stage's last epoch, or for a head whose run stopped before it (a time limit)."""
     metrics = dict(ckpt["metrics"])
-    if "val_greedy_token_acc" not in metrics or "decode_choice" not in metrics:
-        metrics.update(evaluate_main(policy, val, device=device, greedy=True))
-        chosen_on = decode_val if decode_val is not None else val
-        errors = action_errors_by_depth(policy.head, compute_features(policy, chosen_on, device=device), chosen_on.codes, tok.model)
-        metrics["decode_choice"] = {**choose_decoding(errors), "held_out_episodes": len(chosen_on.episodes),
-                                    "held_out": "clean demos" if decode_val is not None else "all"}
-        ckpt_new = save_checkpoint(
-            paths["head"], kind=HEAD_KIND, model=policy, config=ckpt["config"], normalizer=ckpt["normalizer"],
-            metrics=metrics, extra=ckpt["extra"],
-        )
-        if on_checkpoint is not None:
-            on_checkpoint()
-        return policy, metrics, ckpt_new["content_hash"]
-    return policy, metrics, ckpt["content_hash"]
+    if "val_greedy_token_acc" in metrics and "decode_choice" in metrics:
+        return policy, metrics, ckpt["content_hash"]
+    metrics.update(evaluate_main(policy, val, device=device, greedy=True))
+    chosen_on = decode_val if decode_val is not None else val
+    errors = action_errors_by_depth(policy.head, compute_features(policy, chosen_on, device=device), chosen_on.codes, tok.model)
+    metrics["decode_choice"] = {**choose_decoding(errors), "held_out_episodes": len(chosen_on.episodes),
+                                "held_out": "clean demos" if decode_val is not None else "all"}
+    ckpt_new = save_checkpoint(
+        paths["head"], kind=HEAD_KIND, model=policy, config=ckpt["config"], normalizer=ckpt["normalizer"],
+        metrics=metrics, extra=ckpt["extra"],
+    )
+    if on_checkpoint is not None:
+        on_checkpoint()
+    return policy, metrics, ckpt_new["content_hash"]
 
 
-def _load_trained_head(cfg, paths, tok, task_table, device) -> tuple[PolicyModel, dict, str]:
-    """``--train draft`` alone: the frozen backbone comes from the existing head checkpoint."""
+def _load_trained_head(cfg, paths, tok, task_table, device, val, decode_val, on_checkpoint) -> tuple[PolicyModel, dict, str]:
+    """``--train draft`` alone: the frozen backbone comes from the existing head checkpoint. A head whose
+    main run stopped before its last epoch (no decode choice yet) is completed first, as that run would have."""
     path = paths["head"]
     ckpt = read_checkpoint(path, kind=HEAD_KIND)
     if ckpt["extra"].get("tokenizer_hash") != tok.content_hash:
@@ -177,9 +183,14 @@ def _load_trained_head(cfg, paths, tok, task_table, device) -> tuple[PolicyModel
         raise CheckpointError(f"{path}: head uses backbone {cfg_['backbone_kind']!r}, this run --backbone {cfg.backbone!r}")
     if [(r["file_stem"], r["task_id"]) for r in cfg_["task_table"]] != [(r["file_stem"], r["task_id"]) for r in task_table]:
         raise CheckpointError(f"{path}: head was trained on a different task set (--data); retrain it with --train main,draft")
+    if ckpt["metrics"].get("val_episode_keys") not in (None, val.episodes):
+        raise CheckpointError(f"{path}: head was trained on another train/held-out split (--data, --seed or --val-fraction differ)")
     policy = PolicyModel.from_config(cfg_)
     load_state_strict(policy, ckpt, path)
-    return policy.to(device).eval(), dict(ckpt["metrics"]), ckpt["content_hash"]
+    if "decode_choice" not in ckpt["metrics"]:
+        print(f"{path}: no decode choice recorded (its main run stopped before the last epoch); choosing it on the "
+              "held-out demos as the main stage does after its last epoch, and adding it to the checkpoint", flush=True)
+    return _complete_head(policy.to(device).eval(), ckpt, paths, tok, val, decode_val, device, on_checkpoint)
 
 
 @torch.no_grad()
@@ -346,7 +357,7 @@ def _train_policy_locked(cfg: PolicyTrainConfig, tok: LoadedTokenizer, tag: str,
     if "main" in cfg.stages:
         policy, main_metrics, head_hash = _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkpoint, decode_val)
     else:
-        policy, main_metrics, head_hash = _load_trained_head(cfg, paths, tok, task_table, device)
+        policy, main_metrics, head_hash = _load_trained_head(cfg, paths, tok, task_table, device, val, decode_val, on_checkpoint)
     summary["main_seconds"] = time.perf_counter() - t_main if "main" in cfg.stages else 0.0
     summary["head_checkpoint"] = str(paths["head"])
     summary["head_hash"] = head_hash
