@@ -59,6 +59,16 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                            "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 20 --first-trial 0 "
                                            "--variants robust-A,naive --auto-decode --workers 2 --models-dir <models of rsd_pipeline run --profile spatial> "
                                            "--out results/phase3_diagnostics/spatial_demo_layouts"),
+    "phase3_libero_spatial_256x4": ("phase3_diagnostics/model_size/compare_held_out/comparison.md",
+                                    "phase3_diagnostics/model_size/compare_held_out/comparison.json",
+                                    "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 30 --first-trial 20 "
+                                    "--variant-trials robust-B=5 --auto-decode --workers 2 --models-dir <the 256x4 models: "
+                                    "results/phase3_diagnostics/model_size/COMMANDS.md> --out results/phase3_diagnostics/model_size/compare_held_out"),
+    "phase3_libero_spatial_256x4_demo_layouts": ("phase3_diagnostics/model_size/compare_demo_layouts/comparison.md",
+                                                 "phase3_diagnostics/model_size/compare_demo_layouts/comparison.json",
+                                                 "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 20 --first-trial 0 "
+                                                 "--variants robust-A,naive --auto-decode --workers 2 --models-dir <the 256x4 models> "
+                                                 "--out results/phase3_diagnostics/model_size/compare_demo_layouts"),
     "bench_rate_distortion": ("bench_rate_distortion.md", "bench_rate_distortion.json",
                               "python -m benchmarks.bench_rate_distortion --epochs 15 (demos: see phase1_improved/AGENT_GUIDE.md)"),
     "action_statistics": ("action_statistics.md", "action_statistics.json", "python -m benchmarks.action_statistics"),
