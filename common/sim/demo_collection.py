@@ -58,7 +58,8 @@ from pathlib import Path
 from typing import Any
 
 
-from common.sim.demo_file import TMP_GROUP, _existing_counts, _write_demo, _write_file_attrs, check_demo_out
+from common.sim.demo_file import (TMP_GROUP, _existing_counts, _write_demo, _write_file_attrs, check_demo_out,
+                                   check_resume_settings, episode_seed)
 from common.artifacts import data_dir_of
 from common.locks import output_lock
 from common.sim.demo_worker import WORKER_POLL_S, worker_main
@@ -159,11 +160,6 @@ def run_collection(config: CollectConfig, *, progress: bool = True) -> dict:
     return {**summary, "operator": config.operator}
 
 
-def episode_seed(seed: int, task_id: int, episode_index: int) -> int:
-    """Deterministic per-episode expert seed."""
-    return (int(seed) * 1_000_003 + int(task_id) * 10_007 + int(episode_index)) % (2**31)
-
-
 # ---------------------------------------------------------------------------- parent side
 def _task_info(suite: str, task_id: int) -> dict[str, Any]:
     bench = get_suite(suite)
@@ -228,35 +224,8 @@ def collect_demos(
     dagger_attr = json.dumps(dagger, sort_keys=True) if dagger else ""
 
     def check_resume(data) -> None:
-        """Raise if the file's demos were collected another way than this call asks for."""
-        if data.attrs.get("suite", suite) != suite:
-            raise ValueError(f"{out_path} holds {data.attrs['suite']} demos; cannot add {suite} demos")
-        if not any(k.startswith("demo_") for k in data):
-            return
-        file_size = data.attrs.get("camera_size")  # present iff the file's demos carry images
-        if (file_size is not None) != record_images or (record_images and file_size not in (None, camera_size)):
-            raise ValueError(
-                f"{out_path} was collected with record_images={file_size is not None}"
-                f"{f', camera_size={file_size}' if file_size is not None else ''}; resume with the same settings"
-            )
-        found = str(data.attrs.get("layouts", "fixed"))  # files from before the attr hold fixed layouts
-        if found != layouts:
-            raise ValueError(f"{out_path} holds demos from {found} layouts; cannot add demos from {layouts} layouts")
-        found_dagger = str(data.attrs.get("dagger", ""))
-        if found_dagger != dagger_attr:
-            raise ValueError(f"{out_path} holds demos with dagger={found_dagger or 'none'}; cannot add demos with "
-                             f"dagger={dagger_attr or 'none'} (one file, one way of collecting)")
-        # the expert's seed and noise, read back from the first demo: its seed derives from the seed base,
-        # and a DART demo stores the expert's intended actions beside the executed ones
-        first = data[min((k for k in data if k.startswith("demo_")), key=lambda k: int(k.split("_")[1]))]
-        task, episode = int(first.attrs["task_id"]), int(first.attrs["episode_index"])
-        if "seed" in first.attrs and int(first.attrs["seed"]) != episode_seed(seed, task, episode):
-            raise ValueError(f"{out_path} holds demos of another expert seed base than {seed} ({first.name} has seed "
-                             f"{int(first.attrs['seed'])}, expected {episode_seed(seed, task, episode)}); resume with the same --seed")
-        noisy = "expert_actions" in first
-        if not dagger and noisy != (expert_noise > 0):
-            raise ValueError(f"{out_path} holds {'DART (action-noise)' if noisy else 'noise-free'} demos; cannot add "
-                             f"{'DART' if expert_noise > 0 else 'noise-free'} demos (action noise {expert_noise:g})")
+        check_resume_settings(data, out_path, suite=suite, record_images=record_images, camera_size=camera_size,
+                              layouts=layouts, dagger_attr=dagger_attr, seed=seed, expert_noise=expert_noise)
 
     lock = out_path.parent / f".{out_path.name}.lock"
     if out_path.exists():

@@ -1,6 +1,6 @@
 """Reading and writing demonstration files in the official LIBERO HDF5 layout (see
 ``common/sim/demo_collection.py`` for the layout): the output check, resume counts, one demo per
-atomic group write, file attributes."""
+atomic group write, file attributes, and the checks that a resumed file was collected the same way."""
 
 from __future__ import annotations
 
@@ -93,3 +93,42 @@ def _write_file_attrs(data, suite: str, infos: dict[int, dict], env_args: dict[i
         "env_args": json.dumps(first["env_args"]),
         "versions": json.dumps(library_versions()),
     })
+
+
+def episode_seed(seed: int, task_id: int, episode_index: int) -> int:
+    """Deterministic per-episode expert seed."""
+    return (int(seed) * 1_000_003 + int(task_id) * 10_007 + int(episode_index)) % (2**31)
+
+
+def check_resume_settings(data, out_path: Path, *, suite: str, record_images: bool, camera_size: int, layouts: str,
+                          dagger_attr: str, seed: int, expert_noise: float) -> None:
+    """Raise if the demos in ``data`` (an open file's ``data`` group) were collected another way than
+    a ``collect_demos`` call with these settings asks for: one file, one way of collecting."""
+    if data.attrs.get("suite", suite) != suite:
+        raise ValueError(f"{out_path} holds {data.attrs['suite']} demos; cannot add {suite} demos")
+    if not any(k.startswith("demo_") for k in data):
+        return
+    file_size = data.attrs.get("camera_size")  # present iff the file's demos carry images
+    if (file_size is not None) != record_images or (record_images and file_size not in (None, camera_size)):
+        raise ValueError(
+            f"{out_path} was collected with record_images={file_size is not None}"
+            f"{f', camera_size={file_size}' if file_size is not None else ''}; resume with the same settings"
+        )
+    found = str(data.attrs.get("layouts", "fixed"))  # files from before the attr hold fixed layouts
+    if found != layouts:
+        raise ValueError(f"{out_path} holds demos from {found} layouts; cannot add demos from {layouts} layouts")
+    found_dagger = str(data.attrs.get("dagger", ""))
+    if found_dagger != dagger_attr:
+        raise ValueError(f"{out_path} holds demos with dagger={found_dagger or 'none'}; cannot add demos with "
+                         f"dagger={dagger_attr or 'none'} (one file, one way of collecting)")
+    # the expert's seed and noise, read back from the first demo: its seed derives from the seed base,
+    # and a DART demo stores the expert's intended actions beside the executed ones
+    first = data[min((k for k in data if k.startswith("demo_")), key=lambda k: int(k.split("_")[1]))]
+    task, episode = int(first.attrs["task_id"]), int(first.attrs["episode_index"])
+    if "seed" in first.attrs and int(first.attrs["seed"]) != episode_seed(seed, task, episode):
+        raise ValueError(f"{out_path} holds demos of another expert seed base than {seed} ({first.name} has seed "
+                         f"{int(first.attrs['seed'])}, expected {episode_seed(seed, task, episode)}); resume with the same --seed")
+    noisy = "expert_actions" in first
+    if not dagger_attr and noisy != (expert_noise > 0):
+        raise ValueError(f"{out_path} holds {'DART (action-noise)' if noisy else 'noise-free'} demos; cannot add "
+                         f"{'DART' if expert_noise > 0 else 'noise-free'} demos (action noise {expert_noise:g})")
