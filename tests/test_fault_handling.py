@@ -420,6 +420,17 @@ def test_pipeline_redoes_a_stage_whose_output_was_corrupted(tmp_path):
     assert len(runs) == 2 and out.read_bytes() == b"weights" and "outputs changed since written" in log[-2]
 
 
+def test_stamp_says_when_a_stage_found_its_outputs_complete(tmp_path):
+    """A demo stage that resumes a full file leaves it as it was: its stamp says so, and the report
+    then keeps its (near-zero) time out of the from-scratch estimate."""
+    out, log = tmp_path / "demos.hdf5", []
+    stages = Stages(tmp_path, log.append)
+    stages.run("demos", {"per_task": 2}, [out], lambda: out.write_bytes(b"two demos") and "collected")
+    assert json.loads((tmp_path / "stamps" / "demos.json").read_text())["outputs_unchanged"] is False
+    stages.run("demos", {"per_task": 2, "workers": 1}, [out], lambda: "nothing to add")  # settings changed, file complete
+    assert json.loads((tmp_path / "stamps" / "demos.json").read_text())["outputs_unchanged"] is True
+
+
 # --- --help says what every flag means ----------------------------------------------------------------
 def test_help_of_every_entry_point_explains_every_flag():
     from common.eval.compare import ComparisonConfig

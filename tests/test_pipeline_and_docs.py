@@ -43,6 +43,7 @@ def test_tiny_pipeline_produces_a_report_whose_numbers_match_the_json(tiny_run):
     assert "+ 0 clean and 1 DART demos per task on fresh layouts, observations relative to the end effector" in report
     head = torch.load(tiny_run["root"] / "artifacts" / "models" / "best_rfsq_head.pt", map_location="cpu", weights_only=False)
     assert head["config"]["backbone_config"]["eef_relative"] is True
+    assert tiny_run["summary"]["stages_found_complete"] == []  # a run from scratch: every stage did its work
     assert set(tiny_run["summary"]["stages"]) == {
         "demos", "demos_dart", "demos_fresh_dart", "tokenizer_none", "tokenizer_layernorm", "phase1_compare", "main_layernorm", "rollouts_layernorm", "draft_layernorm",
         "main_none", "rollouts_none", "draft_none", "phase3_compare"
@@ -105,7 +106,10 @@ def test_from_scratch_time_names_demo_stages_that_found_their_files_complete():
     summary = {"stage_seconds": {"demos": 0.2, "demos_dart": 600.0, "main_none": 60.0}, "side_by_side": False,
                "stages": {"demos": {"skipped": True}, "demos_dart": {"skipped": True}, "main_none": {"skipped": False}}}
     assert _from_scratch(summary) == (" (this call, reusing finished stages; from scratch the stages' recorded times sum to 11.0 min; "
-                                      "demos found its file complete (recorded under 1 s), so demo collection is not in that sum)")
+                                      "demos found its file complete (recorded under 1 s), so their work is not in that sum)")
+    # summaries that record it: the stamps' "outputs unchanged", whatever the time
+    summary = {**summary, "stages_found_complete": ["demos", "demos_dart"]}
+    assert _from_scratch(summary).endswith("; demos, demos_dart found their files complete (outputs unchanged), so their work is not in that sum)")
 
 
 def test_committed_docs_match_the_generator():

@@ -31,10 +31,15 @@ def _from_scratch(summary: dict) -> str:
     if not summary.get("stage_seconds") or all(not t["skipped"] for t in summary["stages"].values()):
         return ""
     how = "the stages' recorded times, the two branches side by side," if summary.get("side_by_side") else "the stages' recorded times"
-    # a demo stage that found its file complete (collect_demos resumes) recorded no collection time
-    resumed = [k for k, v in summary["stage_seconds"].items() if k.startswith("demos") and v is not None and v < 1.0]
-    unknown = (f"; {', '.join(resumed)} found {'its file' if len(resumed) == 1 else 'their files'} complete (recorded under 1 s), "
-               "so demo collection is not in that sum") if resumed else ""
+    # a stage that found its outputs complete (collect_demos resumes a full file) recorded none of its work;
+    # summaries from before the stamps said so: a demo stage recorded under 1 s
+    if "stages_found_complete" in summary:
+        resumed, how_known = list(summary["stages_found_complete"]), "outputs unchanged"
+    else:
+        resumed = [k for k, v in summary["stage_seconds"].items() if k.startswith("demos") and v is not None and v < 1.0]
+        how_known = "recorded under 1 s"
+    unknown = (f"; {', '.join(resumed)} found {'its file' if len(resumed) == 1 else 'their files'} complete ({how_known}), "
+               "so their work is not in that sum") if resumed else ""
     return f" (this call, reusing finished stages; from scratch {how} sum to {from_scratch_seconds(summary) / 60:.1f} min{unknown})"
 
 

@@ -346,6 +346,9 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
         # the longest branch's (``report.from_scratch_seconds``)
         "stage_seconds": {stamp.stem: json.loads(stamp.read_text()).get("seconds") for stamp in sorted(stages.stamps.glob("*.json"))
                           if stamp.stem in stages.timings},
+        # stages whose last run found their outputs already complete (their time is no from-scratch time)
+        "stages_found_complete": sorted(stamp.stem for stamp in stages.stamps.glob("*.json")
+                                        if stamp.stem in stages.timings and json.loads(stamp.read_text()).get("outputs_unchanged")),
         "side_by_side": side_by_side > 1,
         "branch_stages": {cond: sorted(k for k in stages.timings if k.endswith(f"_{cond}")) for cond in CONDITIONS},
         "stages": stages.timings,

@@ -108,6 +108,7 @@ class Stages:
         for folder in stale:
             if folder.exists():
                 shutil.rmtree(folder)
+        before = {str(p): file_hash(p) for p in outputs if p.exists()}
         started = time.perf_counter()
         summary = fn()
         seconds = time.perf_counter() - started
@@ -115,6 +116,10 @@ class Stages:
         if missing:
             raise RuntimeError(f"stage {name} finished but did not write {missing}")
         hashes = {str(p): file_hash(p) for p in outputs}
-        write_json(stamp, {"fingerprint": fingerprint, "inputs": inputs, "outputs": hashes, "seconds": seconds})
+        # a stage that resumed outputs already complete (a demo file with all its demos) did none of
+        # its work: its recorded time is not what it takes from scratch
+        unchanged = bool(outputs) and before == hashes
+        write_json(stamp, {"fingerprint": fingerprint, "inputs": inputs, "outputs": hashes, "seconds": seconds,
+                           "outputs_unchanged": unchanged})
         self.timings[name] = {"seconds": seconds, "skipped": False}
         self.log(f"[{name}] {summary} ({seconds:.0f} s)")
