@@ -378,6 +378,6 @@ def test_draft_run_completes_a_head_whose_main_run_stopped_early(env, tmp_path, 
 
     # a head from another split is refused rather than completed on the wrong held-out demos
     torch.save(dict(cut, metrics={**cut["metrics"], "val_episode_keys": ["demos/demo_99"]}), models / "best_rfsq_head.pt")
-    with pytest.raises(CheckpointError, match="another train/held-out split"):
+    with pytest.raises(CheckpointError, match="no decode choice yet, and was trained on another train/held-out split"):
         cli(TINY + ["--data", str(env["demos"]), "--models-dir", str(models), "--results-dir", str(tmp_path / "results"),
                     "--train", "draft", "--overwrite"])

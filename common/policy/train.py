@@ -183,11 +183,12 @@ def _load_trained_head(cfg, paths, tok, task_table, device, val, decode_val, on_
         raise CheckpointError(f"{path}: head uses backbone {cfg_['backbone_kind']!r}, this run --backbone {cfg.backbone!r}")
     if [(r["file_stem"], r["task_id"]) for r in cfg_["task_table"]] != [(r["file_stem"], r["task_id"]) for r in task_table]:
         raise CheckpointError(f"{path}: head was trained on a different task set (--data); retrain it with --train main,draft")
-    if ckpt["metrics"].get("val_episode_keys") not in (None, val.episodes):
-        raise CheckpointError(f"{path}: head was trained on another train/held-out split (--data, --seed or --val-fraction differ)")
     policy = PolicyModel.from_config(cfg_)
     load_state_strict(policy, ckpt, path)
     if "decode_choice" not in ckpt["metrics"]:
+        if ckpt["metrics"].get("val_episode_keys") not in (None, val.episodes):
+            raise CheckpointError(f"{path}: head has no decode choice yet, and was trained on another train/held-out split than this "
+                                  "run's (--data, --seed or --val-fraction differ): complete it with the flags it was trained with")
         print(f"{path}: no decode choice recorded (its main run stopped before the last epoch); choosing it on the "
               "held-out demos as the main stage does after its last epoch, and adding it to the checkpoint", flush=True)
     return _complete_head(policy.to(device).eval(), ckpt, paths, tok, val, decode_val, device, on_checkpoint)
