@@ -18,7 +18,8 @@ from common.policy.feature_cache import cache_features_for_file
 from common.policy.labels import build_split, load_policy_episodes
 from common.policy.metrics import compute_features, evaluate_draft, evaluate_main
 from common.policy.model import HEAD_KIND, load_policy
-from common.policy.train import PolicyTrainConfig, perturbed_distillation_set
+from common.policy.distillation import perturbed_distillation_set
+from common.policy.train import PolicyTrainConfig
 
 
 def _split(cfg, tok, episodes):

@@ -49,7 +49,7 @@ from common.data.episodes import split_episodes
 from common.policy.config import PolicyTrainConfig
 from common.eval.rollouts import read_rollout_features
 from common.policy.draft import DraftWithProjection
-from common.policy.labels import LABEL_CONVENTION, PolicyData, batches, build_split, load_policy_episodes
+from common.policy.labels import LABEL_CONVENTION, build_split, load_policy_episodes
 from common.policy.metrics import (
     candidate_acceptance, compute_features, draft_main_agreement, evaluate_draft, main_distributions, evaluate_main, greedy_codes, hidden_states, measure_costs,
 )
@@ -59,6 +59,7 @@ from common.provenance import provenance, write_json
 from common.tokenizer.model import LoadedTokenizer, load_tokenizer
 from common.locks import check_writable_dir, output_lock
 from common.policy.decode_choice import action_errors_by_depth, choose_decoding
+from common.policy.distillation import perturbed_distillation_set
 from common.policy.losses import MainLoss
 from common.tokenizer.token_code import TokenCode
 from common.training_loop import fit_epochs, refuse_to_replace
@@ -192,31 +193,6 @@ def _load_trained_head(cfg, paths, tok, task_table, device, val, decode_val, on_
         print(f"{path}: no decode choice recorded (its main run stopped before the last epoch); choosing it on the "
               "held-out demos as the main stage does after its last epoch, and adding it to the checkpoint", flush=True)
     return _complete_head(policy.to(device).eval(), ckpt, paths, tok, val, decode_val, device, on_checkpoint)
-
-
-@torch.no_grad()
-def perturbed_distillation_set(
-    policy: PolicyModel, data: PolicyData, *, noise: float, copies: int, seed: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of ``copies`` noisy versions of ``data.inputs`` and the main model's greedy codes on them.
-
-    Copy c (0-based) adds N(0, ((c+1)/copies * noise * std_d)^2) to input dimension d, std over
-    ``data``'s steps (task ids untouched). Returns CPU tensors [copies*N, F] and [copies*N, T, L].
-    """
-    was = policy.training
-    policy.eval()
-    std = data.inputs.std(dim=0)
-    gen = torch.Generator().manual_seed(seed)
-    feats, codes = [], []
-    for c in range(copies):
-        scale = (c + 1) / copies * noise
-        for sl in batches(len(data), 2048):
-            x = data.inputs[sl] + scale * std * torch.randn(data.inputs[sl].shape, generator=gen)
-            f = policy.features(x.to(device), data.task_ids[sl].to(device)).float()
-            feats.append(f.cpu())
-            codes.append(policy.head.greedy_decode(f).cpu())
-    policy.train(was)
-    return torch.cat(feats), torch.cat(codes)
 
 
 def draft_layers(cfg: PolicyTrainConfig, num_layers: int, main_metrics: dict) -> int:
