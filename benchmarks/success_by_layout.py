@@ -84,7 +84,7 @@ def render(result: dict) -> str:
         a, b = pair["labels"]
         lines += ["", f"Paired on the same {pair['episodes']} episodes (task, init state): {a} succeeds where {b} fails "
                   f"{pair['success_only_in_a']} times, the reverse {pair['success_only_in_b']} times "
-                  f"(two-sided sign test p = {pair['sign_test_p']:.2f})."]
+                  f"(two-sided sign test p = {pair['sign_test_p']:.2g})."]
     return "\n".join(lines)
 
 
