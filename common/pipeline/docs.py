@@ -45,9 +45,13 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "phase2_draft_w256": ("phase2/ablation_draft_chained_w256/train_summary.md", "phase2/ablation_draft_chained_w256/train_summary.json",
                           "make evidence's robust draft line with --draft-width 256 --draft-hidden-layers 2 --epochs 15 --models-dir <copy of the models>"),
     "phase3_libero_object": ("phase3/compare_libero_object/comparison.md", "phase3/compare_libero_object/comparison.json",
-                             "python -m phase3.compare --task-suite libero_object --tasks 0-9 --num-trials 30 --first-trial 20 "
+                             "python -m phase3.compare --task-suite libero_object --tasks 0-9 --num-trials 50 --first-trial 0 "
                              "--variant-trials robust-B=5 --auto-decode --models-dir <models of the default make run> --workers 2 "
                              "--out results/phase3/compare_libero_object"),
+    "phase3_libero_object_by_layout": ("phase3_diagnostics/object_by_layout/success_by_layout.md",
+                                       "phase3_diagnostics/object_by_layout/success_by_layout.json",
+                                       "python -m benchmarks.success_by_layout --compare results/phase3/compare_libero_object "
+                                       "--demo-layouts 0-19 --out results/phase3_diagnostics/object_by_layout"),
     "phase3_draft_float32": ("phase3/draft_float32_libero_object/eval_table.md", "phase3/draft_float32_libero_object/eval_info.json",
                              "python -m phase3.modal_phase3_libero_eval --task-suite libero_object --tasks 0-9 --num-trials 10 "
                              "--tokenizer robust --strategy A --draft-dtype float32 --out results/phase3/draft_float32_libero_object"),
@@ -69,6 +73,9 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                                  "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 20 --first-trial 0 "
                                                  "--variants robust-A,naive --auto-decode --workers 2 --models-dir <the 256x4 models> "
                                                  "--out results/phase3_diagnostics/model_size/compare_demo_layouts"),
+    "phase3_retrain_variance": ("phase3_diagnostics/retrain_variance/levers.md", "phase3_diagnostics/retrain_variance/levers.json",
+                                "the commands in results/phase3_diagnostics/retrain_variance/COMMANDS.md, then python -m benchmarks.lever_table "
+                                "--out results/phase3_diagnostics/retrain_variance --runs label=<eval folder>,..."),
     "bench_rate_distortion": ("bench_rate_distortion.md", "bench_rate_distortion.json",
                               "python -m benchmarks.bench_rate_distortion --epochs 15 (demos: see phase1_improved/AGENT_GUIDE.md)"),
     "action_statistics": ("action_statistics.md", "action_statistics.json", "python -m benchmarks.action_statistics"),
