@@ -61,7 +61,7 @@ def _time_env(suite: str, cameras: tuple[str, ...], size: int, steps: int) -> di
 
 
 def _time_preprocess(size: int, frames: int) -> float:
-    from common.policy.backbones.openvla import _jpeg_roundtrip, preprocess_image_for_openvla
+    from common.policy.backbones.openvla_preprocessing import _jpeg_roundtrip, preprocess_image_for_openvla
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
@@ -105,7 +105,6 @@ def run(cfg: BenchVLACostsConfig) -> dict:
     }
     out = Path(cfg.out) if cfg.out else results_dir_of("")
     write_json(out / "bench_vla_cpu_costs.json", result)
-    e = result["estimate"]
     md = [
         f"OpenVLA-OFT Phase 3 costs outside the 7B forward, `{cfg.task_suite}` task 0, this CPU (measured), and GPU-hours (ESTIMATE).",
         "",

@@ -78,12 +78,8 @@ def cache_openvla_features(
     Resumable: rerunning skips demos already cached; the volume is committed after every demo.
     """
     from common.artifacts import ArtifactDirs
-    from common.policy.backbones.openvla import (
-        OPENVLA_OFT_LIBERO_CHECKPOINTS,
-        OPENVLA_OFT_UNNORM_KEYS,
-        OpenVLAFeatureExtractor,
-        load_oft_proprio_projector,
-    )
+    from common.policy.backbones.openvla import OpenVLAFeatureExtractor, load_oft_proprio_projector
+    from common.policy.backbones.openvla_preprocessing import OPENVLA_OFT_LIBERO_CHECKPOINTS, OPENVLA_OFT_UNNORM_KEYS
     from common.policy.feature_cache import cache_features_for_file, feature_cache_path
     from common.policy.labels import file_suite
 

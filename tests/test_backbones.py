@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from common.policy.backbones import StateBackbone, build_backbone
-from common.policy.backbones.openvla import (
+from common.policy.backbones.openvla import OpenVLAFeatureExtractor
+from common.policy.backbones.openvla_preprocessing import (
     IGNORE_INDEX,
     OFT_ACTION_TOKEN_BEGIN_IDX,
     OFT_STOP_INDEX,
     PROMPT_SUFFIX_TOKEN_ID,
-    OpenVLAFeatureExtractor,
     build_openvla_prompt,
     preprocess_image_for_openvla,
     select_feature,

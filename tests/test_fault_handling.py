@@ -82,7 +82,6 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
 import os
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import h5py

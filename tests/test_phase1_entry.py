@@ -3,11 +3,10 @@
 import json
 
 import pytest
-import torch
 
 import rsd_entry
 from common.tokenizer.model import load_tokenizer
-from common.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from common.tokenizer.train import TokenizerTrainConfig
 
 TINY = ["--num-episodes", "6", "--epochs", "1", "--batch-size", "128", "--no-progress"]
 

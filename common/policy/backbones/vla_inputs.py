@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from common.policy.backbones.openvla import OPENVLA_OFT_UNNORM_KEYS, OpenVLAFeatureExtractor
+from common.policy.backbones.openvla import OpenVLAFeatureExtractor
+from common.policy.backbones.openvla_preprocessing import OPENVLA_OFT_UNNORM_KEYS
 
 # proprio = eef position (3) + eef axis-angle (3) + gripper finger positions (2): OFT's LIBERO state
 OFT_PROPRIO_DIM = 8
@@ -38,7 +39,7 @@ class VLAInputSpec:
     """How OpenVLA-OFT features were (and must again be) computed."""
 
     checkpoint: str  # Hugging Face id or local directory of the OFT checkpoint
-    feature: str = "action_tokens_mean"  # which hidden state (see openvla.select_feature)
+    feature: str = "action_tokens_mean"  # which hidden state (see openvla_preprocessing.select_feature)
     use_wrist: bool = True  # second image: the wrist camera
     use_proprio: bool = True  # 8-d proprio token (OFT's ProprioProjector)
     center_crop: bool = True  # checkpoints trained with image_aug
