@@ -137,6 +137,25 @@ def test_wrong_draft_costs_verify_plus_rest(bad_layer):
     assert st.main_positions == (K + 1) + (L - bad_layer - 1)
 
 
+@pytest.mark.parametrize("cap", [1, 2])
+def test_capping_drafted_layers_keeps_the_tokens_and_verifies_fewer_positions(cap):
+    main = make_main()
+    f = torch.randn(1, D)
+    codes, st = speculative_decode(main, OracleDraft(main), f, coarse_layers=cap)
+    assert torch.equal(codes, main.greedy_decode(f))
+    assert st.coarse_layers == cap and st.accepted_layers == [cap]
+    assert st.main_passes == L - cap and st.main_positions == L  # verify over cap + 1 positions, then one each
+    for seed in range(5):  # the batch-1 path of a real draft (propose_rows)
+        f = torch.randn(1, D)
+        codes, st = speculative_decode(main, make_draft(seed), f, coarse_layers=cap)
+        assert torch.equal(codes, main.greedy_decode(f))
+        assert st.coarse_layers == cap and 0 <= st.accepted_layers[0] <= cap
+        assert st.main_passes == L - st.accepted_layers[0]
+    # a cap above what the draft proposes changes nothing
+    _, st = speculative_decode(main, OracleDraft(main), f, coarse_layers=K + 2)
+    assert st.coarse_layers == K
+
+
 def test_main_only_accounting():
     main = make_main()
     f = torch.randn(2, D)
@@ -220,6 +239,8 @@ def test_argument_checks():
         speculative_decode(main, make_draft(), f, tolerance=1)
     with pytest.raises(ValueError, match="1 <= K <= num_layers-1"):
         speculative_decode(main, make_draft(k=L), f)
+    with pytest.raises(ValueError, match="coarse_layers: expected an integer >= 1"):
+        speculative_decode(main, make_draft(), f, coarse_layers=0)
     main.train()
     with pytest.raises(RuntimeError, match="eval"):
         speculative_decode(main, make_draft(), f)

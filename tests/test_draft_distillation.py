@@ -105,6 +105,11 @@ def test_flags_are_checked():
     with pytest.raises(ValueError, match="power of two"):
         EvalConfig(draft_candidates=3)
     assert EvalConfig(draft_candidates=4).run_name.endswith("_c4")
+    with pytest.raises(ValueError, match="--drafted-layers must be >= 0"):
+        EvalConfig(drafted_layers=-1)
+    assert EvalConfig(drafted_layers=2).run_name.endswith("_d2")
+    assert EvalConfig(drafted_layers=2).resume_key()["drafted_layers"] == 2
+    assert "drafted_layers" not in EvalConfig().resume_key()  # runs written before the flag still resume
     assert "draft" not in EvalConfig(use_speculative_decoding=False).checkpoint_paths()
     with pytest.raises(ValueError, match="--draft-trunk"):
         PolicyTrainConfig(data="x.hdf5", draft_trunk="conv")

@@ -117,12 +117,15 @@ def speculative_decode(
     draft_features: torch.Tensor | None = None,
     num_layers: int | None = None,
     candidates: int = 1,
+    coarse_layers: int | None = None,
 ) -> tuple[torch.Tensor, SpecStats]:
     """Draft K coarse layers, verify in one main pass, finish sequentially -> (codes [B,T,L], stats).
 
     draft_features: optional separate input for the draft (defaults to ``features``).
     num_layers: decode only the first n layers (prefix-depth decoding; default all L). The drafted
     layers are capped so that the verify pass stays inside them; with no room left this is main-only.
+    coarse_layers: draft at most this many of the draft's layers (default all K): a drafted layer that
+    is rarely accepted still widens the verify pass, so fewer can be faster (same tokens either way).
     """
     if acceptance not in ("exact", "relaxed"):
         raise ValueError(f"acceptance: expected 'exact' or 'relaxed', found {acceptance!r}")
@@ -136,7 +139,10 @@ def speculative_decode(
     if not 1 <= L <= main.num_layers:
         raise ValueError(f"num_layers: expected 1 <= n <= {main.num_layers}, found {num_layers}")
     hidden = _draft_input(draft) == "main_hidden"
+    if coarse_layers is not None and (int(coarse_layers) != coarse_layers or coarse_layers < 1):
+        raise ValueError(f"coarse_layers: expected an integer >= 1 (or None for all the draft's), found {coarse_layers!r}")
     K = min(draft.coarse_layers, L - (2 if hidden else 1))  # the verify pass must stay inside the decoded layers
+    K = K if coarse_layers is None else min(K, int(coarse_layers))
     if K < 1:
         return main_only_decode(main, features, timer, num_layers=L)
     if candidates != 1:

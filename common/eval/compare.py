@@ -50,6 +50,7 @@ class ComparisonConfig:
     # every variant decodes the depth and rule its head checkpoint chose on held-out data (see EvalConfig)
     auto_decode: bool = False
     draft_candidates: int = 1  # proposals verified per chunk in one main pass (a power of two; see EvalConfig)
+    drafted_layers: int = 0  # draft at most N layers (0 = all the draft proposes; see EvalConfig)
     decode_dtype: str = "float32"  # precision of the token models (see EvalConfig)
     max_steps: int = 0  # 0 = the suite's standard limit
     workers: int = 0  # parallel episode processes; 0 = number of CPU cores
@@ -144,7 +145,7 @@ def _variant_infos(cfg: ComparisonConfig, out: Path) -> dict[str, dict]:
             use_speculative_decoding=True,
             tokenizer=tokenizer, strategy=strategy, replan_steps=cfg.replan_steps, max_steps=cfg.max_steps, workers=cfg.workers, seed=cfg.seed,
             decode_layers=cfg.decode_layers, decode_rule=cfg.decode_rule, auto_decode=cfg.auto_decode,
-            draft_candidates=cfg.draft_candidates, decode_dtype=cfg.decode_dtype, compare_main_only=True, models_dir=cfg.models_dir, results_dir=cfg.results_dir, out=str(out / name),
+            draft_candidates=cfg.draft_candidates, drafted_layers=cfg.drafted_layers, decode_dtype=cfg.decode_dtype, compare_main_only=True, models_dir=cfg.models_dir, results_dir=cfg.results_dir, out=str(out / name),
         )
         infos[name] = evaluate(ecfg)
     return infos
@@ -205,7 +206,8 @@ def run_comparison(cfg: ComparisonConfig) -> dict:
         "Draft cost c = mean draft time / mean time of one main-only pass; verify overhead v = the speculative "
         "path's main time in those units minus its passes; same chunks. Speedup = L / (L - a + c + v): "
         "speculation pays only when the mean accepted layers a exceed c + v."
-        + (f" The draft offers {cfg.draft_candidates} candidates per chunk, verified in one pass." if cfg.draft_candidates > 1 else ""),
+        + (f" The draft offers {cfg.draft_candidates} candidates per chunk, verified in one pass." if cfg.draft_candidates > 1 else "")
+        + (f" At most {cfg.drafted_layers} drafted layers per chunk." if cfg.drafted_layers else ""),
         "",
         f"Tokenizer reconstruction MSE on held-out demo chunks ({fine['heldout']['num_chunks']} chunks; fine-motion = "
         f"{fine['robust']['fine_motion_chunks']} slow / gripper-toggle chunks):",

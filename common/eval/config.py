@@ -88,6 +88,9 @@ class EvalConfig:
     # proposals the draft offers per chunk (a power of two), all verified in the same ONE main pass:
     # 2^m variants of the first drafted layer's m least confident tokens (common/decoding/speculative.py)
     draft_candidates: int = 1
+    # draft at most N layers (0 = all the draft proposes, at most the decoded depth - 1): a drafted layer
+    # the main model rarely accepts still widens every verify pass; the tokens are the same either way
+    drafted_layers: int = 0
     # store the backbone features of every decoded chunk in episodes.jsonl: the states the policy
     # visits in closed loop, on which Phase 2 can distil the draft (--draft-rollouts)
     record_features: bool = False
@@ -120,7 +123,7 @@ class EvalConfig:
         for name in ("num_trials", "replan_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        for name in ("workers", "max_steps", "save_videos", "tolerance", "decode_layers", "first_trial"):
+        for name in ("workers", "max_steps", "save_videos", "tolerance", "decode_layers", "first_trial", "drafted_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
 
@@ -132,6 +135,7 @@ class EvalConfig:
         acc += "_ev" if self.decode_rule == "expected" else ""
         acc += "_auto" if self.auto_decode else ""
         acc += f"_c{self.draft_candidates}" if self.draft_candidates > 1 else ""
+        acc += f"_d{self.drafted_layers}" if self.drafted_layers else ""
         return f"{self.task_suite}_{self.tokenizer}_{self.strategy}_{dec}{acc}"
 
     def out_dir(self) -> Path:
@@ -155,7 +159,7 @@ class EvalConfig:
         for k in ("workers", "out", "results_dir", "save_videos", "torch_threads", "num_trials", "first_trial", "tasks", "assert_lossless",
                   "gpu", "plan", "spawn", "backbone"):
             d.pop(k)
-        for key, default in (("decode_rule", "argmax"), ("auto_decode", False)):
+        for key, default in (("decode_rule", "argmax"), ("auto_decode", False), ("drafted_layers", 0)):
             if d[key] == default:  # runs written before the flag existed still resume
                 d.pop(key)
         return d
