@@ -48,10 +48,18 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                              "python -m phase3.compare --task-suite libero_object --tasks 0-9 --num-trials 50 --first-trial 0 "
                              "--variant-trials robust-B=5 --auto-decode --models-dir <models of the default make run> --workers 2 "
                              "--out results/phase3/compare_libero_object"),
+    "phase3_libero_object_30epochs": ("phase3_diagnostics/object_30epochs/compare/comparison.md",
+                                      "phase3_diagnostics/object_30epochs/compare/comparison.json",
+                                      "the phase3_libero_object command on the models of the default make run with 30 policy epochs "
+                                      "(commit b3b610f) --out results/phase3_diagnostics/object_30epochs/compare"),
+    "phase3_libero_object_30epochs_by_layout": ("phase3_diagnostics/object_30epochs/by_layout/success_by_layout.md",
+                                                "phase3_diagnostics/object_30epochs/by_layout/success_by_layout.json",
+                                                "python -m benchmarks.success_by_layout --compare results/phase3_diagnostics/object_30epochs/compare "
+                                                "--demo-layouts 0-19 --pair robust-A,naive --out results/phase3_diagnostics/object_30epochs/by_layout"),
     "phase3_libero_object_by_layout": ("phase3_diagnostics/object_by_layout/success_by_layout.md",
                                        "phase3_diagnostics/object_by_layout/success_by_layout.json",
                                        "python -m benchmarks.success_by_layout --compare results/phase3/compare_libero_object "
-                                       "--demo-layouts 0-19 --out results/phase3_diagnostics/object_by_layout"),
+                                       "--demo-layouts 0-19 --pair robust-A,naive --out results/phase3_diagnostics/object_by_layout"),
     "phase3_draft_float32": ("phase3/draft_float32_libero_object/eval_table.md", "phase3/draft_float32_libero_object/eval_info.json",
                              "python -m phase3.modal_phase3_libero_eval --task-suite libero_object --tasks 0-9 --num-trials 10 "
                              "--tokenizer robust --strategy A --draft-dtype float32 --out results/phase3/draft_float32_libero_object"),
@@ -73,6 +81,9 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                                  "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 20 --first-trial 0 "
                                                  "--variants robust-A,naive --auto-decode --workers 2 --models-dir <the 256x4 models> "
                                                  "--out results/phase3_diagnostics/model_size/compare_demo_layouts"),
+    "phase3_drafted_layers": ("phase3_diagnostics/drafted_layers/speculation_terms.md", "phase3_diagnostics/drafted_layers/speculation_terms.json",
+                              "the commands in results/phase3_diagnostics/drafted_layers/COMMANDS.md (phase3 --drafted-layers K, "
+                              "then python -m benchmarks.speculation_terms)"),
     "phase3_retrain_variance": ("phase3_diagnostics/retrain_variance/levers.md", "phase3_diagnostics/retrain_variance/levers.json",
                                 "the commands in results/phase3_diagnostics/retrain_variance/COMMANDS.md, then python -m benchmarks.lever_table "
                                 "--out results/phase3_diagnostics/retrain_variance --runs label=<eval folder>,..."),
