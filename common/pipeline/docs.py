@@ -81,6 +81,10 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                                  "python -m phase3.compare --task-suite libero_spatial --tasks 0-3,5-9 --num-trials 20 --first-trial 0 "
                                                  "--variants robust-A,naive --auto-decode --workers 2 --models-dir <the 256x4 models> "
                                                  "--out results/phase3_diagnostics/model_size/compare_demo_layouts"),
+    "phase3_retrain_variance_seed1_full": ("phase3_diagnostics/retrain_variance/full_protocol_seed1/success_by_layout.md",
+                                           "phase3_diagnostics/retrain_variance/full_protocol_seed1/success_by_layout.json",
+                                           "the last commands in results/phase3_diagnostics/retrain_variance/COMMANDS.md "
+                                           "(seed 1 at 60 epochs, all 50 init states, then python -m benchmarks.success_by_layout)"),
     "phase3_drafted_layers": ("phase3_diagnostics/drafted_layers/speculation_terms.md", "phase3_diagnostics/drafted_layers/speculation_terms.json",
                               "the commands in results/phase3_diagnostics/drafted_layers/COMMANDS.md (phase3 --drafted-layers K, "
                               "then python -m benchmarks.speculation_terms)"),
