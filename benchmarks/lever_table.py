@@ -49,13 +49,36 @@ def _load_run(folder: Path, label: str) -> tuple[Path, dict, dict]:
     return path, info, {variant: v}
 
 
+def trials_key(cfg: dict) -> tuple:
+    """What runs compared side by side must share: suite, tasks, trials per task, first init state."""
+    return (cfg["task_suite"], cfg["tasks"], cfg["num_trials"], cfg.get("first_trial", 0))
+
+
+def same_trials(settings: set[tuple]) -> tuple:
+    """The one ``trials_key`` all runs share, or a clear error naming the ones found."""
+    if len(settings) != 1:
+        raise ValueError(f"runs differ in (suite, tasks, trials per task, first init state): {sorted(settings)}; compare like with like")
+    return next(iter(settings))
+
+
+def parse_runs(spec: str) -> list[tuple[str, Path]]:
+    """``--runs "label=folder,..."`` -> [(label, folder)]; labels may hold "=", folders do not."""
+    runs = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        label, sep, folder = item.rpartition("=")
+        if not sep:
+            raise ValueError(f"--runs: expected label=folder, found {item!r}")
+        runs.append((label.strip(), Path(folder.strip())))
+    return runs
+
+
 def build(runs: list[tuple[str, Path]], variants: tuple[str, ...] = ()) -> dict:
     """``variants``: keep only these (e.g. leave out a variant a baseline ran at fewer trials)."""
     rows, settings, keep = [], set(), set(variants)
     for label, folder in runs:
         path, comparison, found = _load_run(folder, label)
         cfg = comparison["config"]
-        settings.add((cfg["task_suite"], cfg["tasks"], cfg["num_trials"], cfg.get("first_trial", 0)))
+        settings.add(trials_key(cfg))
         for variant, v in found.items():
             if keep and variant not in keep:
                 continue
@@ -66,9 +89,7 @@ def build(runs: list[tuple[str, Path]], variants: tuple[str, ...] = ()) -> dict:
                          "main_passes_per_chunk": v["main_passes_per_chunk"], "main_only_passes_per_chunk": v["main_only_passes_per_chunk"],
                          "held_out_action_mse": _held_out_mse(folder), "source": str(path),
                          "source_git_sha": comparison.get("provenance", {}).get("git_sha")})
-    if len(settings) != 1:
-        raise ValueError(f"runs differ in (suite, tasks, trials per task, first init state): {sorted(settings)}; compare like with like")
-    suite, tasks, trials, first = settings.pop()
+    suite, tasks, trials, first = same_trials(settings)
     return {"suite": suite, "tasks": tasks, "trials_per_task": trials, "first_trial": first, "rows": rows}
 
 
@@ -94,13 +115,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--variants", default="", help='comma-separated variants to keep, e.g. "naive,robust-A" ("" = all)')
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "levers"))
     args = parser.parse_args(argv)
-    runs = []
-    for item in filter(None, (x.strip() for x in args.runs.split(","))):
-        label, sep, folder = item.rpartition("=")  # labels may hold "=", folders do not
-        if not sep:
-            raise ValueError(f"--runs: expected label=folder, found {item!r}")
-        runs.append((label.strip(), Path(folder.strip())))
-    result = build(runs, tuple(v.strip() for v in args.variants.split(",") if v.strip()))
+    result = build(parse_runs(args.runs), tuple(v.strip() for v in args.variants.split(",") if v.strip()))
     result["provenance"] = provenance(seed=0)
     out = Path(args.out)
     write_json(out / "levers.json", result)

@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-import rsd_entry  # noqa: F401  (repo root on sys.path when run as a script)
+import rsd_entry
+from benchmarks.lever_table import parse_runs, same_trials, trials_key
 from common.eval.compare import draft_cost_in_main_passes, verify_overhead_in_main_passes
 from common.provenance import REPO_ROOT, provenance, write_json
 
@@ -50,7 +51,7 @@ def _row(label: str, folder: Path) -> tuple[dict, tuple]:
         "lossless_identical_fraction": info["lossless_identical_fraction"], "chunks": info["chunks"],
         "source": rel, "source_git_sha": info.get("provenance", {}).get("git_sha"),
     }
-    return row, (cfg["task_suite"], cfg["tasks"], cfg["num_trials"], cfg.get("first_trial", 0))
+    return row, trials_key(cfg)
 
 
 def build(runs: list[tuple[str, Path]]) -> dict:
@@ -59,9 +60,7 @@ def build(runs: list[tuple[str, Path]]) -> dict:
         row, key = _row(label, folder)
         rows.append(row)
         settings.add(key)
-    if len(settings) != 1:
-        raise ValueError(f"runs differ in suite / tasks / trials / first init state: {sorted(settings)}; compare like with like")
-    suite, tasks, trials, first = settings.pop()
+    suite, tasks, trials, first = same_trials(settings)
     return {"suite": suite, "tasks": tasks, "trials_per_task": trials, "first_trial": first, "rows": rows, "provenance": provenance()}
 
 
@@ -89,32 +88,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_runs(spec: str) -> list[tuple[str, Path]]:
-    runs = []
-    for part in spec.split(","):
-        if "=" not in part:
-            raise ValueError(f"--runs: expected comma-separated label=folder pairs, found {part!r}")
-        label, folder = part.rsplit("=", 1)
-        runs.append((label.strip(), Path(folder.strip())))
-    return runs
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.speculation_terms", description=__doc__.split("\n")[0])
     ap.add_argument("--runs", required=True, help='comma-separated "label=folder" pairs (Phase 3 evaluation folders)')
     ap.add_argument("--out", default="results/phase3_diagnostics/speculation_terms")
     args = ap.parse_args(argv)
-    try:
-        result = build(parse_runs(args.runs))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 2
+    result = build(parse_runs(args.runs))
     out = Path(args.out)
     write_json(out / "speculation_terms.json", result)
     (out / "speculation_terms.md").write_text(markdown(result))
     print(markdown(result))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rsd_entry.main(main, sys.argv[1:])

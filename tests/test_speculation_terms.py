@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from benchmarks.speculation_terms import build, markdown, parse_runs
+from benchmarks.lever_table import parse_runs
+from benchmarks.speculation_terms import build, markdown
 
 
 def _write(folder, *, first_trial=0, spec=True, K=3):
