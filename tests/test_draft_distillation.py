@@ -49,6 +49,34 @@ def test_lean_proposal_path_equals_the_module_forward(activation):
         DraftWithProjection(feature_dim=D, tokens_per_layer=T, trunk="mlp", activation="tanh")
 
 
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_lean_chained_mlp_draft_proposes_the_forward_argmax_and_decodes_losslessly(activation):
+    """A chained MLP draft: each step is h + act(Linear(h + tokens)), no LayerNorm; ``propose_rows``
+    (module forwards called directly, one embedding_bag per layer) gives the forward's greedy tokens,
+    and speculative decoding with it stays identical to main-only greedy."""
+    from common.decoding.speculative import speculative_decode
+
+    torch.manual_seed(1)
+    d = DraftWithProjection(feature_dim=D, width=16, coarse_layers=3, tokens_per_layer=T, num_levels=V, hidden_layers=2,
+                            trunk="mlp", activation=activation, mode="chained").eval()
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in d.modules()) == 1 and len(d.chain_blocks) == 2
+    f = torch.randn(64, D)
+    with torch.no_grad():
+        free = d(f)
+    rows = d.propose_rows(f)
+    assert torch.equal(rows, free.argmax(dim=-1)) and rows.shape == (64, 3, T)
+    # teacher-forcing its own tokens reproduces the free-running logits; other tokens change layer 1
+    assert torch.equal(d(f, rows.transpose(1, 2)), free)
+    assert not torch.allclose(d(f, (rows.transpose(1, 2) + 1) % V)[:, 1], free[:, 1])
+    again = DraftWithProjection.from_config(d.config)
+    again.load_state_dict(d.state_dict())
+    assert torch.equal(again.eval().propose_rows(f), rows)
+    main = RFSQHead(feature_dim=D, num_layers=L, tokens_per_layer=T, num_levels=V, d_model=16, num_heads=2, num_blocks=1).eval()
+    for i in range(16):
+        codes, stats = speculative_decode(main, d, f[i : i + 1])
+        assert torch.equal(codes, main.greedy_decode(f[i : i + 1])) and stats.main_passes == L - stats.accepted_layers[0]
+
+
 def test_soft_targets_loss_is_the_kl_to_the_main_distribution():
     torch.manual_seed(0)
     d = DraftWithProjection(feature_dim=D, width=16, coarse_layers=2, tokens_per_layer=T, num_levels=V, trunk="mlp").eval()

@@ -92,6 +92,39 @@ def test_verify_equals_sequential_and_cache_truncation():
             torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
 
 
+def test_passes_from_position_zero_use_sdpa_causal_and_match_the_explicit_mask():
+    """Verify and teacher-forced passes start at position 0, where the layer mask is plain causal:
+    they take SDPA's is_causal path (no mask tensor), which must give the explicit mask's result."""
+    m = tiny()
+    f, proposed = torch.randn(3, 12), rand_codes(3, 3, 4)
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+        seen.append((q.shape[2], k.shape[2], attn_mask is None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+    with torch.no_grad():
+        x = torch.cat([m._embed_features(f), m._embed_layers(proposed, 0)], dim=1)  # positions 0..4
+        h = x
+        for blk in m.blocks:  # the same blocks with the explicit [5, 5] mask
+            h = blk(h, None, 0, m._visible[:5, :5])
+        masked = m.out(m.ln_f(h)).view(3, 5, 3, 7)
+        torch.nn.functional.scaled_dot_product_attention = spy
+        try:
+            logits, _ = m.verify(f, proposed)
+            cache, _ = m.start(f)
+            m.extend(cache, proposed[:, :, :2])  # positions 1..2 after a cached prefix: the mask
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = real
+    torch.testing.assert_close(logits, masked, atol=1e-6, rtol=0)
+    assert torch.equal(logits.argmax(-1), masked.argmax(-1))
+    blocks = len(m.blocks)
+    assert seen[:blocks] == [(5, 5, True, True)] * blocks  # verify: causal, no mask tensor
+    assert seen[blocks : 2 * blocks] == [(1, 1, True, False)] * blocks  # one position: nothing to mask
+    assert seen[2 * blocks :] == [(2, 3, False, False)] * blocks  # after a prefix: the explicit mask
+
+
 def test_extend_multi_layer_and_limits():
     m = tiny()
     f = torch.randn(1, 12)

@@ -6,7 +6,8 @@ or a plain GELU/Linear MLP)--> h
 mode="parallel": Linear(h) -> logits [B, K, T, V] for all K layers at once (independent layers).
 mode="chained":  layer l's logits come from h_l; its greedy tokens are embedded (one vector per
                  (slot, level), summed like the main model's layer embedding) and added to h_l
-                 through one residual MLP block to give h_{l+1}.  The main model predicts layer l
+                 through one residual MLP block to give h_{l+1} (``trunk="residual"``: a LayerNorm
+                 block; ``trunk="mlp"``: h + act(Linear(h + tokens)), no norm, 3 ops).  The main model predicts layer l
                  GIVEN layers < l, so a draft that also sees its own coarser tokens can match the
                  main's choice on layer 1 and 2, which an independent head can only guess.
 
@@ -49,6 +50,19 @@ class _ResidualMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop(F.gelu(self.fc(self.ln(x))))
+
+
+class _ChainStep(nn.Module):
+    """h_{l+1} = h + act(Linear(h + token embedding)): the chained ``mlp`` trunk's step from one
+    drafted layer to the next, without the LayerNorm that at batch 1 costs as much as the Linear."""
+
+    def __init__(self, *, width: int, activation: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.act = DRAFT_ACTIVATIONS[activation]()
+
+    def forward(self, h: torch.Tensor, tokens_embedded: torch.Tensor) -> torch.Tensor:
+        return h + self.act(self.fc(h + tokens_embedded))
 
 
 class DraftWithProjection(nn.Module):
@@ -125,7 +139,10 @@ class DraftWithProjection(nn.Module):
             self.out = nn.Linear(self.width, T * V)  # shared across layers; h_l carries the layer
             self.layer_embed = nn.Embedding(K, self.width)
             self.code_embed = nn.Embedding(T * V, self.width)  # index slot*V + level, summed over slots
-            self.chain_blocks = nn.ModuleList([_ResidualMLP(width=self.width, dropout=self.dropout) for _ in range(K - 1)])
+            if trunk == "residual":
+                self.chain_blocks = nn.ModuleList([_ResidualMLP(width=self.width, dropout=self.dropout) for _ in range(K - 1)])
+            else:
+                self.chain_blocks = nn.ModuleList([_ChainStep(width=self.width, activation=activation) for _ in range(K - 1)])
             nn.init.normal_(self.code_embed.weight, std=0.02)
             nn.init.normal_(self.layer_embed.weight, std=0.02)
 
@@ -191,7 +208,8 @@ class DraftWithProjection(nn.Module):
             logits.append(layer_logits)
             if layer + 1 < K:
                 tokens = layer_logits.argmax(dim=-1) if codes is None else codes[:, :, f + layer].long()
-                h = self.chain_blocks[layer](h + self.code_embed(tokens + self._slot_offsets).sum(dim=1))
+                embedded = self.code_embed(tokens + self._slot_offsets).sum(dim=1)
+                h = self.chain_blocks[layer](h + embedded) if self.trunk == "residual" else self.chain_blocks[layer](h, embedded)
         return torch.stack(logits, dim=1)
 
     def loss(self, features: torch.Tensor, codes: torch.Tensor, soft_targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -224,8 +242,8 @@ class DraftWithProjection(nn.Module):
         """``propose`` laid out as rows [B, K, T] (one per drafted layer; what the decode loop feeds)."""
         dtype = self.projection[1].weight.dtype
         x = features if features.dtype == dtype else features.to(dtype)
-        if self.mode == "parallel" and self.trunk == "mlp" and self.input == "features" and not self.training:
-            return self._lean_logits(x).argmax(dim=-1)
+        if self.trunk == "mlp" and self.input == "features" and not self.training:
+            return self._lean_logits(x).argmax(dim=-1) if self.mode == "parallel" else self._lean_chained_rows(x)
         return self(x, prefix=prefix).argmax(dim=-1)
 
     def _lean_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,6 +255,24 @@ class DraftWithProjection(nn.Module):
         for layer in self.blocks:
             h = layer.forward(h)
         return self.out.forward(h).view(x.shape[0], self.coarse_layers, self.tokens_per_layer, self.num_levels)
+
+    def _lean_chained_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Greedy rows [B, K, T] of a chained MLP draft, ``forward``'s ops with the modules' ``forward``
+        called directly and each layer's T token embeddings summed by one ``embedding_bag``."""
+        ln, proj = self.projection
+        h = proj.forward(ln.forward(x))
+        for layer in self.blocks:
+            h = layer.forward(h)
+        B, T, V = x.shape[0], self.tokens_per_layer, self.num_levels
+        rows = []
+        for layer in range(self.coarse_layers):
+            h = h + self.layer_embed.weight[layer]
+            tokens = self.out.forward(h).view(B, T, V).argmax(dim=-1)
+            rows.append(tokens)
+            if layer + 1 < self.coarse_layers:
+                embedded = F.embedding_bag(tokens + self._slot_offsets, self.code_embed.weight, mode="sum")
+                h = self.chain_blocks[layer].forward(h, embedded)
+        return torch.stack(rows, dim=1)
 
     @torch.no_grad()
     def propose_candidates(self, features: torch.Tensor, num_candidates: int) -> torch.Tensor:

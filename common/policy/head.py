@@ -89,10 +89,11 @@ class _CausalSelfAttention(nn.Module):
         self.attn_dropout = float(dropout)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, past: int,
-                visible: torch.Tensor | None = None) -> torch.Tensor:
+                visible: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         """x [B, n, d] at positions past..past+n-1. ``kv``: this block's cache buffers, into which the
         new keys/values are written (decoding); ``None`` for a teacher-forced pass over the whole sequence.
-        ``visible`` [n, past+n] bool: the keys each query may see (None: all of them, n == 1)."""
+        ``visible`` [n, past+n] bool: the keys each query may see; None: all of them (n == 1), or
+        causal with ``causal`` (past == 0: SDPA's own causal path, no mask tensor to expand and apply)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if kv is not None:
@@ -101,7 +102,8 @@ class _CausalSelfAttention(nn.Module):
             k, v = kv[0][:, :, : past + n], kv[1][:, :, : past + n]
         # one fused op instead of matmul / scale / mask / softmax / matmul: at batch 1 the per-op
         # overhead, not the arithmetic, sets the cost of a pass
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=self.attn_dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=self.attn_dropout if self.training else 0.0,
+                                           is_causal=causal)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
@@ -116,8 +118,8 @@ class _Block(nn.Module):
         )
         self.drop = _dropout(dropout)
 
-    def forward(self, x, kv, past, visible=None):
-        x = x + self.drop(self.attn(self.ln1(x), kv, past, visible))
+    def forward(self, x, kv, past, visible=None, causal=False):
+        x = x + self.drop(self.attn(self.ln1(x), kv, past, visible, causal))
         return x + self.mlp(self.ln2(x))
 
 
@@ -266,9 +268,11 @@ class RFSQHead(nn.Module):
         if cache is not None:
             cache.writable()
         n = x.shape[1]
-        visible = None if n == 1 else self._visible[past : past + n, : past + n]
+        # from position 0 the mask is plain causal (the verify pass, teacher forcing): SDPA's is_causal
+        causal = n > 1 and past == 0
+        visible = None if n == 1 or causal else self._visible[past : past + n, : past + n]
         for i, blk in enumerate(self.blocks):
-            h = blk(h, None if cache is None else (cache.keys[i], cache.values[i]), past, visible)
+            h = blk(h, None if cache is None else (cache.keys[i], cache.values[i]), past, visible, causal)
         if cache is not None:
             cache.length = past + x.shape[1]
         h = self.ln_f(h)
