@@ -230,6 +230,52 @@ def test_relaxed_accepts_within_tolerance_only():
     assert st_far.accepted_layers == [0]
 
 
+def test_relaxed_layers_apply_the_tolerance_to_the_coarse_drafted_layers_only():
+    """relaxed_layers=n: a one-level error is accepted on the n coarsest drafted layers and rejected
+    on the finer ones, which must equal the main model's tokens given the draft's coarse ones."""
+    from common.policy.draft import check_proposal
+
+    main_tokens = torch.tensor([[[2, 3, 4]]])  # [B=1, T=1, K=3]
+    off_by_one = main_tokens + 1
+    for n, accepted in ((0, 3), (1, 1), (2, 2), (3, 3), (5, 3)):
+        token_ok, layer_ok, acc = check_proposal(off_by_one, main_tokens, tolerance=1, relaxed_layers=n)
+        assert acc.tolist() == [accepted], n
+    assert check_proposal(off_by_one, main_tokens, tolerance=0, relaxed_layers=1)[2].tolist() == [0]
+
+    main = make_main(5)
+    f = torch.randn(1, D)
+
+    class CoarseOffDraft(OracleDraft):  # layer 0 off by one level, layers 1.. the main's given that layer 0
+        def propose(self, features):
+            c = self.main.greedy_decode(features)[..., :1].clone()
+            c = torch.where(c < V - 1, c + 1, c - 1)
+            cache, _ = self.main.start(features)
+            layers = [c[..., 0]]
+            for _ in range(1, self.coarse_layers):
+                cache, logits = self.main.extend(cache, layers[-1])
+                layers.append(logits.argmax(-1))
+            return torch.stack(layers, dim=2)
+
+    draft = CoarseOffDraft(main)
+    codes, st = speculative_decode(main, draft, f, acceptance="relaxed", tolerance=1, relaxed_layers=1)
+    assert st.accepted_layers == [K] and st.relaxed_layers == 1 and st.lossy
+    assert torch.equal(codes[..., :K], draft.propose(f))  # the draft's coarse layer, the main's finer ones given it
+    class FineOffDraft(OracleDraft):  # layer 0 the main's, layer 1 one level off
+        def propose(self, features):
+            c = super().propose(features)
+            c[:, :, 1] = torch.where(c[:, :, 1] < V - 1, c[:, :, 1] + 1, c[:, :, 1] - 1)
+            return c
+
+    fine_off = FineOffDraft(main)
+    _, st1 = speculative_decode(main, fine_off, f, acceptance="relaxed", tolerance=1, relaxed_layers=1)
+    _, st_all = speculative_decode(main, fine_off, f, acceptance="relaxed", tolerance=1)
+    assert st1.accepted_layers == [1] and st_all.accepted_layers[0] >= 2  # exact on layer 1 / tolerant there
+    with pytest.raises(ValueError, match="relaxed_layers: only relaxed acceptance"):
+        speculative_decode(main, draft, f, relaxed_layers=1)
+    with pytest.raises(ValueError, match="relaxed_layers: expected an integer >= 1"):
+        speculative_decode(main, draft, f, acceptance="relaxed", tolerance=1, relaxed_layers=0)
+
+
 def test_argument_checks():
     main = make_main()
     f = torch.randn(1, D)

@@ -146,6 +146,9 @@ def test_config_validation():
         EvalConfig(tokenizer="naive", strategy="B")
     with pytest.raises(ValueError, match="--tolerance needs --acceptance relaxed"):
         EvalConfig(tolerance=1)
+    with pytest.raises(ValueError, match="--relaxed-layers needs --acceptance relaxed"):
+        EvalConfig(relaxed_layers=1)
+    assert EvalConfig(acceptance="relaxed", tolerance=1, relaxed_layers=1).run_name.endswith("_relaxed1_rl1")
     with pytest.raises(ValueError, match="--task-suite"):
         EvalConfig(task_suite="libero_100")
 
@@ -270,14 +273,19 @@ def test_relaxed_acceptance_benchmark_reports_the_executed_chunks_deviation_from
     from benchmarks.relaxed_acceptance import run
 
     result = run(str(models["models"]), suite=SUITE, tasks="0", num_trials=1, tolerances=[0, 6], workers=1,
-                 auto_decode=False, out=tmp_path, max_steps=12)
-    exact, loose = result["rows"]
+                 auto_decode=False, out=tmp_path, max_steps=12, relaxed_layers=(0, 1))
+    exact, loose, coarse = result["rows"]
+    assert [(r["tolerance"], r["relaxed_layers"]) for r in result["rows"]] == [(0, 0), (6, 0), (6, 1)]
+    assert (tmp_path / "tolerance_6_layers1" / "eval_info.json").exists()
+    # r = 6 on the coarsest drafted layer only: the finer ones are accepted exactly, so never more
+    assert coarse["mean_accepted_layers"] <= loose["mean_accepted_layers"]
     assert exact["identical_fraction"] == 1.0 and exact["action_mse_vs_main_only"] == 0.0
     # r = 6 accepts every drafted layer of 7-level tokens: all K coarse layers come from the draft
     assert loose["mean_accepted_layers"] == pytest.approx(3.0)
     if loose["identical_fraction"] < 1.0:
         assert loose["action_mse_vs_main_only"] > 0.0
-    assert "| 6 |" in (tmp_path / "relaxed_acceptance.md").read_text()
+    table = (tmp_path / "relaxed_acceptance.md").read_text()
+    assert "| 6 | all |" in table and "| 6 | the coarsest 1 |" in table and "| 0 | none (exact) |" in table
 
 
 def test_first_trial_offsets_the_init_states_and_is_checked(models, tmp_path):

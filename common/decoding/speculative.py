@@ -40,7 +40,10 @@ batch 1 or 4 (per-op overhead), so this raises acceptance for almost nothing; st
 
 ``acceptance="relaxed", tolerance=t`` accepts a layer when every draft token is within t levels
 of the main's greedy token; accepted layers keep the DRAFT's tokens, so the result is lossy and
-``SpecStats.lossy`` is set (report it separately from exact mode).
+``SpecStats.lossy`` is set (report it separately from exact mode). ``relaxed_layers=n`` applies the
+tolerance to the n coarsest drafted layers only and accepts the finer ones exactly: the main model
+predicts those given the draft's coarse tokens, so a redundant code's later layers can absorb a
+coarse error, while the last drafted layers, which nothing after them corrects, stay the main's.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class SpecStats:
     draft_time_s: float = 0.0
     main_time_s: float = 0.0
     lossy: bool = False  # True for relaxed acceptance with tolerance > 0
+    relaxed_layers: int = 0  # relaxed acceptance: the tolerance applied to this many coarsest drafted layers (0 = all)
     # the main model's logits [B, T, V] for the last decoded layer (what expected-value decoding reads);
     # a tensor, so left out of ``as_dict``
     last_logits: Any = field(default=None, repr=False, compare=False)
@@ -118,6 +122,7 @@ def speculative_decode(
     num_layers: int | None = None,
     candidates: int = 1,
     coarse_layers: int | None = None,
+    relaxed_layers: int | None = None,
 ) -> tuple[torch.Tensor, SpecStats]:
     """Draft K coarse layers, verify in one main pass, finish sequentially -> (codes [B,T,L], stats).
 
@@ -126,6 +131,8 @@ def speculative_decode(
     layers are capped so that the verify pass stays inside them; with no room left this is main-only.
     coarse_layers: draft at most this many of the draft's layers (default all K): a drafted layer that
     is rarely accepted still widens the verify pass, so fewer can be faster (same tokens either way).
+    relaxed_layers: with relaxed acceptance, the tolerance applies to the n coarsest drafted layers
+    only (the finer ones are accepted exactly); None = all drafted layers.
     """
     if acceptance not in ("exact", "relaxed"):
         raise ValueError(f"acceptance: expected 'exact' or 'relaxed', found {acceptance!r}")
@@ -133,6 +140,11 @@ def speculative_decode(
         raise ValueError(f"tolerance: expected an integer >= 0, found {tolerance!r}")
     if acceptance == "exact" and tolerance != 0:
         raise ValueError(f"tolerance: exact acceptance needs tolerance=0, found {tolerance} (use acceptance='relaxed')")
+    if relaxed_layers is not None and (int(relaxed_layers) != relaxed_layers or relaxed_layers < 1):
+        raise ValueError(f"relaxed_layers: expected an integer >= 1 (or None for every drafted layer), found {relaxed_layers!r}")
+    if relaxed_layers is not None and acceptance != "relaxed":
+        raise ValueError(f"relaxed_layers: only relaxed acceptance has a tolerance to apply, found acceptance={acceptance!r}")
+    relaxed = 0 if relaxed_layers is None else int(relaxed_layers)  # 0 = every drafted layer
     _check_pair(main, draft)
     timer = timer if timer is not None else StageTimer()
     L = main.num_layers if num_layers is None else int(num_layers)
@@ -148,10 +160,11 @@ def speculative_decode(
     if candidates != 1:
         if hidden:
             raise ValueError(f"candidates: a main_hidden draft proposes one candidate, found candidates={candidates}")
-        return _speculative_candidates(main, draft, features, draft_features, acceptance=acceptance, tolerance=int(tolerance),
+        return _speculative_candidates(main, draft, features, draft_features, acceptance=acceptance, tolerance=int(tolerance), relaxed=relaxed,
                                        timer=timer, K=K, L=L, N=int(candidates))
     if hidden:
-        return _speculative_from_hidden(main, draft, features, acceptance=acceptance, tolerance=int(tolerance), timer=timer, K=K, L=L)
+        return _speculative_from_hidden(main, draft, features, acceptance=acceptance, tolerance=int(tolerance), relaxed=relaxed,
+                                        timer=timer, K=K, L=L)
 
     if features.shape[0] == 1 and acceptance == "exact" and hasattr(draft, "propose_rows"):
         return _speculative_single(main, draft, features if draft_features is None else draft_features, features, timer=timer, K=K, L=L)
@@ -162,13 +175,13 @@ def speculative_decode(
     with timer.stage("main"):
         logits, cache = main.verify_(features, proposed)  # [B, K+1, T, V]
         main_greedy = logits.argmax(dim=-1).transpose(1, 2)  # [B, T, K+1]
-        _, _, accepted = check_proposal(proposed, main_greedy, tolerance=tolerance)
+        _, _, accepted = check_proposal(proposed, main_greedy, tolerance=tolerance, relaxed_layers=relaxed)
         a = int(accepted.min())
         # layers < a: the draft's tokens (== main greedy in exact mode); layer a: main's verify row a
         layers = [proposed[..., i].long() for i in range(a)] + [main_greedy[..., a]]
         cache.truncate_(a + 1)
         passes, positions, last_logits = _finish(main, cache, layers, L, logits[:, a])
-    stats = _stats(L, K, acceptance, int(tolerance), accepted, a, 1 + passes, K + 1 + positions, draft_time, timer.last["main"])
+    stats = _stats(L, K, acceptance, int(tolerance), accepted, a, 1 + passes, K + 1 + positions, draft_time, timer.last["main"], relaxed)
     stats.last_logits = last_logits
     return torch.stack(layers, dim=2), stats
 
@@ -205,7 +218,7 @@ def _speculative_single(main: RFSQHead, draft: DraftWithProjection, draft_featur
 
 
 def _speculative_candidates(main: RFSQHead, draft: DraftWithProjection, features: torch.Tensor, draft_features: torch.Tensor | None,
-                            *, acceptance: str, tolerance: int, timer: StageTimer, K: int, L: int, N: int) -> tuple[torch.Tensor, SpecStats]:
+                            *, acceptance: str, tolerance: int, relaxed: int, timer: StageTimer, K: int, L: int, N: int) -> tuple[torch.Tensor, SpecStats]:
     """N proposals per chunk, verified in ONE main pass of batch B*N (see the module docstring)."""
     B = features.shape[0]
     with timer.stage("draft"):
@@ -215,7 +228,7 @@ def _speculative_candidates(main: RFSQHead, draft: DraftWithProjection, features
         flat = cands.reshape(B * N, *cands.shape[2:])
         logits, cache = main.verify_(features.repeat_interleave(N, dim=0), flat)  # [B*N, K+1, T, V]
         main_greedy = logits.argmax(dim=-1).transpose(1, 2)  # [B*N, T, K+1]
-        _, _, accepted_all = check_proposal(flat, main_greedy, tolerance=tolerance)
+        _, _, accepted_all = check_proposal(flat, main_greedy, tolerance=tolerance, relaxed_layers=relaxed)
         accepted, best = accepted_all.view(B, N).max(dim=1)  # the first candidate with the longest prefix
         rows = torch.arange(B, device=best.device) * N + best
         a = int(accepted.min())
@@ -225,7 +238,7 @@ def _speculative_candidates(main: RFSQHead, draft: DraftWithProjection, features
         if a + 1 < L:  # only the kept candidates' cache rows go on
             cache = KVCache([k[rows] for k in cache.keys], [v[rows] for v in cache.values], a + 1)
             passes, positions, last_logits = _finish(main, cache, layers, L, last_logits)
-    stats = _stats(L, K, acceptance, tolerance, accepted, a, 1 + passes, N * (K + 1) + positions, draft_time, timer.last["main"])
+    stats = _stats(L, K, acceptance, tolerance, accepted, a, 1 + passes, N * (K + 1) + positions, draft_time, timer.last["main"], relaxed)
     stats.candidates = N
     stats.last_logits = last_logits
     return torch.stack(layers, dim=2), stats
@@ -244,18 +257,18 @@ def _finish(main: RFSQHead, cache, layers: list[torch.Tensor], L: int, last_logi
 
 
 def _stats(L: int, K: int, acceptance: str, tolerance: int, accepted: torch.Tensor | list[int], a: int, passes: int, positions: int,
-           draft_time: float, main_time: float) -> SpecStats:
+           draft_time: float, main_time: float, relaxed_layers: int = 0) -> SpecStats:
     assert passes == L - a, (passes, L, a)  # the documented accounting
     return SpecStats(
         num_layers=L, coarse_layers=K, acceptance=acceptance, tolerance=tolerance,
         accepted_layers=[int(x) for x in (accepted.tolist() if torch.is_tensor(accepted) else accepted)], used_prefix=a, main_passes=passes,
         main_positions=positions, draft_passes=1, draft_time_s=draft_time, main_time_s=main_time,
-        lossy=acceptance == "relaxed" and tolerance > 0,
+        lossy=acceptance == "relaxed" and tolerance > 0, relaxed_layers=relaxed_layers,
     )
 
 
 def _speculative_from_hidden(main: RFSQHead, draft: DraftWithProjection, features: torch.Tensor, *,
-                             acceptance: str, tolerance: int, timer: StageTimer, K: int, L: int) -> tuple[torch.Tensor, SpecStats]:
+                             acceptance: str, tolerance: int, relaxed: int, timer: StageTimer, K: int, L: int) -> tuple[torch.Tensor, SpecStats]:
     """A ``main_hidden`` draft: pass 1 computes position 0 (layer 0, exact, and the hidden state the
     draft reads); the draft proposes layers 1..K; pass 2 feeds layers 0..K at positions 1..K+1 and
     verifies them; layer a+1 comes free from that pass. Main passes = L - a, as for a feature draft."""
@@ -269,12 +282,12 @@ def _speculative_from_hidden(main: RFSQHead, draft: DraftWithProjection, feature
     with timer.stage("main"):
         logits = main.extend_many_(cache, torch.cat([layer0.unsqueeze(2), proposed.long()], dim=2))  # layers 1..K+1
         main_greedy = logits.argmax(dim=-1).transpose(1, 2)  # [B, T, K+1]
-        _, _, accepted = check_proposal(proposed, main_greedy, tolerance=tolerance)
+        _, _, accepted = check_proposal(proposed, main_greedy, tolerance=tolerance, relaxed_layers=relaxed)
         a = int(accepted.min())
         layers = [layer0] + [proposed[..., i].long() for i in range(a)] + [main_greedy[..., a]]
         cache.truncate_(a + 2)
         passes, positions, last_logits = _finish(main, cache, layers, L, logits[:, a])
-    stats = _stats(L, K, acceptance, tolerance, accepted, a, 2 + passes, K + 2 + positions, draft_time, first_pass + timer.last["main"])
+    stats = _stats(L, K, acceptance, tolerance, accepted, a, 2 + passes, K + 2 + positions, draft_time, first_pass + timer.last["main"], relaxed)
     stats.last_logits = last_logits
     return torch.stack(layers, dim=2), stats
 

@@ -48,6 +48,9 @@ class EvalConfig:
     strategy: str = "A"  # A: models trained on this tokenizer's tokens; B: naive-token models + robust decoder
     acceptance: str = "exact"  # exact (lossless) | relaxed (lossy, reported separately)
     tolerance: int = 0  # relaxed acceptance: largest accepted |draft - main| token difference (levels)
+    # relaxed acceptance: apply the tolerance to the N coarsest drafted layers only, accept the finer
+    # ones exactly (the main model predicts them given the draft's coarse tokens); 0 = every drafted layer
+    relaxed_layers: int = 0
     replan_steps: int = 4  # actions executed per decoded chunk before replanning (1..chunk length, env steps)
     workers: int = 0  # 0 = number of CPU cores
     max_steps: int = 0  # 0 = the suite's standard limit
@@ -118,12 +121,14 @@ class EvalConfig:
             raise ValueError(f"--acceptance must be exact or relaxed; got {self.acceptance!r}")
         if self.acceptance == "exact" and self.tolerance != 0:
             raise ValueError("--tolerance needs --acceptance relaxed (exact acceptance is lossless, tolerance 0)")
+        if self.acceptance == "exact" and self.relaxed_layers:
+            raise ValueError("--relaxed-layers needs --acceptance relaxed (exact acceptance has no tolerance to apply)")
         if self.draft_candidates < 1 or self.draft_candidates & (self.draft_candidates - 1):
             raise ValueError(f"--draft-candidates must be a power of two (1, 2, 4, ...); got {self.draft_candidates}")
         for name in ("num_trials", "replan_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        for name in ("workers", "max_steps", "save_videos", "tolerance", "decode_layers", "first_trial", "drafted_layers"):
+        for name in ("workers", "max_steps", "save_videos", "tolerance", "decode_layers", "first_trial", "drafted_layers", "relaxed_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
 
@@ -131,6 +136,7 @@ class EvalConfig:
     def run_name(self) -> str:
         dec = "spec" if self.use_speculative_decoding else "main_only"
         acc = "" if self.acceptance == "exact" else f"_relaxed{self.tolerance}"
+        acc += f"_rl{self.relaxed_layers}" if self.relaxed_layers else ""
         acc += f"_k{self.decode_layers}" if self.decode_layers else ""
         acc += "_ev" if self.decode_rule == "expected" else ""
         acc += "_auto" if self.auto_decode else ""

@@ -136,6 +136,7 @@ class TokenPolicy:
                 codes, stats = speculative_decode(
                     self.policy.head, self.policy.draft, features, acceptance=cfg.acceptance, tolerance=cfg.tolerance, timer=timer,
                     num_layers=depth, candidates=cfg.draft_candidates, coarse_layers=cfg.drafted_layers or None,
+                    relaxed_layers=cfg.relaxed_layers or None,
                 )
                 info.update(accepted_layers=stats.accepted_layers[0], coarse_layers=stats.coarse_layers, draft_s=stats.draft_time_s)
             else:

@@ -316,9 +316,12 @@ def _swap_patterns(m: int, device: torch.device) -> torch.Tensor:
     return _PATTERNS[key]
 
 
-def check_proposal(proposed: torch.Tensor, main_greedy: torch.Tensor, *, tolerance: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def check_proposal(proposed: torch.Tensor, main_greedy: torch.Tensor, *, tolerance: int = 0,
+                   relaxed_layers: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The acceptance rule, in one place: draft tokens ``proposed`` [B, T, K] against the main
     model's greedy tokens given the proposed coarser layers ``main_greedy`` [B, T, >=K].
+    ``relaxed_layers`` n > 0: the tolerance holds for the n coarsest drafted layers only; the
+    finer ones must match exactly (0: every drafted layer).
 
     Returns (token_ok [B, T, K], layer_ok [B, K]: every token of the layer within ``tolerance``
     levels, accepted [B]: the longest all-ok prefix of layers, 0..K).
@@ -327,7 +330,10 @@ def check_proposal(proposed: torch.Tensor, main_greedy: torch.Tensor, *, toleran
     if tolerance == 0 and proposed.dtype == main_greedy.dtype:  # the decode loop's case: one comparison
         token_ok = proposed == main_greedy[..., :K]
     else:
-        token_ok = (proposed.long() - main_greedy[..., :K].long()).abs() <= int(tolerance)
+        limit = int(tolerance)
+        if 0 < relaxed_layers < K:  # [K]: t for the coarse layers, 0 beyond
+            limit = torch.arange(K, device=proposed.device).lt(relaxed_layers).long() * int(tolerance)
+        token_ok = (proposed.long() - main_greedy[..., :K].long()).abs() <= limit
     layer_ok = token_ok.all(dim=1)
     accepted = torch.cumprod(layer_ok.long(), dim=1).sum(dim=1)
     return token_ok, layer_ok, accepted
