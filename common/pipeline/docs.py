@@ -85,6 +85,14 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                            "phase3_diagnostics/retrain_variance/full_protocol_seed1/success_by_layout.json",
                                            "the last commands in results/phase3_diagnostics/retrain_variance/COMMANDS.md "
                                            "(seed 1 at 60 epochs, all 50 init states, then python -m benchmarks.success_by_layout)"),
+    "phase3_verify_causal_ab": ("phase3_diagnostics/verify_causal_ab/speculation_terms.md",
+                                "phase3_diagnostics/verify_causal_ab/speculation_terms.json",
+                                "the commands in results/phase3_diagnostics/verify_causal_ab/COMMANDS.md (four Phase 3 runs, explicit "
+                                "mask and is_causal alternating; python -m benchmarks.speculation_terms)"),
+    "phase3_chained_drafts": ("phase3_diagnostics/draft_variants/chained_closed_loop/speculation_terms.md",
+                              "phase3_diagnostics/draft_variants/chained_closed_loop/speculation_terms.json",
+                              "the commands in results/phase3_diagnostics/draft_variants/chained_closed_loop/COMMANDS.md (Phase 2 --train draft "
+                              "--draft-mode chained; phase3.compare --variants robust-A; python -m benchmarks.speculation_terms)"),
     "phase3_drafted_layers": ("phase3_diagnostics/drafted_layers/speculation_terms.md", "phase3_diagnostics/drafted_layers/speculation_terms.json",
                               "the commands in results/phase3_diagnostics/drafted_layers/COMMANDS.md (phase3 --drafted-layers K, "
                               "then python -m benchmarks.speculation_terms)"),
@@ -118,7 +126,8 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                            "--out results/phase3_diagnostics/data_rounds --variants robust-A --runs label=<eval folder>,..."),
     "phase3_relaxed_acceptance": ("phase3_diagnostics/relaxed_acceptance/relaxed_acceptance.md",
                                   "phase3_diagnostics/relaxed_acceptance/relaxed_acceptance.json",
-                                  "python -m benchmarks.relaxed_acceptance --models-dir <models of the default make run> --num-trials 5 --workers 2"),
+                                  "python -m benchmarks.relaxed_acceptance --models-dir artifacts/pipeline/default_sbs/models (the default make run's) "
+                                  "--tolerances 0,1,2 --relaxed-layers 0,1 --num-trials 5 --workers 2"),
     "phase3_decode_depth_latency": ("phase3_diagnostics/decode_depth_latency.md", "phase3_diagnostics/decode_depth_latency.json",
                                     "python -m benchmarks.decode_depth_latency --models-dir <models of the default make run> --candidates 1,2,4 --dtype float64"),
     "phase3_decode_depth_latency_float32": ("phase3_diagnostics/decode_depth_latency_float32.md",
