@@ -160,6 +160,8 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                                       "(results/phase3_diagnostics/decode_trained_graphs_h100/COMMANDS.md)"),
     "bench_decode_sweep": ("bench_decode_sweep/bench_decode_sweep.md", "bench_decode_sweep/bench_decode_sweep.json",
                            "python -m benchmarks.bench_decode_sweep"),
+    "bench_decode_sweep_float32": ("bench_decode_sweep_float32/bench_decode_sweep.md", "bench_decode_sweep_float32/bench_decode_sweep.json",
+                                   "python -m benchmarks.bench_decode_sweep --dtype float32 --out results/bench_decode_sweep_float32"),
     "bench_decode_sweep_gpu": ("bench_decode_sweep_gpu/bench_decode_sweep.md", "bench_decode_sweep_gpu/bench_decode_sweep.json",
                                "bash benchmarks/device_sweep.sh --budget-s 1.5 --repeats 3000 (on a GPU machine)"),
     "bench_decode_sweep_gpu_bf16": ("bench_decode_sweep_gpu_bf16/bench_decode_sweep.md", "bench_decode_sweep_gpu_bf16/bench_decode_sweep.json",
