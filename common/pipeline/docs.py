@@ -93,6 +93,11 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                               "phase3_diagnostics/draft_variants/chained_closed_loop/speculation_terms.json",
                               "the commands in results/phase3_diagnostics/draft_variants/chained_closed_loop/COMMANDS.md (Phase 2 --train draft "
                               "--draft-mode chained; phase3.compare --variants robust-A; python -m benchmarks.speculation_terms)"),
+    "phase3_main_hidden_drafts": ("phase3_diagnostics/draft_variants/main_hidden_closed_loop/speculation_terms.md",
+                                  "phase3_diagnostics/draft_variants/main_hidden_closed_loop/speculation_terms.json",
+                                  "the commands in results/phase3_diagnostics/draft_variants/main_hidden_closed_loop/COMMANDS.md "
+                                  "(Phase 2 --train draft --draft-input main_hidden; phase3.compare --variants robust-A; "
+                                  "python -m benchmarks.speculation_terms)"),
     "phase3_drafted_layers": ("phase3_diagnostics/drafted_layers/speculation_terms.md", "phase3_diagnostics/drafted_layers/speculation_terms.json",
                               "the commands in results/phase3_diagnostics/drafted_layers/COMMANDS.md (phase3 --drafted-layers K, "
                               "then python -m benchmarks.speculation_terms)"),
