@@ -246,23 +246,25 @@ class DraftWithProjection(nn.Module):
             return self._lean_logits(x).argmax(dim=-1) if self.mode == "parallel" else self._lean_chained_rows(x)
         return self(x, prefix=prefix).argmax(dim=-1)
 
-    def _lean_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` of a parallel MLP draft on features, for the decode loop: the same ops, each
-        module's ``forward`` called directly (no argument checks, no ``Module.__call__`` hook
-        handling, which at batch 1 costs about as much as a small op)."""
+    def _lean_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP trunk for the decode loop: the same ops as ``forward``, each module's ``forward``
+        called directly (no argument checks, no ``Module.__call__`` hook handling, which at batch 1
+        costs about as much as a small op)."""
         ln, proj = self.projection
         h = proj.forward(ln.forward(x))
         for layer in self.blocks:
             h = layer.forward(h)
+        return h
+
+    def _lean_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` of a parallel MLP draft on features, through ``_lean_trunk``."""
+        h = self._lean_trunk(x)
         return self.out.forward(h).view(x.shape[0], self.coarse_layers, self.tokens_per_layer, self.num_levels)
 
     def _lean_chained_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Greedy rows [B, K, T] of a chained MLP draft, ``forward``'s ops with the modules' ``forward``
-        called directly and each layer's T token embeddings summed by one ``embedding_bag``."""
-        ln, proj = self.projection
-        h = proj.forward(ln.forward(x))
-        for layer in self.blocks:
-            h = layer.forward(h)
+        """Greedy rows [B, K, T] of a chained MLP draft: ``_lean_trunk``, then each layer's T token
+        embeddings summed by one ``embedding_bag``."""
+        h = self._lean_trunk(x)
         B, T, V = x.shape[0], self.tokens_per_layer, self.num_levels
         rows = []
         for layer in range(self.coarse_layers):
