@@ -42,8 +42,8 @@ batch 1 or 4 (per-op overhead), so this raises acceptance for almost nothing; st
 of the main's greedy token; accepted layers keep the DRAFT's tokens, so the result is lossy and
 ``SpecStats.lossy`` is set (report it separately from exact mode). ``relaxed_layers=n`` applies the
 tolerance to the n coarsest drafted layers only and accepts the finer ones exactly: the main model
-predicts those given the draft's coarse tokens, so a redundant code's later layers can absorb a
-coarse error, while the last drafted layers, which nothing after them corrects, stay the main's.
+predicts those given the draft's coarse tokens, so a redundant code's later layers could absorb a
+coarse error (measured on the make run, they do not absorb enough of it: Phase 3 guide, diagnostic 7).
 """
 
 from __future__ import annotations
