@@ -9,8 +9,8 @@ oracle), op by op and replayed from captured CUDA graphs (``common/decoding/grap
 The bundle holds the backbone features of every held-out demo step (the head's ``val_episode_keys``;
 what Phase 3's token models see, minus the simulator), the head and draft weights and the decode
 depth and rule the head chose. ``run`` decodes ``--chunks`` of them at batch 1 at the chosen depth,
-main-only and speculative (the draft proposes min(K, depth - 1) layers), both eagerly and from
-graphs, the four timed back to back per repeat in a rotating order (``bench_decode_sweep.Clock``): the
+main-only and speculative (the draft proposes min(K, depth - 1) layers, or at most
+``--drafted-layers N``), both eagerly and from graphs, the four timed back to back per repeat in a rotating order (``bench_decode_sweep.Clock``): the
 table gives the median ms per chunk, the median per-chunk speedup of each speculative path over the
 main-only path of the same kind, the mean accepted layers a (the trained draft's, on held-out
 states: closed-loop acceptance is lower, see Phase 3) and, over every exported chunk, how many
@@ -79,13 +79,15 @@ def load_bundle(bundle: Path, device: torch.device, dtype: torch.dtype) -> tuple
     return head, draft, content["features"].to(device, dtype), content
 
 
-def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, repeats: int) -> dict:
+def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, repeats: int, drafted_layers: int = 0) -> dict:
+    """``drafted_layers``: draft at most this many layers (0 = all the draft proposes), as Phase 3's --drafted-layers."""
     head, draft, features, content = load_bundle(bundle, device, dtype)
     depth = int(content["decode_choice"]["layers"])
     if depth < 2:
         raise ValueError(f"{bundle}: the head decodes {depth} layer; speculation needs at least 2")
     graphs = "cuda graphs" if device.type == "cuda" else "eager (graph stand-in)"
-    decoder = GraphedDecoder(head, draft, num_layers=depth)
+    cap = drafted_layers or None
+    decoder = GraphedDecoder(head, draft, num_layers=depth, coarse_layers=cap)
     step = max(1, len(features) // chunks)
     timed = features[::step][:chunks]
     clock = Clock(device, budget_s=1e9)
@@ -94,7 +96,7 @@ def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, rep
     with torch.inference_mode():
         for f in tqdm(timed, desc="timed chunks", unit="chunk"):
             f = f[None]
-            fns = [lambda: main_only_decode(head, f, num_layers=depth), lambda: speculative_decode(head, draft, f, num_layers=depth),
+            fns = [lambda: main_only_decode(head, f, num_layers=depth), lambda: speculative_decode(head, draft, f, num_layers=depth, coarse_layers=cap),
                    lambda: decoder.decode_main_only(f), lambda: decoder.decode(f)]
             for name, ms in zip(names, clock.interleaved_ms(fns, repeats)):
                 times[name].extend(ms)
@@ -102,7 +104,7 @@ def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, rep
         for f in tqdm(features, desc="lossless check", unit="chunk", leave=False):
             f = f[None]
             ref = main_only_decode(head, f, num_layers=depth)[0]
-            codes, stats = speculative_decode(head, draft, f, num_layers=depth)
+            codes, _ = speculative_decode(head, draft, f, num_layers=depth, coarse_layers=cap)
             identical_eager += int(torch.equal(codes, ref))
             codes_g, a, _ = decoder.decode(f)
             identical_graphs += int(torch.equal(codes_g, ref))
@@ -159,6 +161,7 @@ def main(argv: list[str]) -> dict:
     rn.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
     rn.add_argument("--chunks", type=int, default=200, help="held-out chunks timed (all are checked for losslessness)")
     rn.add_argument("--repeats", type=int, default=5, help="timed repeats per chunk")
+    rn.add_argument("--drafted-layers", type=int, default=0, help="draft at most N layers (0 = all the draft proposes)")
     rn.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     rn.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "decode_trained_graphs"))
     args = parser.parse_args(argv)
@@ -169,7 +172,7 @@ def main(argv: list[str]) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"decode_trained_graphs --device cuda: expected a CUDA GPU, found none (torch {torch.__version__})")
     torch.set_num_threads(args.threads)
-    result = run(Path(args.bundle), torch.device(args.device), getattr(torch, args.dtype), args.chunks, args.repeats)
+    result = run(Path(args.bundle), torch.device(args.device), getattr(torch, args.dtype), args.chunks, args.repeats, args.drafted_layers)
     result["provenance"] = provenance(seed=0)
     out = Path(args.out)
     write_json(out / "decode_trained_graphs.json", result)

@@ -89,6 +89,21 @@ def test_prefix_depth_and_full_acceptance_at_the_last_layer():
     assert torch.allclose(last, main_only_decode(main, f, num_layers=3)[1].last_logits)
 
 
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_capped_drafted_layers_match_the_eager_cap(cap):
+    main, draft = make_pair(4)
+    oracle_f = torch.randn(1, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    decoder = GraphedDecoder(main, RowsOracle(draft, main, oracle_f, wrong=K), coarse_layers=cap)
+    assert decoder.coarse_layers == cap and len(decoder.finish) == cap + 1
+    codes, a, last = decoder.decode(oracle_f)
+    ref_codes, ref_stats = speculative_decode(main, RowsOracle(draft, main, oracle_f, wrong=K), oracle_f, coarse_layers=cap)
+    assert a == cap == ref_stats.accepted_layers[0]  # every drafted layer right: all of the capped ones accepted
+    assert torch.equal(codes, ref_codes) and torch.equal(codes, main.greedy_decode(oracle_f))
+    assert torch.allclose(last, ref_stats.last_logits)
+    with pytest.raises(ValueError, match=r"coarse_layers: expected an integer >= 1 \(or None for all the draft's\), found 0"):
+        GraphedDecoder(main, draft, coarse_layers=0)
+
 def test_outputs_are_static_buffers_and_errors_are_clear():
     main, draft = make_pair(2)
     decoder = GraphedDecoder(main, draft)

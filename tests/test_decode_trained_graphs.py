@@ -30,6 +30,14 @@ def test_run_writes_exact_rows_for_both_replays(tmp_path):
     assert result["states"] == "held-out demo steps" and "5 chunks (held-out demo steps)" in table  # a bundle from before --states
 
 
+
+def test_drafted_layers_caps_both_speculative_paths(tmp_path):
+    bundle = write_bundle(tmp_path / "b.pt")
+    result = bench.main(["run", "--bundle", str(bundle), "--chunks", "3", "--repeats", "1", "--drafted-layers", "1", "--out", str(tmp_path / "out")])
+    assert result["drafted_layers"] == 1 and set(result["accepted_distribution"]) == {"0", "1"}
+    assert result["identical_to_main_only"] == {"eager": 30, "graphs": 30}
+    assert "the trained draft proposing 1;" in (tmp_path / "out" / "decode_trained_graphs.md").read_text()
+
 def test_closed_loop_states_are_named_in_the_table(tmp_path):
     states = "closed-loop states recorded by runs/robust-A"
     bundle = write_bundle(tmp_path / "b.pt", states=states)

@@ -68,12 +68,13 @@ class GraphedDecoder:
     """Batch-1 greedy decoding of the first ``num_layers`` layers of ``main``, main-only and (given a
     features draft with ``propose_rows``) speculative with exact acceptance, from captured graphs.
 
-    ``draft`` proposes K = min(draft.coarse_layers, num_layers - 1) layers; the draft object is called
+    ``draft`` proposes K = min(draft.coarse_layers, num_layers - 1, coarse_layers) layers (``coarse_layers``
+    as in ``speculative_decode``: fewer drafted layers, a narrower verify pass); the draft object is called
     at capture time, so anything it returns must be a tensor the draft keeps writing in place (a
     model's outputs are; a benchmark's oracle draft keeps a fixed proposal buffer)."""
 
     @torch.inference_mode()
-    def __init__(self, main: RFSQHead, draft=None, *, num_layers: int | None = None,
+    def __init__(self, main: RFSQHead, draft=None, *, num_layers: int | None = None, coarse_layers: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None, warmup: int = 3) -> None:
         if main.training or (draft is not None and draft.training):
             raise RuntimeError("GraphedDecoder: expected main and draft in eval() mode (dropout would be captured)")
@@ -100,7 +101,9 @@ class GraphedDecoder:
         if draft.tokens_per_layer != T or draft.num_levels != V:
             raise ValueError(f"GraphedDecoder: draft emits {draft.tokens_per_layer} x {draft.num_levels} tokens x levels, "
                              f"main {T} x {V}")
-        K = min(draft.coarse_layers, L - 1)
+        if coarse_layers is not None and (int(coarse_layers) != coarse_layers or coarse_layers < 1):
+            raise ValueError(f"GraphedDecoder coarse_layers: expected an integer >= 1 (or None for all the draft's), found {coarse_layers!r}")
+        K = min(draft.coarse_layers, L - 1, draft.coarse_layers if coarse_layers is None else int(coarse_layers))
         if K < 1:
             raise ValueError(f"GraphedDecoder: speculation needs num_layers >= 2 (a drafted layer and a verified one), found {L}")
         self.coarse_layers = K
