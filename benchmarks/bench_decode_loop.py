@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from common.policy.head import RFSQHead
-from common.provenance import REPO_ROOT, provenance, write_json
+from common.provenance import REPO_ROOT, provenance, write_results
 
 SIZES = {"main-128x2 (make run)": (128, 2, 4), "main-256x4 (seed default)": (256, 4, 4)}
 FEATURE_DIM, L, T, V = 128, 8, 16, 7
@@ -95,9 +95,7 @@ def main(argv: list[str]) -> dict:
                      f"{r['speedup_current_over_baseline']:.2f}x | {r['identical_tokens_64_chunks']} |")
     result = {"rows": rows, "baseline_ref": args.baseline_ref, "dtype": args.dtype, "repeats": args.repeats, "provenance": provenance(seed=0)}
     out = Path(args.out)
-    write_json(out / "bench_decode_loop.json", result)
-    (out / "bench_decode_loop.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, "bench_decode_loop", result, "\n".join(lines))
     return result
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 import rsd_entry
 from common.tokenizer.model import ActionRFSQAE
-from common.provenance import provenance, write_json
+from common.provenance import provenance, write_results
 from common.artifacts import results_dir_of
 from common.tokenizer.train import TokenizerTrainConfig, evaluate_mse, prepare_chunks, train_tokenizer_model
 
@@ -155,10 +155,7 @@ def run(cfg: BenchConfig) -> dict:
         "provenance": provenance(seed=cfg.seed, torch_threads=1),
     }
     out = results_dir_of(cfg.out)
-    write_json(out / "bench_tokenizers.json", result)
-    table = render(result)
-    (out / "bench_tokenizers.md").write_text(table + "\n")
-    print(table)
+    write_results(out, "bench_tokenizers", result, render(result))
     return result
 
 

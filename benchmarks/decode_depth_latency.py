@@ -32,7 +32,7 @@ from common.decoding.speculative import main_only_decode, speculative_decode
 from common.policy.labels import build_split, load_policy_episodes
 from common.policy.metrics import compute_features
 from common.policy.model import HEAD_KIND, load_policy
-from common.provenance import REPO_ROOT, provenance, write_json
+from common.provenance import REPO_ROOT, provenance, write_results
 from common.tokenizer.model import load_tokenizer
 
 
@@ -140,9 +140,7 @@ def main(argv: list[str]) -> None:
     result = measure(Path(args.models_dir), args.tag, args.chunks, args.repeats, candidates, args.dtype)
     result["provenance"] = provenance(seed=0)
     sfx = (f"_{args.tag}" if args.tag else "") + ("_float32" if args.dtype == "float32" else "")
-    write_json(Path(args.out) / f"decode_depth_latency{sfx}.json", result)
-    (Path(args.out) / f"decode_depth_latency{sfx}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, f"decode_depth_latency{sfx}", result, markdown(result))
 
 
 if __name__ == "__main__":

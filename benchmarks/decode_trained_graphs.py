@@ -36,7 +36,7 @@ from common.decoding.graphs import GraphedDecoder
 from common.decoding.speculative import main_only_decode, speculative_decode
 from common.policy.draft import DraftWithProjection
 from common.policy.head import RFSQHead
-from common.provenance import REPO_ROOT, provenance, write_json
+from common.provenance import REPO_ROOT, provenance, write_results
 
 BUNDLE_KIND = "rsd-decode-bundle-v1"
 
@@ -175,9 +175,7 @@ def main(argv: list[str]) -> dict:
     result = run(Path(args.bundle), torch.device(args.device), getattr(torch, args.dtype), args.chunks, args.repeats, args.drafted_layers)
     result["provenance"] = provenance(seed=0)
     out = Path(args.out)
-    write_json(out / "decode_trained_graphs.json", result)
-    (out / "decode_trained_graphs.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(out, "decode_trained_graphs", result, markdown(result))
     return result
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -27,7 +26,7 @@ from tqdm import tqdm
 import rsd_entry  # noqa: F401  (repo root on sys.path when run as a script)
 from common.policy.draft import DRAFT_ACTIVATIONS, DraftWithProjection
 from common.policy.head import RFSQHead
-from common.provenance import REPO_ROOT, provenance, write_json
+from common.provenance import REPO_ROOT, provenance, write_results
 
 FEATURE_DIM, T, V, K = 128, 16, 7, 2
 DRAFTS = [(act, width, hidden) for act in DRAFT_ACTIVATIONS for width, hidden in ((256, 2), (128, 2), (128, 1))]
@@ -122,11 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     result = measure(getattr(torch, args.dtype), args.repeats)
     result["provenance"] = provenance(seed=0)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "draft_cost.json", result)
-    (out / "draft_cost.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "draft_cost", result, markdown(result))
 
 
 if __name__ == "__main__":

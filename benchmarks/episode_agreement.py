@@ -19,7 +19,7 @@ from pathlib import Path
 import rsd_entry
 from common.eval.closed_loop import read_rows
 from common.pipeline.stages import file_hash
-from common.provenance import provenance, write_json
+from common.provenance import provenance, write_results
 
 
 def sign_test_p(wins_a: int, wins_b: int) -> float:
@@ -95,10 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     a_dir, b_dir, out = Path(args.a), Path(args.b), Path(args.out)
     result = agreement(_episodes(a_dir), _episodes(b_dir))
     sources = {label: {"folder": str(d), "episodes_sha": file_hash(d / "episodes.jsonl")} for label, d in ((args.label_a, a_dir), (args.label_b, b_dir))}
-    write_json(out / "episode_agreement.json", {"labels": [args.label_a, args.label_b], "sources": sources, **result, "provenance": provenance()})
-    table = render(result, args.label_a, args.label_b)
-    (out / "episode_agreement.md").write_text(table + "\n")
-    print(table)
+    write_results(out, "episode_agreement", {"labels": [args.label_a, args.label_b], "sources": sources, **result, "provenance": provenance()},
+                  render(result, args.label_a, args.label_b))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import rsd_entry
 from common.eval.summary import decoding_label
-from common.provenance import REPO_ROOT, provenance, write_json
+from common.provenance import REPO_ROOT, provenance, write_results
 
 
 def _held_out_mse(folder: Path) -> float | None:
@@ -118,9 +118,7 @@ def main(argv: list[str]) -> None:
     result = build(parse_runs(args.runs), tuple(v.strip() for v in args.variants.split(",") if v.strip()))
     result["provenance"] = provenance(seed=0)
     out = Path(args.out)
-    write_json(out / "levers.json", result)
-    (out / "levers.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(out, "levers", result, markdown(result))
 
 
 if __name__ == "__main__":

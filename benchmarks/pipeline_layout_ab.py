@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.provenance import REPO_ROOT, provenance, write_json
+from common.provenance import REPO_ROOT, provenance, write_results
 
 
 def row(name: str, summary: dict) -> dict:
@@ -61,9 +61,7 @@ def main(argv: list[str]) -> dict:
         )
     result = {"rows": rows, "provenance": provenance(seed=0)}
     out = Path(args.out)
-    write_json(out / "layout_ab.json", result)
-    (out / "layout_ab.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, "layout_ab", result, "\n".join(lines))
     return result
 
 

@@ -29,7 +29,7 @@ from common.data.episodes import future_chunks
 from common.policy.labels import build_split, load_policy_episodes
 from common.policy.metrics import compute_features, greedy_codes
 from common.policy.model import HEAD_KIND, load_policy
-from common.provenance import REPO_ROOT, provenance, write_json
+from common.provenance import REPO_ROOT, provenance, write_results
 from common.tokenizer.model import load_tokenizer
 from common.tokenizer.token_code import TokenCode
 
@@ -110,9 +110,7 @@ def main(argv: list[str]) -> None:
     if args.print_only:
         print(markdown(result))
         return
-    write_json(out / f"policy_action_error{sfx}.json", result)
-    (out / f"policy_action_error{sfx}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(out, f"policy_action_error{sfx}", result, markdown(result))
 
 
 if __name__ == "__main__":

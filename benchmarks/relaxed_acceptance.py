@@ -24,7 +24,7 @@ import rsd_entry
 from common.eval.closed_loop import evaluate
 from common.eval.config import EvalConfig
 from common.eval.summary import decoding_label
-from common.provenance import REPO_ROOT, provenance, write_json
+from common.provenance import REPO_ROOT, provenance, write_results
 
 
 def run(models_dir: str, *, suite: str, tasks: str, num_trials: int, tolerances: list[int], workers: int,
@@ -58,9 +58,7 @@ def run(models_dir: str, *, suite: str, tasks: str, num_trials: int, tolerances:
         )
     result = {"models_dir": models_dir, "suite": suite, "tasks": tasks, "num_trials": num_trials, "auto_decode": auto_decode,
               "rows": rows, "provenance": provenance(seed=0)}
-    write_json(out / "relaxed_acceptance.json", result)
-    (out / "relaxed_acceptance.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, "relaxed_acceptance", result, "\n".join(lines))
     return result
 
 

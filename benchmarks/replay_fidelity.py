@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import rsd_entry
 from common.artifacts import NAIVE_TOKENIZER, ROBUST_TOKENIZER
 from common.data.episodes import future_chunks, load_hdf5_episodes
-from common.provenance import REPO_ROOT, provenance, write_json
+from common.provenance import REPO_ROOT, provenance, write_results
 from common.sim.libero_env import LiberoTaskEnv, library_versions
 from common.tokenizer.model import LoadedTokenizer, load_tokenizer
 
@@ -112,9 +112,7 @@ def run(data: str, models_dir: str, *, suite: str, demos_per_task: int, depths: 
     ]
     result = {"data": data, "models_dir": models_dir, "suite": suite, "depths": depths, "rows": rows,
               "successes": table, "demos": n, "libraries": library_versions(), "provenance": provenance(seed=0)}
-    write_json(out / "replay_fidelity.json", result)
-    (out / "replay_fidelity.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, "replay_fidelity", result, "\n".join(lines))
     return result
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import rsd_entry
 from benchmarks.lever_table import parse_runs, same_trials, trials_key
 from common.eval.compare import draft_cost_in_main_passes, verify_overhead_in_main_passes
-from common.provenance import REPO_ROOT, provenance, write_json
+from common.provenance import REPO_ROOT, provenance, write_results
 
 
 def _row(label: str, folder: Path) -> tuple[dict, tuple]:
@@ -95,9 +95,7 @@ def main(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     result = build(parse_runs(args.runs))
     out = Path(args.out)
-    write_json(out / "speculation_terms.json", result)
-    (out / "speculation_terms.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(out, "speculation_terms", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from benchmarks.episode_agreement import agreement
 from common.eval.closed_loop import read_rows
 from common.sim.libero_env import parse_task_spec
 from common.pipeline.stages import file_hash
-from common.provenance import provenance, write_json
+from common.provenance import provenance, write_results
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -112,10 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         keyed = [{(r["task"], r["trial"]): r for r in rows[v]} for v in (a, b)]
         result["paired"] = {"labels": [a, b], **{k: v for k, v in agreement(*keyed).items() if k != "differing_episodes"}}
     result["provenance"] = provenance()
-    write_json(Path(args.out) / "success_by_layout.json", result)
-    table = render(result)
-    (Path(args.out) / "success_by_layout.md").write_text(table + "\n")
-    print(table)
+    write_results(args.out, "success_by_layout", result, render(result))
 
 
 if __name__ == "__main__":

@@ -69,3 +69,15 @@ def write_json(path: str | Path, payload: Any) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def write_results(out_dir: str | Path, stem: str, result: Any, table: str, *, echo: bool = True) -> Path:
+    """A benchmark's output: ``<stem>.json`` (the result, provenance included by the caller) and
+    ``<stem>.md`` (its table) in ``out_dir``; prints the table unless ``echo`` is False. -> the JSON path."""
+    out_dir = Path(out_dir)
+    path = write_json(out_dir / f"{stem}.json", result)
+    table = table.rstrip("\n") + "\n"
+    (out_dir / f"{stem}.md").write_text(table)
+    if echo:
+        print(table, end="")
+    return path
