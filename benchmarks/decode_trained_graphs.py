@@ -4,7 +4,7 @@ oracle), op by op and replayed from captured CUDA graphs (``common/decoding/grap
     # here, where the demos are: the held-out features + the head and draft, in one small file
     python -m benchmarks.decode_trained_graphs export --models-dir MODELS --bundle BUNDLE.pt [--states RUN_DIR]
     # anywhere torch runs (a bare GPU machine needs only this file and the repository)
-    python -m benchmarks.decode_trained_graphs run --bundle BUNDLE.pt --device cuda [--dtype float32|bfloat16] [--out DIR]
+    python -m benchmarks.decode_trained_graphs run --bundle BUNDLE.pt --device cuda [--dtype float32|bfloat16] [--replay graphs|compile] [--out DIR]
 
 The bundle holds the backbone features of every held-out demo step (the head's ``val_episode_keys``;
 what Phase 3's token models see, minus the simulator), the head and draft weights and the decode
@@ -15,7 +15,8 @@ table gives the median ms per chunk, the median per-chunk speedup of each specul
 main-only path of the same kind, the mean accepted layers a (the trained draft's, on held-out
 states: closed-loop acceptance is lower, see Phase 3) and, over every exported chunk, how many
 speculative decodes gave exactly main-only's tokens. Off CUDA the "graphs" rows run the same code
-eagerly (a check of the path, labelled so). ``--states RUN_DIR`` exports, instead of the held-out demo
+eagerly (a check of the path, labelled so); ``--replay compile`` runs those bodies compiled by
+``torch.compile`` instead (any device; compiling takes a minute or two before the timing). ``--states RUN_DIR`` exports, instead of the held-out demo
 steps, the states a Phase 3 run of the same head recorded (``--record-features``): the closed-loop
 states where the draft is actually asked, with the acceptance it really gets there. Writes ``decode_trained_graphs.json`` / ``.md``.
 """
@@ -79,15 +80,17 @@ def load_bundle(bundle: Path, device: torch.device, dtype: torch.dtype) -> tuple
     return head, draft, content["features"].to(device, dtype), content
 
 
-def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, repeats: int, drafted_layers: int = 0) -> dict:
-    """``drafted_layers``: draft at most this many layers (0 = all the draft proposes), as Phase 3's --drafted-layers."""
+def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, repeats: int, drafted_layers: int = 0,
+        replay: str = "graphs") -> dict:
+    """``drafted_layers``: draft at most this many layers (0 = all the draft proposes), as Phase 3's --drafted-layers.
+    ``replay="compile"``: the second pair of rows runs the decoder's bodies compiled by torch.compile instead of graphs."""
     head, draft, features, content = load_bundle(bundle, device, dtype)
     depth = int(content["decode_choice"]["layers"])
     if depth < 2:
         raise ValueError(f"{bundle}: the head decodes {depth} layer; speculation needs at least 2")
-    graphs = "cuda graphs" if device.type == "cuda" else "eager (graph stand-in)"
+    graphs = "torch.compile" if replay == "compile" else "cuda graphs" if device.type == "cuda" else "eager (graph stand-in)"
     cap = drafted_layers or None
-    decoder = GraphedDecoder(head, draft, num_layers=depth, coarse_layers=cap)
+    decoder = GraphedDecoder(head, draft, num_layers=depth, coarse_layers=cap, replay=replay)
     step = max(1, len(features) // chunks)
     timed = features[::step][:chunks]
     clock = Clock(device, budget_s=1e9)
@@ -114,7 +117,7 @@ def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, rep
     return {
         "bundle": str(bundle), "states": content["states"], "head": content["head"], "draft": content["draft"], "head_hash": content["head_hash"],
         "device": device.type, "device_name": device_label(device, torch.get_num_threads()), "dtype": str(dtype).removeprefix("torch."),
-        "graphs": graphs, "decode_choice": content["decode_choice"], "depth": depth, "drafted_layers": K,
+        "graphs": graphs, "replay": replay, "decode_choice": content["decode_choice"], "depth": depth, "drafted_layers": K,
         "chunks_timed": len(timed), "repeats": repeats, "chunks_checked": len(features),
         "median_ms": {n: statistics.median(v) for n, v in times.items()},
         "speedup_eager": median_ratio(times["main_only_eager"], times["speculative_eager"]),
@@ -142,7 +145,7 @@ def markdown(r: dict) -> str:
         f"{r['identical_to_main_only']['graphs']} / {n} |",
         "",
         f"Mean accepted layers a = {r['mean_accepted_layers']:.3f} of {r['drafted_layers']} over all {n} chunks ({dist}); "
-        f"main-only from graphs is {r['graphs_main_only_vs_eager_main_only']:.2f}x faster than main-only op by op.",
+        f"main-only from {r['graphs']} is {r['graphs_main_only_vs_eager_main_only']:.2f}x faster than main-only op by op.",
     ]) + "\n"
 
 
@@ -161,6 +164,8 @@ def main(argv: list[str]) -> dict:
     rn.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
     rn.add_argument("--chunks", type=int, default=200, help="held-out chunks timed (all are checked for losslessness)")
     rn.add_argument("--repeats", type=int, default=5, help="timed repeats per chunk")
+    rn.add_argument("--replay", choices=("graphs", "compile"), default="graphs",
+                    help="graphs: CUDA graphs (eager off CUDA); compile: torch.compile of the same decode bodies (any device)")
     rn.add_argument("--drafted-layers", type=int, default=0, help="draft at most N layers (0 = all the draft proposes)")
     rn.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     rn.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "decode_trained_graphs"))
@@ -172,7 +177,7 @@ def main(argv: list[str]) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"decode_trained_graphs --device cuda: expected a CUDA GPU, found none (torch {torch.__version__})")
     torch.set_num_threads(args.threads)
-    result = run(Path(args.bundle), torch.device(args.device), getattr(torch, args.dtype), args.chunks, args.repeats, args.drafted_layers)
+    result = run(Path(args.bundle), torch.device(args.device), getattr(torch, args.dtype), args.chunks, args.repeats, args.drafted_layers, args.replay)
     result["provenance"] = provenance(seed=0)
     out = Path(args.out)
     write_results(out, "decode_trained_graphs", result, markdown(result))

@@ -1,6 +1,8 @@
 """GraphedDecoder (common/decoding/graphs.py): the same codes, accepted layers and last logits as the
 eager paths, from static buffers; with real CUDA graphs where a GPU is present (the device check)."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -103,6 +105,23 @@ def test_capped_drafted_layers_match_the_eager_cap(cap):
     assert torch.allclose(last, ref_stats.last_logits)
     with pytest.raises(ValueError, match=r"coarse_layers: expected an integer >= 1 \(or None for all the draft's\), found 0"):
         GraphedDecoder(main, draft, coarse_layers=0)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_replay_gives_the_eager_tokens():
+    main, draft = make_pair(3, dtype=torch.float32, k=1)  # few, short bodies: each compile takes seconds
+    decoder = GraphedDecoder(main, draft, num_layers=3, replay="compile")
+    assert all(r.compiled for r in [decoder.main_only, decoder.propose_verify, *decoder.finish])
+    with torch.inference_mode():  # callers decode in inference mode; the compiled bodies run outside it
+        for trial in range(4):
+            f = torch.randn(1, D, generator=torch.Generator().manual_seed(trial)) * (1 + trial)
+            ref_codes, ref_stats = speculative_decode(main, draft, f, num_layers=3)
+            codes, a, last = decoder.decode(f)
+            assert torch.equal(codes, ref_codes) and a == ref_stats.accepted_layers[0]
+            assert torch.allclose(last, ref_stats.last_logits, atol=1e-5)
+            assert torch.equal(decoder.decode_main_only(f)[0], main.greedy_decode(f, 3))
+    with pytest.raises(ValueError, match="replay: expected 'graphs' or 'compile', found 'jit'"):
+        GraphedDecoder(main, draft, replay="jit")
 
 def test_outputs_are_static_buffers_and_errors_are_clear():
     main, draft = make_pair(2)

@@ -31,51 +31,65 @@ from common.policy.head import RFSQHead
 
 
 class Replay:
-    """A function captured as a CUDA graph (on a CUDA device) or kept to be called eagerly (elsewhere).
+    """A function captured as a CUDA graph (on a CUDA device) or kept to be called eagerly (elsewhere);
+    with ``compile=True``, compiled by ``torch.compile`` instead, on any device.
 
     The function must read and write only static tensors (buffers that outlive the capture), since
-    a graph replays the captured kernels on the captured memory. Runs in inference mode."""
+    a graph replays the captured kernels on the captured memory. Runs in inference mode; a compiled
+    function runs under ``no_grad`` (torch.compile cannot trace parameter views made in inference mode)."""
 
-    @torch.inference_mode()
-    def __init__(self, fn: Callable[[], object], device: torch.device, *, warmup: int = 3) -> None:
-        self.fn, self.graph = fn, None
-        if device.type != "cuda":
-            fn()  # the eager stand-in: run once, as a capture would (and fail here, not at the first replay)
+    def __init__(self, fn: Callable[[], object], device: torch.device, *, warmup: int = 3, compile: bool = False) -> None:
+        self.fn, self.graph, self.compiled = fn, None, bool(compile)
+        if self.compiled:
+            self.fn = torch.compile(fn, dynamic=False)
+            self()  # compile now (seconds to minutes), not at the first timed call
             return
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the capture stream (lazy init, cuBLAS workspaces, autotuning)
-            for _ in range(warmup):
+        with torch.inference_mode():
+            if device.type != "cuda":
+                fn()  # the eager stand-in: run once, as a capture would (and fail here, not at the first replay)
+                return
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up off the capture stream (lazy init, cuBLAS workspaces, autotuning)
+                for _ in range(warmup):
+                    fn()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
                 fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            fn()
 
     @property
     def captured(self) -> bool:
         return self.graph is not None
 
-    @torch.inference_mode()
     def __call__(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.fn()
+        if self.compiled:  # out of any caller's inference mode too (the decode methods run in it)
+            with torch.inference_mode(False), torch.no_grad():
+                self.fn()
+            return
+        with torch.inference_mode():
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.fn()
 
 
 class GraphedDecoder:
     """Batch-1 greedy decoding of the first ``num_layers`` layers of ``main``, main-only and (given a
-    features draft with ``propose_rows``) speculative with exact acceptance, from captured graphs.
+    features draft with ``propose_rows``) speculative with exact acceptance, from captured graphs
+    (``replay="graphs"``) or from the same bodies compiled by ``torch.compile`` (``replay="compile"``,
+    any device; the issue's "optional torch.compile, measured separately").
 
     ``draft`` proposes K = min(draft.coarse_layers, num_layers - 1, coarse_layers) layers (``coarse_layers``
     as in ``speculative_decode``: fewer drafted layers, a narrower verify pass); the draft object is called
     at capture time, so anything it returns must be a tensor the draft keeps writing in place (a
     model's outputs are; a benchmark's oracle draft keeps a fixed proposal buffer)."""
 
-    @torch.inference_mode()
     def __init__(self, main: RFSQHead, draft=None, *, num_layers: int | None = None, coarse_layers: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, warmup: int = 3) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, warmup: int = 3,
+                 replay: str = "graphs") -> None:
+        if replay not in ("graphs", "compile"):
+            raise ValueError(f"GraphedDecoder replay: expected 'graphs' or 'compile', found {replay!r}")
         if main.training or (draft is not None and draft.training):
             raise RuntimeError("GraphedDecoder: expected main and draft in eval() mode (dropout would be captured)")
         param = next(main.parameters())
@@ -91,7 +105,8 @@ class GraphedDecoder:
         # main-only: L passes in one graph
         self.main_codes = torch.zeros(1, T, L, dtype=torch.long, device=self.device)
         self.main_last_logits = torch.zeros(1, T, V, device=self.device, dtype=dtype)
-        self.main_only = Replay(self._main_only, self.device, warmup=warmup)
+        compile = replay == "compile"
+        self.main_only = Replay(self._main_only, self.device, warmup=warmup, compile=compile)
 
         self.coarse_layers = 0
         if draft is None:
@@ -109,17 +124,17 @@ class GraphedDecoder:
         self.coarse_layers = K
         self.accepted = torch.zeros((), dtype=torch.long, device=self.device)
         self._state: tuple | None = None  # (greedy rows, verify logits, cache) of the latest propose_verify
-        self.propose_verify = Replay(self._propose_verify, self.device, warmup=warmup)
+        self.propose_verify = Replay(self._propose_verify, self.device, warmup=warmup, compile=compile)
         self.codes = [torch.zeros(1, T, L, dtype=torch.long, device=self.device) for _ in range(K + 1)]
         self.last_logits = [torch.zeros(1, T, V, device=self.device, dtype=dtype) for _ in range(K + 1)]
         self.finish = []
         for a in range(K + 1):
             self.propose_verify()  # each finish graph is captured on a real verify pass's cache
-            self.finish.append(Replay(lambda a=a: self._finish(a), self.device, warmup=warmup))
+            self.finish.append(Replay(lambda a=a: self._finish(a), self.device, warmup=warmup, compile=compile))
 
     # ------------------------------------------------------------------ captured bodies
     def _main_only(self) -> None:
-        codes, last = self.main.greedy_decode(self.features, self.num_layers, return_last_logits=True)
+        codes, last = self.main.greedy_decode_(self.features, self.num_layers)
         self.main_codes.copy_(codes)
         self.main_last_logits.copy_(last)
 

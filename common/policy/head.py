@@ -306,6 +306,10 @@ class RFSQHead(nn.Module):
     def start(self, features: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
         """Position 0 only: returns (cache of length 1, logits for layer 0 [B, T, V])."""
         self._check_features(features)
+        return self.start_(features)
+
+    def start_(self, features: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
+        """``start`` without its argument check (the decode loop's first pass)."""
         x = self._embed_features(features)
         cache = self.new_cache(x.shape[0], like=x)
         return cache, self._run(x, cache)[:, 0]
@@ -383,10 +387,16 @@ class RFSQHead(nn.Module):
         n = self.num_layers if num_layers is None else int(num_layers)
         if not 1 <= n <= self.num_layers:
             raise ValueError(f"num_layers: expected 1 <= n <= {self.num_layers}, found {num_layers}")
-        cache, logits = self.start(features)
+        self._check_features(features)
+        codes, logits = self.greedy_decode_(features, n)
+        return (codes, logits) if return_last_logits else codes
+
+    def greedy_decode_(self, features: torch.Tensor, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``greedy_decode``'s loop without checks or an inference-mode wrapper (what ``torch.compile``
+        traces: it cannot compile under inference mode) -> (codes [B, T, n], last layer's logits [B, T, V])."""
+        cache, logits = self.start_(features)
         layers = [logits.argmax(dim=-1)]
-        for _ in range(1, n):
+        for _ in range(1, num_layers):
             logits = self.extend_(cache, layers[-1])
             layers.append(logits.argmax(dim=-1))
-        codes = torch.stack(layers, dim=2)
-        return (codes, logits) if return_last_logits else codes
+        return torch.stack(layers, dim=2), logits
