@@ -163,6 +163,10 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                                       "python -m benchmarks.decode_trained_graphs export ... --states <Phase 3 run with --record-features>, "
                                                       "then bash benchmarks/device_trained_graphs.sh <bundle> on the GPU machine "
                                                       "(results/phase3_diagnostics/decode_trained_graphs_h100/COMMANDS.md)"),
+    "phase3_decode_compile_cpu_closed_loop": ("phase3_diagnostics/decode_compile_cpu/closed_loop/decode_trained_graphs.md",
+                                              "phase3_diagnostics/decode_compile_cpu/closed_loop/decode_trained_graphs.json",
+                                              "python -m benchmarks.decode_trained_graphs run --bundle <closed-loop bundle> --replay compile "
+                                              "(results/phase3_diagnostics/decode_compile_cpu/COMMANDS.md)"),
     "bench_decode_sweep": ("bench_decode_sweep/bench_decode_sweep.md", "bench_decode_sweep/bench_decode_sweep.json",
                            "python -m benchmarks.bench_decode_sweep"),
     "bench_decode_sweep_float32": ("bench_decode_sweep_float32/bench_decode_sweep.md", "bench_decode_sweep_float32/bench_decode_sweep.json",
