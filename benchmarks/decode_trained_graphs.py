@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.bench_decode_sweep import device_label
-from benchmarks.paired_timing import Clock, median_ratio
+from benchmarks.paired_timing import Clock, evict_caches, eviction_buffer, median_ratio
 from common.decoding.graphs import GraphedDecoder
 from common.decoding.speculative import main_only_decode, speculative_decode
 from common.policy.draft import DraftWithProjection
@@ -81,9 +81,10 @@ def load_bundle(bundle: Path, device: torch.device, dtype: torch.dtype) -> tuple
 
 
 def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, repeats: int, drafted_layers: int = 0,
-        replay: str = "graphs") -> dict:
+        replay: str = "graphs", cold: bool = False) -> dict:
     """``drafted_layers``: draft at most this many layers (0 = all the draft proposes), as Phase 3's --drafted-layers.
-    ``replay="compile"``: the second pair of rows runs the decoder's bodies compiled by torch.compile instead of graphs."""
+    ``replay="compile"``: the second pair of rows runs the decoder's bodies compiled by torch.compile instead of graphs.
+    ``cold``: the data caches are evicted before every timed decode (``paired_timing.evict_caches``)."""
     head, draft, features, content = load_bundle(bundle, device, dtype)
     depth = int(content["decode_choice"]["layers"])
     if depth < 2:
@@ -94,6 +95,7 @@ def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, rep
     step = max(1, len(features) // chunks)
     timed = features[::step][:chunks]
     clock = Clock(device, budget_s=1e9)
+    evict = (lambda buffer=eviction_buffer(): evict_caches(buffer)) if cold else None
     names = ("main_only_eager", "speculative_eager", "main_only_graphs", "speculative_graphs")
     times: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
@@ -101,7 +103,7 @@ def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, rep
             f = f[None]
             fns = [lambda: main_only_decode(head, f, num_layers=depth), lambda: speculative_decode(head, draft, f, num_layers=depth, coarse_layers=cap),
                    lambda: decoder.decode_main_only(f), lambda: decoder.decode(f)]
-            for name, ms in zip(names, clock.interleaved_ms(fns, repeats)):
+            for name, ms in zip(names, clock.interleaved_ms(fns, repeats, before=evict)):
                 times[name].extend(ms)
         accepted, identical_eager, identical_graphs = [], 0, 0
         for f in tqdm(features, desc="lossless check", unit="chunk", leave=False):
@@ -117,7 +119,7 @@ def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, rep
     return {
         "bundle": str(bundle), "states": content["states"], "head": content["head"], "draft": content["draft"], "head_hash": content["head_hash"],
         "device": device.type, "device_name": device_label(device, torch.get_num_threads()), "dtype": str(dtype).removeprefix("torch."),
-        "graphs": graphs, "replay": replay, "decode_choice": content["decode_choice"], "depth": depth, "drafted_layers": K,
+        "graphs": graphs, "replay": replay, "caches": "cold" if cold else "warm", "decode_choice": content["decode_choice"], "depth": depth, "drafted_layers": K,
         "chunks_timed": len(timed), "repeats": repeats, "chunks_checked": len(features),
         "median_ms": {n: statistics.median(v) for n, v in times.items()},
         "speedup_eager": median_ratio(times["main_only_eager"], times["speculative_eager"]),
@@ -136,7 +138,7 @@ def markdown(r: dict) -> str:
         f"Device: {r['device_name']}; {r['dtype']}, batch 1; head `{Path(r['head']).name}` decoding {r['depth']} layers "
         f"({r['decode_choice'].get('rule', '?')} last), the trained draft proposing {r['drafted_layers']}; "
         f"{r['chunks_timed']} chunks ({r.get('states', 'held-out demo steps')}) x {r['repeats']} repeats, the four decodes of a repeat timed back to back "
-        "in a rotating order; speedup = median per-repeat ratio of main-only to speculative time, each path against its own kind.",
+        f"in a rotating order{', each after a 32 MiB cache sweep (cold caches)' if r.get('caches') == 'cold' else ''}; speedup = median per-repeat ratio of main-only to speculative time, each path against its own kind.",
         "",
         "| replay | main-only ms / chunk | speculative ms / chunk | speculative speedup | tokens identical to main-only |",
         "|---|---|---|---|---|",
@@ -166,6 +168,8 @@ def main(argv: list[str]) -> dict:
     rn.add_argument("--repeats", type=int, default=5, help="timed repeats per chunk")
     rn.add_argument("--replay", choices=("graphs", "compile"), default="graphs",
                     help="graphs: CUDA graphs (eager off CUDA); compile: torch.compile of the same decode bodies (any device)")
+    rn.add_argument("--cold", action="store_true", help="evict the data caches (a 32 MiB sweep) before every timed decode, "
+                    "as a simulator step does between two chunks")
     rn.add_argument("--drafted-layers", type=int, default=0, help="draft at most N layers (0 = all the draft proposes)")
     rn.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     rn.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "decode_trained_graphs"))
@@ -177,7 +181,7 @@ def main(argv: list[str]) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"decode_trained_graphs --device cuda: expected a CUDA GPU, found none (torch {torch.__version__})")
     torch.set_num_threads(args.threads)
-    result = run(Path(args.bundle), torch.device(args.device), getattr(torch, args.dtype), args.chunks, args.repeats, args.drafted_layers, args.replay)
+    result = run(Path(args.bundle), torch.device(args.device), getattr(torch, args.dtype), args.chunks, args.repeats, args.drafted_layers, args.replay, args.cold)
     result["provenance"] = provenance(seed=0)
     out = Path(args.out)
     write_results(out, "decode_trained_graphs", result, markdown(result))

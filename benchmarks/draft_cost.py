@@ -24,16 +24,13 @@ import torch
 from tqdm import tqdm
 
 import rsd_entry  # noqa: F401  (repo root on sys.path when run as a script)
+from benchmarks.paired_timing import evict_caches, eviction_buffer
 from common.policy.draft import DRAFT_ACTIVATIONS, DraftWithProjection
 from common.policy.head import RFSQHead
 from common.provenance import REPO_ROOT, provenance, write_results
 
 FEATURE_DIM, T, V, K = 128, 16, 7, 2
 DRAFTS = [(act, width, hidden) for act in DRAFT_ACTIVATIONS for width, hidden in ((256, 2), (128, 2), (128, 1))]
-
-
-def _cold(buffer: torch.Tensor) -> None:
-    buffer.add_(1.0)  # touch every cache line of a buffer larger than the last-level cache
 
 
 def measure(dtype: torch.dtype, repeats: int, seed: int = 0) -> dict:
@@ -43,7 +40,7 @@ def measure(dtype: torch.dtype, repeats: int, seed: int = 0) -> dict:
                                                                num_levels=V, hidden_layers=hidden, trunk="mlp", activation=act).to(dtype).eval()
               for act, width, hidden in DRAFTS}
     features = torch.randn(1, FEATURE_DIM, dtype=dtype)
-    flush = torch.zeros(8 << 20, dtype=torch.float32)  # 32 MiB
+    flush = eviction_buffer()
     with torch.inference_mode():
         cache, logits = head.start(features)
         layer0 = logits.argmax(dim=-1)
@@ -59,7 +56,7 @@ def measure(dtype: torch.dtype, repeats: int, seed: int = 0) -> dict:
             for name in names[r % len(names):] + names[: r % len(names)]:
                 for mode in ("warm", "cold"):
                     if mode == "cold":
-                        _cold(flush)
+                        evict_caches(flush)
                     else:  # one untimed call first: the other calls of the round evicted this one's weights
                         calls[name]()
                     t0 = time.perf_counter()

@@ -26,14 +26,18 @@ class Clock:
         self.budget_ms = 1e3 * budget_s
         self.now = now
 
-    def interleaved_ms(self, fns: Sequence[Callable[[], object]], repeats: int) -> list[list[float]]:
+    def interleaved_ms(self, fns: Sequence[Callable[[], object]], repeats: int,
+                       before: Callable[[], object] | None = None) -> list[list[float]]:
         """Times (ms) of each fn per repeat, all fns called back to back in every repeat, the order rotated
         by one each repeat (two fns: alternating which goes first), so drift and call-order effects hit
-        every fn alike -> one list of ``repeats`` times per fn."""
+        every fn alike -> one list of ``repeats`` times per fn. ``before`` runs, untimed, before every
+        call (e.g. ``evict_caches``: each call then starts as after a simulator step)."""
         times: list[list[float]] = [[] for _ in fns]
         for i in range(repeats):
             first = i % len(fns)
             for j in [*range(first, len(fns)), *range(first)]:
+                if before is not None:
+                    before()
                 self.sync()
                 t0 = self.now()
                 fns[j]()
@@ -59,3 +63,15 @@ def median_ratio(numerator: Sequence[float], denominator: Sequence[float], scale
     return statistics.median(scale * n / d for n, d in zip(numerator, denominator))
 
 
+EVICT_BYTES = 32 << 20  # larger than the last-level cache of the machines these benchmarks ran on
+
+
+def eviction_buffer() -> torch.Tensor:
+    return torch.zeros(EVICT_BYTES // 4, dtype=torch.float32)
+
+
+def evict_caches(buffer: torch.Tensor) -> None:
+    """Touch every cache line of ``buffer`` (``eviction_buffer()``): the next call finds its weights
+    and activations out of the data caches, as after a simulator step between two chunks (the
+    simulator also evicts code and branch state, which this does not)."""
+    buffer.add_(1.0)

@@ -38,6 +38,13 @@ def test_drafted_layers_caps_both_speculative_paths(tmp_path):
     assert result["identical_to_main_only"] == {"eager": 30, "graphs": 30}
     assert "the trained draft proposing 1;" in (tmp_path / "out" / "decode_trained_graphs.md").read_text()
 
+
+def test_cold_caches_are_named(tmp_path):
+    bundle = write_bundle(tmp_path / "b.pt")
+    result = bench.main(["run", "--bundle", str(bundle), "--chunks", "2", "--repeats", "1", "--cold", "--out", str(tmp_path / "out")])
+    assert result["caches"] == "cold" and result["identical_to_main_only"] == {"eager": 30, "graphs": 30}
+    assert "each after a 32 MiB cache sweep (cold caches)" in (tmp_path / "out" / "decode_trained_graphs.md").read_text()
+
 def test_closed_loop_states_are_named_in_the_table(tmp_path):
     states = "closed-loop states recorded by runs/robust-A"
     bundle = write_bundle(tmp_path / "b.pt", states=states)
