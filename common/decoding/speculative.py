@@ -55,7 +55,8 @@ import torch
 
 from common.decoding.timing import StageTimer
 from common.policy.draft import DraftWithProjection, check_proposal
-from common.policy.head import KVCache, RFSQHead
+from common.policy.head import RFSQHead
+from common.policy.kv_cache import KVCache
 
 
 @dataclass
