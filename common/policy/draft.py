@@ -52,6 +52,14 @@ class _ResidualMLP(nn.Module):
         return x + self.drop(F.gelu(self.fc(self.ln(x))))
 
 
+class _ResidualChainStep(_ResidualMLP):
+    """The chained ``residual`` trunk's step: a residual LayerNorm block on h + token embedding
+    (same parameters as ``_ResidualMLP``, so checkpoints load either way), called like ``_ChainStep``."""
+
+    def forward(self, h: torch.Tensor, tokens_embedded: torch.Tensor) -> torch.Tensor:
+        return super().forward(h + tokens_embedded)
+
+
 class _ChainStep(nn.Module):
     """h_{l+1} = h + act(Linear(h + token embedding)): the chained ``mlp`` trunk's step from one
     drafted layer to the next, without the LayerNorm that at batch 1 costs as much as the Linear."""
@@ -140,7 +148,7 @@ class DraftWithProjection(nn.Module):
             self.layer_embed = nn.Embedding(K, self.width)
             self.code_embed = nn.Embedding(T * V, self.width)  # index slot*V + level, summed over slots
             if trunk == "residual":
-                self.chain_blocks = nn.ModuleList([_ResidualMLP(width=self.width, dropout=self.dropout) for _ in range(K - 1)])
+                self.chain_blocks = nn.ModuleList([_ResidualChainStep(width=self.width, dropout=self.dropout) for _ in range(K - 1)])
             else:
                 self.chain_blocks = nn.ModuleList([_ChainStep(width=self.width, activation=activation) for _ in range(K - 1)])
             nn.init.normal_(self.code_embed.weight, std=0.02)
@@ -209,7 +217,7 @@ class DraftWithProjection(nn.Module):
             if layer + 1 < K:
                 tokens = layer_logits.argmax(dim=-1) if codes is None else codes[:, :, f + layer].long()
                 embedded = self.code_embed(tokens + self._slot_offsets).sum(dim=1)
-                h = self.chain_blocks[layer](h + embedded) if self.trunk == "residual" else self.chain_blocks[layer](h, embedded)
+                h = self.chain_blocks[layer](h, embedded)
         return torch.stack(logits, dim=1)
 
     def loss(self, features: torch.Tensor, codes: torch.Tensor, soft_targets: torch.Tensor | None = None) -> torch.Tensor:
