@@ -189,6 +189,7 @@ DOCS = (
     "phase1_improved/AGENT_GUIDE.md",
     "phase2_draft_retrain/README.md",
     "phase3/QUICK_START.md",
+    "phase3/DIAGNOSTICS.md",
 )
 
 
