@@ -61,13 +61,14 @@ def same_trials(settings: set[tuple]) -> tuple:
     return next(iter(settings))
 
 
-def parse_runs(spec: str) -> list[tuple[str, Path]]:
-    """``--runs "label=folder,..."`` -> [(label, folder)]; labels may hold "=", folders do not."""
+def parse_runs(spec: str, flag: str = "--runs") -> list[tuple[str, Path]]:
+    """``--runs "label=folder,..."`` -> [(label, folder)]; labels may hold "=", folders do not.
+    ``flag``: the option's name in the error message."""
     runs = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
         label, sep, folder = item.rpartition("=")
         if not sep:
-            raise ValueError(f"--runs: expected label=folder, found {item!r}")
+            raise ValueError(f"{flag}: expected label=folder, found {item!r}")
         runs.append((label.strip(), Path(folder.strip())))
     return runs
 
