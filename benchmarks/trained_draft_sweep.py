@@ -136,28 +136,34 @@ def markdown(r: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> None:
+    """Left: a (these states and held-out) and c against draft parameters; right: measured and formula S.
+    One colour per trunk depth (drafts of one depth differ in width only)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(r["drafts"], key=lambda d: d["parameters"])
-    x = [d["parameters"] for d in rows]
-    fig, (ax_a, ax_s) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_a.plot(x, [d["mean_accepted_layers"] for d in rows], "o-", label=f"a, {r['states'][:40]}")
-    held = [(xi, d["held_out_mean_accepted"]) for xi, d in zip(x, rows) if d["held_out_mean_accepted"] is not None]
-    if held:
-        ax_a.plot(*zip(*held), "s--", label="a, held-out demo steps")
-    ax_a.plot(x, [d["c"] for d in rows], "^:", label="c (main passes)")
-    ax_s.plot(x, [d["speedup_measured"] for d in rows], "o-", label="measured")
-    ax_s.plot(x, [d["speedup_formula"] for d in rows], "s--", label="formula L / (L - a + c + v)")
+    fig, (ax_a, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
+    depths = sorted({d["config"].get("hidden_layers") for d in r["drafts"]}, key=str)
+    for colour, depth in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], depths):
+        rows = sorted((d for d in r["drafts"] if d["config"].get("hidden_layers") == depth), key=lambda d: d["parameters"])
+        x = [d["parameters"] for d in rows]
+        name = f"{depth} hidden" if depth is not None else "drafts"
+        ax_a.plot(x, [d["mean_accepted_layers"] for d in rows], "o-", color=colour, label=f"a here ({name})")
+        held = [(xi, d["held_out_mean_accepted"]) for xi, d in zip(x, rows) if d["held_out_mean_accepted"] is not None]
+        if held:
+            ax_a.plot(*zip(*held), "s--", color=colour, alpha=0.6, label=f"a held-out ({name})")
+        ax_a.plot(x, [d["c"] for d in rows], "^:", color=colour, label=f"c ({name})")
+        ax_s.plot(x, [d["speedup_measured"] for d in rows], "o-", color=colour, label=f"measured ({name})")
+        ax_s.plot(x, [d["speedup_formula"] for d in rows], "s--", color=colour, alpha=0.6, label=f"formula ({name})")
+        for xi, d in zip(x, rows):
+            ax_s.annotate(d["draft"], (xi, d["speedup_measured"]), textcoords="offset points", xytext=(0, -12), fontsize=7, ha="center")
     ax_s.axhline(1.0, color="grey", lw=0.8)
-    for ax, title in ((ax_a, "accepted layers a and draft cost c"), (ax_s, "token-decode speedup over main-only")):
+    for ax, title in ((ax_a, "accepted layers a, draft cost c (main passes)"), (ax_s, "token-decode speedup over main-only")):
         ax.set_xscale("log")
         ax.set_xlabel("draft parameters")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
-        for xi, d in zip(x, rows):
-            ax.annotate(d["draft"], (xi, ax.get_ylim()[0]), fontsize=7, ha="center", va="bottom")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{r['states'][:60]}, L = {r['decoded_layers']}, {r['caches']} caches", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -98,6 +98,14 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                   "the commands in results/phase3_diagnostics/draft_variants/main_hidden_closed_loop/COMMANDS.md "
                                   "(Phase 2 --train draft --draft-input main_hidden; phase3.compare --variants robust-A; "
                                   "python -m benchmarks.speculation_terms)"),
+    "phase3_trained_draft_sweep": ("phase3_diagnostics/trained_draft_sweep/closed_loop/trained_draft_sweep.md",
+                                   "phase3_diagnostics/trained_draft_sweep/closed_loop/trained_draft_sweep.json",
+                                   "the commands in results/phase3_diagnostics/trained_draft_sweep/COMMANDS.md (Phase 2 --train draft at "
+                                   "each width; python -m benchmarks.trained_draft_sweep)"),
+    "phase3_trained_draft_sweep_cold": ("phase3_diagnostics/trained_draft_sweep/closed_loop_cold/trained_draft_sweep.md",
+                                        "phase3_diagnostics/trained_draft_sweep/closed_loop_cold/trained_draft_sweep.json",
+                                        "the commands in results/phase3_diagnostics/trained_draft_sweep/COMMANDS.md "
+                                        "(python -m benchmarks.trained_draft_sweep --cold)"),
     "phase3_drafted_layers": ("phase3_diagnostics/drafted_layers/speculation_terms.md", "phase3_diagnostics/drafted_layers/speculation_terms.json",
                               "the commands in results/phase3_diagnostics/drafted_layers/COMMANDS.md (phase3 --drafted-layers K, "
                               "then python -m benchmarks.speculation_terms)"),
