@@ -10,8 +10,10 @@ draft's speculative decode are timed back to back in a rotating order (``paired_
 ``--repeats`` times (median per chunk). Per draft: the held-out acceptance its training recorded,
 the acceptance on the bundle's chunks, c and v in main passes as Phase 3 computes them (draft time,
 and the speculative path's main time minus its passes, over the mean main-only pass), the formula
-S = L / (L - a + c + v) next to the measured speedup (median over chunks of main-only / speculative
-time), and how many chunks decoded tokens identical to main-only. Writes trained_draft_sweep.json /
+S = L / (L - a + c + v) next to the measured speedup (mean main-only time over mean speculative time,
+as Phase 3 reports it and as the formula's mean terms predict; the median per-chunk ratio beside it,
+which the many chunks with nothing accepted pull down), and how many chunks decoded tokens identical
+to main-only. Writes trained_draft_sweep.json /
 .md / .png.
 """
 
@@ -104,7 +106,7 @@ def run(bundle: Path, drafts: list[tuple[str, Path]], *, repeats: int, chunks: i
                 "mean_accepted_layers": a,
                 "accepted_distribution": [accepted.count(k) / len(accepted) for k in range(K + 1)],
                 "c": c, "v": v, "speedup_formula": L / (L - a + c + v),
-                "speedup_measured": statistics.median(per_chunk), "speedup_of_means": statistics.mean(main_ms) / statistics.mean(t["ms"]),
+                "speedup_measured": statistics.mean(main_ms) / statistics.mean(t["ms"]), "speedup_median_per_chunk": statistics.median(per_chunk),
                 "speculative_ms_per_chunk": statistics.mean(t["ms"]), "identical_to_main_only": identical,
             })
     return {
@@ -121,16 +123,17 @@ def markdown(r: dict) -> str:
         f"{r['chunks_timed']} chunks ({r['states']}) x {r['repeats']} repeats, main-only and every draft's speculative decode timed back "
         f"to back in a rotating order{', each after a 32 MiB cache sweep (cold caches)' if r['caches'] == 'cold' else ''}. "
         f"c and v in main-only passes ({r['main_only_ms_per_chunk'] / r['decoded_layers']:.3f} ms); "
-        "S measured = median over chunks of main-only / speculative time; formula S = L / (L - a + c + v).",
+        "S measured = mean main-only time / mean speculative time (as Phase 3 reports it); formula S = L / (L - a + c + v) from the mean "
+        "terms; median = median over chunks of the per-chunk ratio.",
         "",
-        "| draft | parameters | held-out a | a here | accepted 0..K (%) | c | v | S formula | S measured | ms / chunk (spec / main-only) | identical to main-only |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| draft | parameters | held-out a | a here | accepted 0..K (%) | c | v | S formula | S measured | median per chunk | ms / chunk (spec / main-only) | identical to main-only |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in r["drafts"]:
         held = "—" if d["held_out_mean_accepted"] is None else f"{d['held_out_mean_accepted']:.2f}"
         dist = " / ".join(f"{100 * p:.0f}" for p in d["accepted_distribution"])
         lines.append(f"| {d['draft']} | {d['parameters']:,} | {held} | {d['mean_accepted_layers']:.2f} of {d['drafted_layers']} | {dist} | "
-                     f"{d['c']:.2f} | {d['v']:.2f} | {d['speedup_formula']:.2f}x | {d['speedup_measured']:.2f}x | "
+                     f"{d['c']:.2f} | {d['v']:.2f} | {d['speedup_formula']:.2f}x | {d['speedup_measured']:.2f}x | {d['speedup_median_per_chunk']:.2f}x | "
                      f"{d['speculative_ms_per_chunk']:.3f} / {r['main_only_ms_per_chunk']:.3f} | {d['identical_to_main_only']} / {r['chunks_checked']} |")
     return "\n".join(lines) + "\n"
 
