@@ -106,6 +106,10 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                         "phase3_diagnostics/trained_draft_sweep/closed_loop_cold/trained_draft_sweep.json",
                                         "the commands in results/phase3_diagnostics/trained_draft_sweep/COMMANDS.md "
                                         "(python -m benchmarks.trained_draft_sweep --cold)"),
+    "phase3_trained_draft_sweep_256x4": ("phase3_diagnostics/trained_draft_sweep/head_256x4/trained_draft_sweep.md",
+                                         "phase3_diagnostics/trained_draft_sweep/head_256x4/trained_draft_sweep.json",
+                                         "the commands in results/phase3_diagnostics/trained_draft_sweep/COMMANDS.md (a 256 x 4 head; "
+                                         "python -m benchmarks.trained_draft_sweep)"),
     "phase3_drafted_layers": ("phase3_diagnostics/drafted_layers/speculation_terms.md", "phase3_diagnostics/drafted_layers/speculation_terms.json",
                               "the commands in results/phase3_diagnostics/drafted_layers/COMMANDS.md (phase3 --drafted-layers K, "
                               "then python -m benchmarks.speculation_terms)"),
