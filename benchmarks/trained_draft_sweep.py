@@ -31,24 +31,10 @@ from benchmarks.decode_trained_graphs import load_bundle
 from benchmarks.lever_table import parse_runs
 from benchmarks.paired_timing import Clock, evict_caches, eviction_buffer
 from benchmarks.bench_decode_sweep import device_label
-from common.checkpoints import CheckpointError, load_state_strict, read_checkpoint
+from common.artifacts import policy_paths
 from common.decoding.speculative import main_only_decode, speculative_decode
-from common.policy.draft import DraftWithProjection
-from common.policy.model import DRAFT_KIND
+from common.policy.model import load_draft_checkpoint
 from common.provenance import REPO_ROOT, provenance, write_results
-
-DRAFT_FILE = "best_draft_with_projection.pt"
-
-
-def load_draft(models_dir: Path, head_hash: str) -> tuple[DraftWithProjection, dict]:
-    """The draft of a Phase 2 models folder, checked to belong to the head with ``head_hash``."""
-    path = models_dir / DRAFT_FILE
-    ckpt = read_checkpoint(path, kind=DRAFT_KIND)
-    if ckpt["extra"].get("head_hash") != head_hash:
-        raise CheckpointError(f"{path}: draft distilled for head {ckpt['extra'].get('head_hash')}, expected the bundle's head {head_hash}")
-    draft = DraftWithProjection.from_config(ckpt["config"])
-    load_state_strict(draft, ckpt, path)
-    return draft.eval(), ckpt
 
 
 def run(bundle: Path, drafts: list[tuple[str, Path]], *, repeats: int, chunks: int = 0, cold: bool = False) -> dict:
@@ -59,7 +45,7 @@ def run(bundle: Path, drafts: list[tuple[str, Path]], *, repeats: int, chunks: i
     L = int(content["decode_choice"]["layers"])
     loaded = []
     for label, folder in drafts:
-        draft, ckpt = load_draft(folder, content["head_hash"])
+        draft, ckpt = load_draft_checkpoint(policy_paths(folder, folder, "")["draft"], head_hash=content["head_hash"], head_label=f"the bundle's head, {bundle}")
         loaded.append((label, folder, draft.float(), ckpt))
     step = max(1, len(features) // chunks) if chunks else 1
     timed = features[::step][:chunks] if chunks else features

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from benchmarks import trained_draft_sweep as sweep
+from common.artifacts import policy_paths
 from common.checkpoints import CheckpointError, save_checkpoint
 from common.policy.draft import DraftWithProjection
 from common.policy.model import DRAFT_KIND
@@ -18,7 +19,7 @@ def write_draft(models_dir, *, width, head_hash="h", held_out_a=None):
     draft = DraftWithProjection(feature_dim=12, coarse_layers=2, tokens_per_layer=4, num_levels=7, width=width, trunk="mlp", activation="relu")
     models_dir.mkdir(parents=True)
     metrics = {} if held_out_a is None else {"mean_accepted_layers": held_out_a}
-    save_checkpoint(models_dir / sweep.DRAFT_FILE, kind=DRAFT_KIND, model=draft, config=draft.config, metrics=metrics,
+    save_checkpoint(policy_paths(models_dir, models_dir, "")["draft"], kind=DRAFT_KIND, model=draft, config=draft.config, metrics=metrics,
                     extra={"head_hash": head_hash})
     return models_dir
 
@@ -58,7 +59,7 @@ def test_cold_caches_are_named(tmp_path):
 def test_a_draft_of_another_head_is_refused_naming_the_file(tmp_path):
     bundle = write_bundle(tmp_path / "b.pt")
     other = write_draft(tmp_path / "other", width=8, head_hash="not-h")
-    with pytest.raises(CheckpointError, match=r"other/best_draft_with_projection\.pt: draft distilled for head not-h, expected the bundle's head h"):
+    with pytest.raises(CheckpointError, match=r"other/best_draft_with_projection\.pt: draft was trained on the features of head not-h, not h \(the bundle's head"):
         sweep.run(bundle, [("other", other)], repeats=1, chunks=1)
     with pytest.raises(ValueError, match="--drafts: expected at least one label=models_dir"):
         sweep.run(bundle, [], repeats=1)

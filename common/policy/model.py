@@ -142,6 +142,20 @@ def _check_tokenizer(path: Path, what: str, trained_hash: str | None, trained_to
     return True
 
 
+def load_draft_checkpoint(draft_path: str | Path, *, head_hash: str, head_label: str) -> tuple[DraftWithProjection, dict]:
+    """A draft checkpoint, rebuilt in eval mode, checked to be distilled for the head with content hash
+    ``head_hash`` (``head_label``: how the error names that head) -> (draft, checkpoint dict)."""
+    dckpt = read_checkpoint(draft_path, kind=DRAFT_KIND)
+    if dckpt["extra"].get("head_hash") != head_hash:
+        raise CheckpointError(
+            f"{draft_path}: draft was trained on the features of head {dckpt['extra'].get('head_hash')}, "
+            f"not {head_hash} ({head_label}); retrain it with --train draft"
+        )
+    draft = DraftWithProjection.from_config(dckpt["config"])
+    load_state_strict(draft, dckpt, draft_path)
+    return draft.eval(), dckpt
+
+
 def load_policy(
     head_path: str | Path,
     draft_path: str | Path | None,
@@ -170,16 +184,8 @@ def load_policy(
     dckpt = None
     if draft_path is not None:
         draft_path = Path(draft_path)
-        dckpt = read_checkpoint(draft_path, kind=DRAFT_KIND)
-        if dckpt["extra"].get("head_hash") != ckpt["content_hash"]:
-            raise CheckpointError(
-                f"{draft_path}: draft was trained on the features of head {dckpt['extra'].get('head_hash')}, "
-                f"not {ckpt['content_hash']} ({head_path}); retrain it with --train draft"
-            )
+        draft, dckpt = load_draft_checkpoint(draft_path, head_hash=ckpt["content_hash"], head_label=str(head_path))
         _check_tokenizer(draft_path, "draft", dckpt["extra"].get("tokenizer_hash"), dckpt["config"].get("tokenizer", {}), tokenizer, allow_tokenizer_mismatch)
-        draft = DraftWithProjection.from_config(dckpt["config"])
-        load_state_strict(draft, dckpt, draft_path)
-        draft.eval()
     return LoadedPolicy(
         policy=policy, draft=draft, task_table=list(cfg["task_table"]),
         normalizer=ActionNormalizer.from_dict(ckpt["normalizer"]), tokenizer_hash=ckpt["extra"].get("tokenizer_hash"),
