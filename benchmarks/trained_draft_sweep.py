@@ -47,31 +47,49 @@ def run(bundle: Path, drafts: list[tuple[str, Path]], *, repeats: int, chunks: i
     for label, folder in drafts:
         draft, ckpt = load_draft_checkpoint(policy_paths(folder, folder, "")["draft"], head_hash=content["head_hash"], head_label=f"the bundle's head, {bundle}")
         loaded.append((label, folder, draft.float(), ckpt))
+    measured = measure_speculation(head, [(label, draft) for label, _, draft, _ in loaded], features, L, repeats=repeats, chunks=chunks, cold=cold)
+    for row, (_, folder, draft, ckpt) in zip(measured["drafts"], loaded):
+        row.update({
+            "models_dir": str(folder), "draft_hash": ckpt["content_hash"], "config": {k: v for k, v in ckpt["config"].items() if k != "tokenizer"},
+            "parameters": draft.num_parameters(), "held_out_mean_accepted": ckpt.get("metrics", {}).get("mean_accepted_layers"),
+        })
+    return {
+        "bundle": str(bundle), "states": content["states"], "head": content["head"], "head_hash": content["head_hash"],
+        "device_name": device_label(torch.device("cpu"), torch.get_num_threads()), "dtype": "float32", "caches": "cold" if cold else "warm",
+        "decoded_layers": L, "decode_choice": content["decode_choice"], "repeats": repeats, **measured,
+    }
+
+
+def measure_speculation(head, drafts: list[tuple[str, torch.nn.Module]], features: torch.Tensor, L: int, *, repeats: int,
+                        chunks: int = 0, cold: bool = False) -> dict:
+    """Main-only and each draft's speculative decode of ``features`` (one chunk each, batch 1), timed back to
+    back per chunk -> ``main_only_ms_per_chunk``, ``chunks_timed``, ``chunks_checked`` and per draft the
+    formula terms, the measured speedup and the lossless count (see the module docstring)."""
     step = max(1, len(features) // chunks) if chunks else 1
     timed = features[::step][:chunks] if chunks else features
     clock = Clock(torch.device("cpu"), budget_s=1e9)
     evict = (lambda buffer=eviction_buffer(): evict_caches(buffer)) if cold else None
     main_ms: list[float] = []
     main_time_s: list[float] = []
-    spec = {label: {"ms": [], "draft_s": [], "main_s": [], "passes": []} for label, *_ in loaded}
+    spec = {label: {"ms": [], "draft_s": [], "main_s": [], "passes": []} for label, _ in drafts}
     with torch.inference_mode():
         for f in tqdm(timed, desc="timed chunks", unit="chunk"):
             f = f[None]
-            stats: list[list] = [[] for _ in range(1 + len(loaded))]
+            stats: list[list] = [[] for _ in range(1 + len(drafts))]
             fns = [lambda: stats[0].append(main_only_decode(head, f, num_layers=L)[1])]
             fns += [lambda i=i, d=d: stats[i].append(speculative_decode(head, d, f, num_layers=L)[1])
-                    for i, (_, _, d, _) in enumerate(loaded, start=1)]
+                    for i, (_, d) in enumerate(drafts, start=1)]
             ms = clock.interleaved_ms(fns, repeats, before=evict)
             main_ms.append(statistics.median(ms[0]))
             main_time_s.extend(s.main_time_s for s in stats[0])
-            for i, (label, *_) in enumerate(loaded, start=1):
+            for i, (label, _) in enumerate(drafts, start=1):
                 spec[label]["ms"].append(statistics.median(ms[i]))
                 spec[label]["draft_s"].extend(s.draft_time_s for s in stats[i])
                 spec[label]["main_s"].extend(s.main_time_s for s in stats[i])
                 spec[label]["passes"].extend(s.main_passes for s in stats[i])
         rows = []
         pass_s = statistics.mean(main_time_s) / L  # one main-only pass, as Phase 3's c and v are counted
-        for label, folder, draft, ckpt in loaded:
+        for label, draft in drafts:
             accepted, identical = [], 0
             for f in tqdm(features, desc=f"{label}: lossless check", unit="chunk", leave=False):
                 f = f[None]
@@ -84,23 +102,14 @@ def run(bundle: Path, drafts: list[tuple[str, Path]], *, repeats: int, chunks: i
             c = statistics.mean(t["draft_s"]) / pass_s
             v = statistics.mean(t["main_s"]) / pass_s - statistics.mean(t["passes"])
             per_chunk = [m / s for m, s in zip(main_ms, t["ms"])]
-            metrics = ckpt.get("metrics", {})
             rows.append({
-                "draft": label, "models_dir": str(folder), "draft_hash": ckpt["content_hash"], "config": {k: v for k, v in ckpt["config"].items() if k != "tokenizer"},
-                "parameters": draft.num_parameters(), "drafted_layers": K,
-                "held_out_mean_accepted": metrics.get("mean_accepted_layers"),
-                "mean_accepted_layers": a,
+                "draft": label, "drafted_layers": K, "mean_accepted_layers": a,
                 "accepted_distribution": [accepted.count(k) / len(accepted) for k in range(K + 1)],
                 "c": c, "v": v, "speedup_formula": L / (L - a + c + v),
                 "speedup_measured": statistics.mean(main_ms) / statistics.mean(t["ms"]), "speedup_median_per_chunk": statistics.median(per_chunk),
                 "speculative_ms_per_chunk": statistics.mean(t["ms"]), "identical_to_main_only": identical,
             })
-    return {
-        "bundle": str(bundle), "states": content["states"], "head": content["head"], "head_hash": content["head_hash"],
-        "device_name": device_label(torch.device("cpu"), torch.get_num_threads()), "dtype": "float32", "caches": "cold" if cold else "warm",
-        "decoded_layers": L, "decode_choice": content["decode_choice"], "chunks_timed": len(timed), "chunks_checked": len(features),
-        "repeats": repeats, "main_only_ms_per_chunk": statistics.mean(main_ms), "drafts": rows,
-    }
+    return {"chunks_timed": len(timed), "chunks_checked": len(features), "main_only_ms_per_chunk": statistics.mean(main_ms), "drafts": rows}
 
 
 def markdown(r: dict) -> str:

@@ -92,6 +92,19 @@ def test_verify_equals_sequential_and_cache_truncation():
             torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
 
 
+def test_verify_logits_equal_the_cached_verify_pass_and_carry_gradients():
+    m = tiny()
+    f = torch.randn(2, 12)
+    rows = rand_codes(2, 3, 3).transpose(1, 2)  # [B, K, T]
+    with torch.no_grad():
+        cached, _ = m.verify_rows_(f, rows)
+    logits = m.verify_logits(f, rows)
+    torch.testing.assert_close(logits, cached, atol=1e-6, rtol=0)
+    logits[:, 1].logsumexp(-1).sum().backward()
+    assert m.out.weight.grad is not None and m.out.weight.grad.abs().sum() > 0
+    assert m.code_embed.weight.grad[rows[:, 0].long() + m._slot_offsets].abs().sum() > 0  # position 1 reads layer 0's rows
+
+
 def test_passes_from_position_zero_use_sdpa_causal_and_match_the_explicit_mask():
     """Verify and teacher-forced passes start at position 0, where the layer mask is plain causal:
     they take SDPA's is_causal path (no mask tensor), which must give the explicit mask's result."""

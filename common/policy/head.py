@@ -338,9 +338,17 @@ class RFSQHead(nn.Module):
 
     def verify_rows_(self, features: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
         """``verify_`` for proposed layers laid out as rows [B, K, T] (what the draft emits)."""
-        x = torch.cat([self._embed_features(features), self._embed_rows(rows, 0)], dim=1)
+        x = self._verify_inputs(features, rows)
         cache = self.new_cache(x.shape[0], like=x)
         return self._run(x, cache), cache
+
+    def verify_logits(self, features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The verify pass without a cache, so gradients flow (training the main model on what verification
+        compares): logits [B, K+1, T, V] of positions 0..K given proposed layers as rows [B, K, T]."""
+        return self._run(self._verify_inputs(features, rows), None)
+
+    def _verify_inputs(self, features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._embed_features(features), self._embed_rows(rows, 0)], dim=1)
 
     @torch.inference_mode()
     def greedy_decode(self, features: torch.Tensor, num_layers: int | None = None, *, return_last_logits: bool = False):
