@@ -110,6 +110,13 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                          "phase3_diagnostics/trained_draft_sweep/head_256x4/trained_draft_sweep.json",
                                          "the commands in results/phase3_diagnostics/trained_draft_sweep/COMMANDS.md (a 256 x 4 head; "
                                          "python -m benchmarks.trained_draft_sweep)"),
+    "phase3_draftable_main": ("phase3_diagnostics/draftable_main/make_run/draftable_main.md",
+                              "phase3_diagnostics/draftable_main/make_run/draftable_main.json",
+                              "the commands in results/phase3_diagnostics/draftable_main/COMMANDS.md (python -m benchmarks.draftable_main)"),
+    "phase3_draftable_main_long": ("phase3_diagnostics/draftable_main/make_run_long/draftable_main.md",
+                                   "phase3_diagnostics/draftable_main/make_run_long/draftable_main.json",
+                                   "the commands in results/phase3_diagnostics/draftable_main/COMMANDS.md (python -m benchmarks.draftable_main "
+                                   "--epochs 12 --lr 1e-4)"),
     "phase3_drafted_layers": ("phase3_diagnostics/drafted_layers/speculation_terms.md", "phase3_diagnostics/drafted_layers/speculation_terms.json",
                               "the commands in results/phase3_diagnostics/drafted_layers/COMMANDS.md (phase3 --drafted-layers K, "
                               "then python -m benchmarks.speculation_terms)"),
