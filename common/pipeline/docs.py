@@ -117,6 +117,14 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                    "phase3_diagnostics/draftable_main/make_run_long/draftable_main.json",
                                    "the commands in results/phase3_diagnostics/draftable_main/COMMANDS.md (python -m benchmarks.draftable_main "
                                    "--epochs 12 --lr 1e-4)"),
+    "phase3_tokens_per_layer": ("phase3_diagnostics/tokens_per_layer/speculation_terms.md",
+                                "phase3_diagnostics/tokens_per_layer/speculation_terms.json",
+                                "the commands in results/phase3_diagnostics/tokens_per_layer/COMMANDS.md (a tokenizer latent of 8 or 4, "
+                                "Phase 2, Phase 3 --compare-main-only; python -m benchmarks.speculation_terms)"),
+    "phase3_tokens_per_layer_heldout": ("phase3_diagnostics/tokens_per_layer/heldout_layouts/speculation_terms.md",
+                                        "phase3_diagnostics/tokens_per_layer/heldout_layouts/speculation_terms.json",
+                                        "the commands in results/phase3_diagnostics/tokens_per_layer/COMMANDS.md (--first-trial 20 --num-trials 10; "
+                                        "python -m benchmarks.speculation_terms)"),
     "phase3_drafted_layers": ("phase3_diagnostics/drafted_layers/speculation_terms.md", "phase3_diagnostics/drafted_layers/speculation_terms.json",
                               "the commands in results/phase3_diagnostics/drafted_layers/COMMANDS.md (phase3 --drafted-layers K, "
                               "then python -m benchmarks.speculation_terms)"),
