@@ -43,7 +43,6 @@ from common.policy.metrics import compute_features, draft_main_agreement
 from common.policy.model import HEAD_KIND, load_policy
 from common.provenance import REPO_ROOT, provenance, write_results
 from common.tokenizer.model import load_tokenizer
-from common.tokenizer.token_code import TokenCode
 
 
 @torch.no_grad()
@@ -112,7 +111,6 @@ def run(models_dir: Path, *, weights: list[float], epochs: int, lr: float, batch
     cpu = torch.device("cpu")
     train_f, val_f = compute_features(policy, train, device=cpu), compute_features(policy, val, device=cpu)
     rows = draft_rows(draft, train_f)
-    code = TokenCode(tok.model)
 
     def measure(label: str, weight: float | None, head: RFSQHead) -> dict:
         errors = action_errors_by_depth(head, val_f, val.codes, tok.model)
@@ -132,8 +130,8 @@ def run(models_dir: Path, *, weights: list[float], epochs: int, lr: float, batch
     results = [measure("trained (no fine-tuning)", None, policy.head)]
     for w in weights:
         head = copy.deepcopy(policy.head)
-        loss = MainLoss(head, code if (cfg.own_prefix_prob or cfg.expected_value_weight) else None, own_prefix_prob=cfg.own_prefix_prob,
-                        expected_value_weight=cfg.expected_value_weight, value_scale=MainLoss.value_scale_of(code, train.codes), seed=seed + 11)
+        loss = MainLoss.for_training(head, tok.model, train.codes, own_prefix_prob=cfg.own_prefix_prob,
+                                     expected_value_weight=cfg.expected_value_weight, seed=seed + 11, device=cpu)
         finetune(head, loss, train_f, train.codes, rows, weight=w, epochs=epochs, lr=lr, weight_decay=cfg.weight_decay,
                  batch_size=batch_size, seed=seed, label=f"w={w:g}")
         results.append(measure(f"fine-tuned, w = {w:g}", w, head))

@@ -40,6 +40,15 @@ class MainLoss:
         self.value_scale = float(value_scale)
         self.generator = torch.Generator().manual_seed(seed)
 
+    @classmethod
+    def for_training(cls, head: RFSQHead, tokenizer, train_codes: torch.Tensor, *, own_prefix_prob: float, expected_value_weight: float,
+                     seed: int, device: torch.device) -> "MainLoss":
+        """The Phase 2 loss with these options: the tokenizer's ``TokenCode`` only when an option needs it, the
+        expected-value unit from the training codes (what Phase 2 trains with and a fine-tuning reuses)."""
+        code = TokenCode(tokenizer).to(device) if (own_prefix_prob or expected_value_weight) else None
+        return cls(head, code, own_prefix_prob=own_prefix_prob, expected_value_weight=expected_value_weight,
+                    value_scale=cls.value_scale_of(code, train_codes) if code is not None else 1.0, seed=seed)
+
     @staticmethod
     def value_scale_of(code: TokenCode, codes: torch.Tensor) -> float:
         """Variance of the first stage's target values over ``codes [N, T, L]`` (the EV loss's unit)."""

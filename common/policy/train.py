@@ -61,7 +61,6 @@ from common.locks import check_writable_dir, output_lock
 from common.policy.decode_choice import action_errors_by_depth, choose_decoding
 from common.policy.distillation import perturbed_distillation_set
 from common.policy.losses import MainLoss
-from common.tokenizer.token_code import TokenCode
 from common.training_loop import fit_epochs, refuse_to_replace
 
 MAIN_STATE_KIND = "phase2_main_training_state"
@@ -115,11 +114,8 @@ def _train_main(cfg, paths, tok, train, val, task_table, device, meta, on_checkp
     }
     normalizer = tok.normalizer.to_dict()
 
-    code = TokenCode(m).to(device) if (cfg.own_prefix_prob or cfg.expected_value_weight) else None
-    main_loss = MainLoss(
-        policy.head, code, own_prefix_prob=cfg.own_prefix_prob, expected_value_weight=cfg.expected_value_weight,
-        value_scale=MainLoss.value_scale_of(code, train.codes) if code is not None else 1.0, seed=cfg.seed + 11,
-    )
+    main_loss = MainLoss.for_training(policy.head, m, train.codes, own_prefix_prob=cfg.own_prefix_prob,
+                                      expected_value_weight=cfg.expected_value_weight, seed=cfg.seed + 11, device=device)
 
     def batch_loss(idx):
         x, t, c = train.inputs[idx].to(device), train.task_ids[idx].to(device), train.codes[idx].to(device).long()
