@@ -125,6 +125,14 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                         "phase3_diagnostics/tokens_per_layer/heldout_layouts/speculation_terms.json",
                                         "the commands in results/phase3_diagnostics/tokens_per_layer/COMMANDS.md (--first-trial 20 --num-trials 10; "
                                         "python -m benchmarks.speculation_terms)"),
+    "phase3_tokenizer_seeds": ("phase3_diagnostics/tokenizer_seeds/heldout_layouts/speculation_terms.md",
+                               "phase3_diagnostics/tokenizer_seeds/heldout_layouts/speculation_terms.json",
+                               "the commands in results/phase3_diagnostics/tokenizer_seeds/COMMANDS.md (Phase 1 --seed, Phase 2, "
+                               "Phase 3 --first-trial 20 --num-trials 10; python -m benchmarks.speculation_terms)"),
+    "phase3_tokenizer_seeds_trials": ("phase3_diagnostics/tokenizer_seeds/speculation_terms.md",
+                                      "phase3_diagnostics/tokenizer_seeds/speculation_terms.json",
+                                      "the commands in results/phase3_diagnostics/tokenizer_seeds/COMMANDS.md (Phase 3 --first-trial 0 "
+                                      "--num-trials 5 on both model folders; python -m benchmarks.speculation_terms)"),
     "phase3_drafted_layers": ("phase3_diagnostics/drafted_layers/speculation_terms.md", "phase3_diagnostics/drafted_layers/speculation_terms.json",
                               "the commands in results/phase3_diagnostics/drafted_layers/COMMANDS.md (phase3 --drafted-layers K, "
                               "then python -m benchmarks.speculation_terms)"),
