@@ -130,3 +130,20 @@ def test_plan_summary_line():
     assert plan_summary(plan, Path("r")) == ("2 of 3 stages would run under r: main_none, draft_none; they took 2.0 min when they "
                                              "last ran (one after the other); never run here: main_none")
     assert plan_summary({"demos": {"skipped": True}}, Path("r")).startswith("every stage under r is up to date")
+
+
+def test_diagnostics_index_groups_files_by_the_readers_question(tmp_path):
+    from common.pipeline.docs import diagnostics_index, update_docs
+
+    folder = tmp_path / "docs" / "diagnostics"
+    folder.mkdir(parents=True)
+    (folder / "b_drafts.md").write_text("<!-- question: speculation -->\n# Chained drafts\n\n**Question.** Do chained drafts pay?\n")
+    (folder / "a_fidelity.md").write_text("<!-- question: robust_vs_naive -->\n# Tokenizer fidelity\n\n**Question.** Do tokens replay?\n")
+    (folder / "README.md").write_text("# Notebook\n<!-- results:diagnostics_index -->\n<!-- /results:diagnostics_index -->\n")
+    assert update_docs(repo_root=tmp_path, results_root=tmp_path) == ["docs/diagnostics/README.md"]
+    index = (folder / "README.md").read_text()
+    assert "### Does robust beat naive, and where?\n\n- [Tokenizer fidelity](a_fidelity.md): Do tokens replay?" in index
+    assert index.index("robust beat naive") < index.index("- [Chained drafts](b_drafts.md): Do chained drafts pay?")
+    (folder / "c_bad.md").write_text("# No question\n")
+    with pytest.raises(ValueError, match=r"c_bad.md: expected a line '<!-- question: <key> -->'"):
+        diagnostics_index(tmp_path)

@@ -6,6 +6,9 @@ A doc marks a generated section like this::
     (generated: do not edit)
     <!-- /results:phase1_synthetic -->
 
+The diagnostics (``docs/diagnostics/``, one file per diagnostic) get their index the same way, from
+each file's title and question (section ``diagnostics_index``).
+
 ``render_section(name)`` builds the body from the results files a command in this repository wrote
 (the markdown table that command produced plus a provenance line from its JSON). ``update_docs``
 rewrites every marked section; ``stale_sections`` lists those that differ from what the generator
@@ -224,8 +227,49 @@ DOCS = (
     "phase1_improved/AGENT_GUIDE.md",
     "phase2_draft_retrain/README.md",
     "phase3/QUICK_START.md",
-    "phase3/DIAGNOSTICS.md",
+    "phase3/DIAGNOSTICS.md",  # being split into docs/diagnostics/ (issue 37); skipped once gone
+    "benchmarks/README.md",
 )
+# The lab notebook: one file per diagnostic, each naming the reader's question it answers with a line
+# ``<!-- question: <key> -->`` and stating it in a line that starts with ``**Question.**``. Its README
+# holds the index (section ``diagnostics_index``), generated from those lines.
+DIAGNOSTICS_DIR = "docs/diagnostics"
+QUESTIONS: dict[str, str] = {
+    "robust_vs_naive": "Does robust beat naive, and where?",
+    "policy_success": "What made the policy succeed?",
+    "generalization": "What does not generalize?",
+    "speculation": "Where does speculation pay, and what does decoding cost?",
+    "trust": "How far can a number be trusted?",
+}
+QUESTION_TAG = re.compile(r"^<!-- question: (?P<key>[a-z_]+) -->$", re.M)
+INDEX_SECTION = "diagnostics_index"
+
+
+def doc_files(repo_root: Path = REPO_ROOT) -> tuple[str, ...]:
+    """Every doc with generated sections: the guides, then the diagnostics (sorted by file name)."""
+    notebook = sorted(p.relative_to(repo_root).as_posix() for p in (repo_root / DIAGNOSTICS_DIR).glob("*.md"))
+    return DOCS + tuple(notebook)
+
+
+def diagnostics_index(repo_root: Path = REPO_ROOT) -> str:
+    """The notebook's index: per reader's question, each diagnostic's title (linked) and its question."""
+    folder = repo_root / DIAGNOSTICS_DIR
+    by_question: dict[str, list[str]] = {key: [] for key in QUESTIONS}
+    for path in sorted(folder.glob("*.md")):
+        if path.name == "README.md":
+            continue
+        text = path.read_text()
+        tag = QUESTION_TAG.search(text)
+        if tag is None or tag.group("key") not in QUESTIONS:
+            raise ValueError(f"{path.relative_to(repo_root)}: expected a line '<!-- question: <key> -->' with a key "
+                             f"from {sorted(QUESTIONS)}, found {tag.group(0) if tag else 'none'}")
+        title = re.search(r"^# (.+)$", text, re.M)
+        asked = re.search(r"^\*\*Question\.\*\* (.+)$", text, re.M)
+        if title is None or asked is None:
+            raise ValueError(f"{path.relative_to(repo_root)}: expected a '# title' line and a '**Question.** ...' line")
+        by_question[tag.group("key")].append(f"- [{title.group(1)}]({path.name}): {asked.group(1)}")
+    parts = [f"### {QUESTIONS[key]}\n\n" + "\n".join(entries) + "\n" for key, entries in by_question.items() if entries]
+    return "\n".join(parts) if parts else "_No diagnostics yet._\n"
 
 
 def _provenance_line(json_path: Path, rel: str) -> str:
@@ -256,33 +300,38 @@ def render_section(name: str, results_root: Path) -> str:
     return md.read_text().rstrip() + "\n\n" + _provenance_line(js, json_rel) + "\n"
 
 
-def render_doc(text: str, results_root: Path) -> str:
-    return MARKER.sub(lambda m: m.group(1) + render_section(m.group("name"), results_root) + m.group(4), text)
+def _render_marked(name: str, results_root: Path, repo_root: Path) -> str:
+    return diagnostics_index(repo_root) if name == INDEX_SECTION else render_section(name, results_root)
+
+
+def render_doc(text: str, results_root: Path, repo_root: Path = REPO_ROOT) -> str:
+    return MARKER.sub(lambda m: m.group(1) + _render_marked(m.group("name"), results_root, repo_root) + m.group(4), text)
 
 
 def _existing_docs(repo_root: Path, docs) -> list[tuple[str, Path]]:
+    docs = doc_files(repo_root) if docs is None else docs
     return [(rel, repo_root / rel) for rel in docs if (repo_root / rel).exists()]
 
 
-def update_docs(*, repo_root: Path = REPO_ROOT, results_root: Path | None = None, docs=DOCS) -> list[str]:
+def update_docs(*, repo_root: Path = REPO_ROOT, results_root: Path | None = None, docs=None) -> list[str]:
     """Rewrite the generated sections of every doc; returns the docs that changed."""
     results_root = results_root or repo_root / "results"
     changed = []
     for rel, path in _existing_docs(repo_root, docs):
         text = path.read_text()
-        new = render_doc(text, results_root)
+        new = render_doc(text, results_root, repo_root)
         if new != text:
             path.write_text(new)
             changed.append(rel)
     return changed
 
 
-def stale_sections(*, repo_root: Path = REPO_ROOT, results_root: Path | None = None, docs=DOCS) -> list[str]:
+def stale_sections(*, repo_root: Path = REPO_ROOT, results_root: Path | None = None, docs=None) -> list[str]:
     """``doc:section`` for every generated section that differs from the generator's output."""
     results_root = results_root or repo_root / "results"
     return [
         f"{rel}:{m.group('name')}"
         for rel, path in _existing_docs(repo_root, docs)
         for m in MARKER.finditer(path.read_text())
-        if m.group("body") != render_section(m.group("name"), results_root)
+        if m.group("body") != _render_marked(m.group("name"), results_root, repo_root)
     ]
