@@ -46,7 +46,7 @@ def export(models_dir: Path, tag: str, bundle: Path, states: Path | None = None)
     """Held-out features (or, with ``states``, a Phase 3 run's recorded closed-loop features) + head +
     draft + decode choice of the Phase 2 models in ``models_dir`` -> ``bundle``."""
     from benchmarks.decode_depth_latency import load_held_out
-    from common.eval.rollouts import read_rollout_features
+    from common.data.rollouts import read_rollout_features
 
     paths, choice, policy, features = load_held_out(models_dir, tag)
     if states is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.eval.config import EvalConfig
-from common.eval.rollouts import read_rollout_features
+from common.data.rollouts import read_rollout_features
 from common.policy.config import PolicyTrainConfig
 from common.policy.draft import DraftWithProjection
 from common.policy.head import RFSQHead

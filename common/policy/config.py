@@ -69,7 +69,7 @@ class PolicyTrainConfig:
     draft_augment_copies: int = 0  # perturbed copies of the training inputs for distillation (0 = none)
     draft_augment_noise: float = 0.1  # largest perturbation, in units of each input dimension's std
     # Phase 3 run folders (comma-separated) made with --record-features by THIS main model: the
-    # closed-loop states its policy visited, added to the distillation set (common/eval/rollouts.py)
+    # closed-loop states its policy visited, added to the distillation set (common/data/rollouts.py)
     draft_rollouts: str = ""
     # Per chunk and layer, the probability that the main model reads its own argmax instead of the
     # demo's tokens, with the later layers' targets relabelled to correct it (common/policy/losses.py)

@@ -47,7 +47,7 @@ from common.artifacts import models_dir_of, policy_tag
 from common.checkpoints import CheckpointError, load_state_strict, read_checkpoint, save_checkpoint
 from common.data.episodes import split_episodes
 from common.policy.config import PolicyTrainConfig
-from common.eval.rollouts import read_rollout_features
+from common.data.rollouts import read_rollout_features
 from common.policy.draft import DraftWithProjection
 from common.policy.labels import LABEL_CONVENTION, build_split, load_policy_episodes
 from common.policy.metrics import (

@@ -1,5 +1,7 @@
 """Closed-loop states for the draft: the backbone features Phase 3 recorded (``--record-features``)
 at every chunk its policy decoded, read back for Phase 2's distillation (``--draft-rollouts``).
+A data reader, so that Phase 2 (``common/policy``) reads what Phase 3 (``common/eval``) wrote without
+importing the evaluation.
 
 The draft is only ever asked at the states the robot reaches under its own policy; demo states
 and noise around them miss where the robot drifts, which is where the draft and the main model
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common.eval.closed_loop import read_rows
+from common.jsonl import read_jsonl
 
 
 def read_rollout_features(run_dir: str | Path, *, head_hash: str) -> torch.Tensor:
@@ -31,7 +33,7 @@ def read_rollout_features(run_dir: str | Path, *, head_hash: str) -> torch.Tenso
     ran_with = saved.get("checkpoints", {}).get("head")
     if ran_with != head_hash:
         raise ValueError(f"{config_path}: the rollouts ran head {ran_with}, expected {head_hash} (rerun them with this head)")
-    feats = [c["features"] for r in read_rows(rows_path) for c in r.get("chunks", []) if "features" in c]
+    feats = [c["features"] for r in read_jsonl(rows_path) for c in r.get("chunks", []) if "features" in c]
     if not feats:
         raise ValueError(f"{rows_path}: no recorded features; run Phase 3 with --record-features")
     return torch.tensor(feats, dtype=torch.float32)
