@@ -308,7 +308,8 @@ def test_spec_for_head_prefers_the_recorded_spec_and_requires_agreeing_caches(tm
 
     import h5py
 
-    from common.policy.backbones.vla_inputs import VLAInputSpec, spec_for_head
+    from common.policy.backbones.vla_inputs import VLAInputSpec
+    from common.policy.feature_cache import spec_for_head
 
     spec = VLAInputSpec(checkpoint="moojink/x")
     assert spec_for_head({"vla_inputs": spec.attrs()}, {}, Path("h.pt")) == spec

@@ -22,9 +22,9 @@ from common.eval.policy import TokenPolicy
 from common.eval.summary import latency_breakdown, summarize
 from common.policy.backbones import vla_inputs
 from common.policy.backbones.vla_inputs import (
-    VLAInputSpec, build_extractor, env_observation_inputs, run_extractor, spec_for_head,
+    VLAInputSpec, build_extractor, env_observation_inputs, run_extractor,
 )
-from common.policy.feature_cache import cache_features_for_file
+from common.policy.feature_cache import cache_features_for_file, spec_for_head
 from common.policy.train import PolicyTrainConfig, train_policy
 from common.sim.libero_env import quat_to_axis_angle
 from common.sim.libero_env import LiberoTaskEnv, get_suite

@@ -72,7 +72,8 @@ class TokenPolicy:
 
     def _load_vla(self, head_path) -> None:
         from common.checkpoints import read_checkpoint
-        from common.policy.backbones.vla_inputs import build_extractor, spec_for_head
+        from common.policy.backbones.vla_inputs import build_extractor
+        from common.policy.feature_cache import spec_for_head
         from common.policy.model import HEAD_KIND
 
         ckpt = read_checkpoint(head_path, kind=HEAD_KIND)

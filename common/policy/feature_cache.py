@@ -1,15 +1,18 @@
 """OpenVLA-OFT feature cache: per-step backbone features of every demo, computed once (on Modal) and
-read by Phase 2 training, so the 7B model never runs per epoch."""
+read by Phase 2 training, so the 7B model never runs per epoch; and, read back from a trained head's
+caches, the input settings Phase 3 must reproduce (``spec_for_head``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from common.policy.backbones.vla_inputs import VLAInputSpec, demo_step_inputs, run_extractor, spec_of_extractor
 
 FEATURE_CACHE_SUFFIX = ".openvla_oft_features.h5"
 CACHE_COMMAND = (
@@ -101,8 +104,6 @@ def cache_features_for_file(
     """
     import h5py
 
-    from common.policy.backbones.vla_inputs import VLAInputSpec, demo_step_inputs, run_extractor, spec_of_extractor
-
     data_path, out_path = Path(data_path), Path(out_path)
     if flip not in ("auto", "yes", "no"):
         raise ValueError(f"flip: expected auto, yes or no; got {flip!r}")
@@ -177,3 +178,43 @@ def _image_size(data_path: Path) -> int:
                     raise ValueError(f"{data_path}: data/{name}/obs/agentview_rgb: expected square [T, H, H, 3] frames, found {list(shape)}")
                 return int(shape[1])
     raise ValueError(f"{data_path}: no demo has obs/agentview_rgb (collect demos with images)")
+
+
+# --- which spec a trained head needs -------------------------------------------------------------------------
+def head_feature_caches(head_config: dict, head_extra: dict, head_path: Path) -> list[Path]:
+    """The feature caches a head was trained on (from its recorded Phase 2 train config)."""
+    train = head_extra.get("train_config") or {}
+    if train.get("backbone") != "openvla-oft":
+        raise ValueError(f"{head_path}: recorded train config has backbone {train.get('backbone')!r}, expected 'openvla-oft'")
+    if train.get("feature_cache"):
+        return [Path(p.strip()) for p in str(train["feature_cache"]).split(",") if p.strip()]
+    data = [p.strip() for p in str(train.get("data", "")).split(",") if p.strip()]
+    if not data or not train.get("data_dir"):
+        raise ValueError(f"{head_path}: recorded train config names no --data / data_dir to find its feature caches")
+    return [feature_cache_path(Path(train["data_dir"]), p) for p in data]
+
+
+def spec_of_caches(caches: Sequence[Path], where: str) -> VLAInputSpec:
+    """The one ``VLAInputSpec`` a set of feature caches was computed with (they must all agree)."""
+    import h5py
+
+    specs: dict[VLAInputSpec, str] = {}
+    for cache in map(Path, caches):
+        if not cache.exists():
+            raise FileNotFoundError(
+                f"{cache}: feature cache of {where} not found; evaluation reads the input settings "
+                "(checkpoint, cameras, crop, proprio) from it: mount the data volume or pass the same --data-dir"
+            )
+        with h5py.File(cache, "r") as f:
+            specs.setdefault(VLAInputSpec.from_attrs(dict(f.attrs), str(cache)), str(cache))
+    if len(specs) != 1:
+        raise ValueError(f"{where}: its feature caches were computed with different settings: {json.dumps({v: k.attrs() for k, v in specs.items()})}")
+    return next(iter(specs))
+
+
+def spec_for_head(head_config: dict, head_extra: dict, head_path: Path) -> VLAInputSpec:
+    """The input spec of an openvla-oft head: ``config["vla_inputs"]`` when Phase 2 recorded it, else
+    read from the attributes of the feature caches it was trained on (all must agree)."""
+    if head_config.get("vla_inputs"):
+        return VLAInputSpec.from_attrs(head_config["vla_inputs"], f"{head_path}:config.vla_inputs")
+    return spec_of_caches(head_feature_caches(head_config, head_extra, head_path), f"head {head_path}")

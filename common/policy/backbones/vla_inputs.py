@@ -4,7 +4,7 @@ features it sees in the simulator cannot drift apart.
 
 * ``VLAInputSpec``: what a feature cache was computed with (checkpoint, feature, cameras, proprio,
   center crop, JPEG round trip, rendered image size). ``cache_features_for_file`` writes it into the
-  cache's attributes; Phase 3 reads it back (``spec_for_head``) and renders/prepares accordingly.
+  cache's attributes; Phase 3 reads it back (``feature_cache.spec_for_head``) and renders/prepares accordingly.
 * ``prepare_vla_inputs``: orientation (the 180° flip where the source is upside down), camera
   selection, OFT's 8-d proprio, shape/type checks -> ``VLABatch``. Demo steps (``demo_step_inputs``)
   and env observations (``env_observation_inputs``) both go through it; the extractor then applies
@@ -17,7 +17,6 @@ features it sees in the simulator cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -235,45 +234,3 @@ def spec_of_extractor(extract: Any, *, use_wrist: bool, use_proprio: bool, image
         checkpoint=extract.checkpoint, feature=extract.feature, use_wrist=use_wrist, use_proprio=use_proprio,
         center_crop=extract.center_crop, jpeg_roundtrip=extract.jpeg_roundtrip, image_size=image_size,
     )
-
-
-# --- which spec a trained head needs -------------------------------------------------------------------------
-def head_feature_caches(head_config: dict, head_extra: dict, head_path: Path) -> list[Path]:
-    """The feature caches a head was trained on (from its recorded Phase 2 train config)."""
-    from common.policy.feature_cache import feature_cache_path
-
-    train = head_extra.get("train_config") or {}
-    if train.get("backbone") != "openvla-oft":
-        raise ValueError(f"{head_path}: recorded train config has backbone {train.get('backbone')!r}, expected 'openvla-oft'")
-    if train.get("feature_cache"):
-        return [Path(p.strip()) for p in str(train["feature_cache"]).split(",") if p.strip()]
-    data = [p.strip() for p in str(train.get("data", "")).split(",") if p.strip()]
-    if not data or not train.get("data_dir"):
-        raise ValueError(f"{head_path}: recorded train config names no --data / data_dir to find its feature caches")
-    return [feature_cache_path(Path(train["data_dir"]), p) for p in data]
-
-
-def spec_of_caches(caches: Sequence[Path], where: str) -> VLAInputSpec:
-    """The one ``VLAInputSpec`` a set of feature caches was computed with (they must all agree)."""
-    import h5py
-
-    specs: dict[VLAInputSpec, str] = {}
-    for cache in map(Path, caches):
-        if not cache.exists():
-            raise FileNotFoundError(
-                f"{cache}: feature cache of {where} not found; evaluation reads the input settings "
-                "(checkpoint, cameras, crop, proprio) from it: mount the data volume or pass the same --data-dir"
-            )
-        with h5py.File(cache, "r") as f:
-            specs.setdefault(VLAInputSpec.from_attrs(dict(f.attrs), str(cache)), str(cache))
-    if len(specs) != 1:
-        raise ValueError(f"{where}: its feature caches were computed with different settings: {json.dumps({v: k.attrs() for k, v in specs.items()})}")
-    return next(iter(specs))
-
-
-def spec_for_head(head_config: dict, head_extra: dict, head_path: Path) -> VLAInputSpec:
-    """The input spec of an openvla-oft head: ``config["vla_inputs"]`` when Phase 2 recorded it, else
-    read from the attributes of the feature caches it was trained on (all must agree)."""
-    if head_config.get("vla_inputs"):
-        return VLAInputSpec.from_attrs(head_config["vla_inputs"], f"{head_path}:config.vla_inputs")
-    return spec_of_caches(head_feature_caches(head_config, head_extra, head_path), f"head {head_path}")
