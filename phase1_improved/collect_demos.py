@@ -37,6 +37,7 @@ import sys
 import modal
 
 import rsd_entry
+from common.eval.policy import dagger_policy  # DAgger's driving policy: the Phase 3 one
 from common.sim.demo_collection import CollectConfig, run_collection
 
 
@@ -59,7 +60,7 @@ def collect_remote(config: dict) -> dict:
     if not modal.is_local():
         data_volume.reload()  # see demos of an earlier run, so resuming works
     try:
-        return run_collection(cfg)
+        return run_collection(cfg, driving_policy=dagger_policy)
     finally:
         if not modal.is_local():
             data_volume.commit()  # keep partial progress even when collection raised
@@ -100,7 +101,7 @@ def build_parser():
 def cli(argv: list[str] | None = None) -> dict:
     cfg = rsd_entry.parse_config(CollectConfig, argv, prog="python -m phase1_improved.collect_demos")
     print(f"writing {cfg.out_path()}")
-    summary = run_collection(cfg)
+    summary = run_collection(cfg, driving_policy=dagger_policy)
     print(json.dumps(summary, indent=2, default=str))
     return summary
 

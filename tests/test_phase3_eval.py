@@ -304,12 +304,13 @@ def test_dagger_collection_keeps_policy_driven_episodes_with_the_experts_labels(
     import json
 
     h5py = pytest.importorskip("h5py")
+    from common.eval.policy import dagger_policy
     from common.sim.dagger import DaggerConfig
     from common.sim.demo_collection import collect_demos
 
     dagger = DaggerConfig(models_dir=str(models["models"]), replan_steps=4).as_dict()
     out = tmp_path / "dagger.hdf5"
-    summary = collect_demos(SUITE, [0], 1, out, workers=1, seed=4, dagger=dagger, progress=False)
+    summary = collect_demos(SUITE, [0], 1, out, workers=1, seed=4, dagger=dagger, driving_policy=dagger_policy, progress=False)
     assert summary["episodes_run"] == 1 and summary["tasks"][0]["kept"] == 1 and summary["given_up_tasks"] == []
     with h5py.File(out, "r") as f:
         data = f["data"]
@@ -318,7 +319,9 @@ def test_dagger_collection_keeps_policy_driven_episodes_with_the_experts_labels(
         executed, labels = demo["actions"][()], demo["expert_actions"][()]
         assert executed.shape == labels.shape and not np.allclose(executed, labels)
         assert bool(demo.attrs["success"]) == (summary["success_rate"] == 1.0)
-    assert collect_demos(SUITE, [0], 1, out, workers=1, seed=4, dagger=dagger, progress=False)["episodes_run"] == 0
+    assert collect_demos(SUITE, [0], 1, out, workers=1, seed=4, dagger=dagger, driving_policy=dagger_policy, progress=False)["episodes_run"] == 0
+    with pytest.raises(ValueError, match="dagger: expected driving_policy"):
+        collect_demos(SUITE, [0], 2, out, workers=1, seed=4, dagger=dagger, progress=False)
     with pytest.raises(ValueError, match="cannot add demos with dagger=none"):
         collect_demos(SUITE, [0], 2, out, workers=1, progress=False)
 

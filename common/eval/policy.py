@@ -193,3 +193,12 @@ class TokenPolicy:
         if cfg.compare_main_only:
             info["ref_policy_s"] = features_s + info["ref_main_s"] + info["tokenizer_decode_s"]
         return actions, info
+
+
+def dagger_policy(config, suite: str) -> TokenPolicy:
+    """The policy that drives DAgger collection (``common.sim.dagger.DaggerConfig``): the Phase 3 policy
+    under ``config.models_dir`` (Strategy A, the decode depth and rule its head chose, main-only
+    decoding: speculation never changes the tokens). Pass it as ``driving_policy`` to the collector."""
+    cfg = EvalConfig(task_suite=suite, models_dir=config.models_dir, tokenizer=config.tokenizer, strategy="A", auto_decode=True,
+                     use_speculative_decoding=False, compare_main_only=False, replan_steps=config.replan_steps)
+    return TokenPolicy(cfg)

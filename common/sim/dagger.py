@@ -9,6 +9,10 @@ Per chunk the driver hands control to the expert with probability ``beta`` (DAgg
 the policy drives the whole episode; later rounds usually lower beta). The policy replans every
 ``replan_steps`` as Phase 3 does, main-only (speculation never changes the tokens).
 Every episode is kept, successful or not: the failing ones hold the states the policy needs most.
+
+The policy itself is loaded by the caller's ``driving_policy(config, suite)`` (the Phase 3 policy,
+``common.eval.policy.dagger_policy``), handed down to the workers: the simulator layer drives any
+object with ``policy_input`` / ``plan`` / ``task_index`` and never imports the evaluation.
 """
 
 from __future__ import annotations
@@ -38,16 +42,6 @@ class DaggerConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def load_driving_policy(config: DaggerConfig, suite: str):
-    """The Phase 3 policy (Strategy A, the decode depth and rule its head chose, main-only decoding)."""
-    from common.eval.config import EvalConfig
-    from common.eval.policy import TokenPolicy
-
-    cfg = EvalConfig(task_suite=suite, models_dir=config.models_dir, tokenizer=config.tokenizer, strategy="A", auto_decode=True,
-                     use_speculative_decoding=False, compare_main_only=False, replan_steps=config.replan_steps)
-    return TokenPolicy(cfg)
 
 
 class PolicyDriver:

@@ -55,7 +55,7 @@ import multiprocessing as mp
 import os
 import queue
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 from common.sim.demo_file import (TMP_GROUP, _existing_counts, _write_demo, _write_file_attrs, check_demo_out,
@@ -136,8 +136,9 @@ class CollectConfig:
         return out if out.is_absolute() else data_dir_of(self.data_dir) / out
 
 
-def run_collection(config: CollectConfig, *, progress: bool = True) -> dict:
-    """``collect_demos`` for a ``CollectConfig`` (what both front ends and the pipeline call)."""
+def run_collection(config: CollectConfig, *, progress: bool = True, driving_policy: Callable | None = None) -> dict:
+    """``collect_demos`` for a ``CollectConfig`` (what both front ends and the pipeline call);
+    ``driving_policy``: see ``collect_demos`` (needed with ``--dagger-models-dir``)."""
     from common.sim.scripted_expert import ExpertConfig
 
     import h5py
@@ -155,7 +156,7 @@ def run_collection(config: CollectConfig, *, progress: bool = True) -> dict:
         config.suite, task_ids, config.demos_per_task, out_path, workers=config.workers, seed=config.seed,
         keep_failures=config.keep_failures, record_images=config.record_images, camera_size=config.camera_size,
         fresh_layouts=config.fresh_layouts, expert_config=ExpertConfig(action_noise=config.action_noise, seed=config.seed, operator=config.operator),
-        dagger=config.dagger(), progress=progress,
+        dagger=config.dagger(), driving_policy=driving_policy, progress=progress,
     )
     return {**summary, "operator": config.operator}
 
@@ -187,12 +188,16 @@ def collect_demos(
     fresh_layouts: bool = False,
     expert_config=None,
     dagger: dict[str, Any] | None = None,
+    driving_policy: Callable | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Collect scripted-expert demos (layout and resume rules in the module docstring).
 
     ``dagger`` (``DaggerConfig.as_dict()``): a trained policy drives and the expert labels
-    (``common/sim/dagger.py``); every episode is kept and counts towards ``demos_per_task``.
+    (``common/sim/dagger.py``); every episode is kept and counts towards ``demos_per_task``. The
+    policy is loaded in each worker by ``driving_policy(DaggerConfig, suite)``, a module-level (picklable)
+    function such as ``common.eval.policy.dagger_policy``: the simulator layer does not import the
+    evaluation, so the caller chooses the policy.
 
     Returns a summary: per-task kept/attempted/new counts, success rate of this run's episodes,
     tasks given up (too many failures), output path and versions.
@@ -212,6 +217,8 @@ def collect_demos(
     bad = [t for t in task_ids if not 0 <= t < num_tasks]
     if not task_ids or bad:
         raise ValueError(f"task ids {bad or task_ids} invalid for {suite}: valid ids are 0..{num_tasks - 1}")
+    if dagger and driving_policy is None:
+        raise ValueError("dagger: expected driving_policy (e.g. common.eval.policy.dagger_policy) to load the policy that drives; found None")
     config = expert_config if expert_config is not None else ExpertConfig()
     config_dict = dataclasses.asdict(config)
 
@@ -286,7 +293,7 @@ def collect_demos(
 
         ctx = mp.get_context("spawn")  # forked MuJoCo/GL state is unsafe in children
         job_queue, result_queue = ctx.Queue(), ctx.Queue()
-        procs = [ctx.Process(target=worker_main, args=(job_queue, result_queue, config_dict, os.getpid()), daemon=True)
+        procs = [ctx.Process(target=worker_main, args=(job_queue, result_queue, config_dict, os.getpid(), driving_policy if dagger else None), daemon=True)
                  for _ in range(workers)]
         for p in procs:
             p.start()

@@ -99,25 +99,26 @@ def render_images(camera_env, demo: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in frames.items()}
 
 
-def _dagger_driver(job: dict[str, Any], env, policy):
-    """The DAgger driver for this task, loading the policy once per process (-> driver, policy)."""
+def _dagger_driver(job: dict[str, Any], env, policy, driving_policy):
+    """The DAgger driver for this task, loading the policy once per process with the collector's
+    ``driving_policy(config, suite)`` (-> driver, policy)."""
     import torch
 
-    from common.sim.dagger import DaggerConfig, PolicyDriver, load_driving_policy
+    from common.sim.dagger import DaggerConfig, PolicyDriver
 
     config = DaggerConfig(**job["dagger"])
     if policy is None or getattr(policy, "dagger_config", None) != config:
         torch.set_num_threads(1)  # batch-1 decoding: one thread is fastest, and the workers share the cores
-        policy = load_driving_policy(config, job["suite"])
+        policy = driving_policy(config, job["suite"])
         policy.dagger_config = config
     task_index = policy.task_index(job["suite"], job["task_id"], env.instruction)
     driver = PolicyDriver(policy, task_index=task_index, replan_steps=config.replan_steps, beta=config.beta, seed=job["seed"])
     return driver, policy
 
 
-def worker_main(job_queue, result_queue, expert_config: dict[str, Any], parent_pid: int) -> None:
+def worker_main(job_queue, result_queue, expert_config: dict[str, Any], parent_pid: int, driving_policy=None) -> None:
     """One process: keeps one physics env (and one camera env) for the current task; exits with
-    its parent (and leaves Ctrl-C to it)."""
+    its parent (and leaves Ctrl-C to it). ``driving_policy``: DAgger's policy loader (picklable)."""
     exit_with_parent(parent_pid)
     from common.sim.libero_env import LiberoTaskEnv
     from common.sim.scripted_expert import ExpertConfig, ScriptedExpert
@@ -150,7 +151,7 @@ def worker_main(job_queue, result_queue, expert_config: dict[str, Any], parent_p
                 current = key
                 driver = None
                 if job.get("dagger"):
-                    driver, policy = _dagger_driver(job, env, policy)
+                    driver, policy = _dagger_driver(job, env, policy, driving_policy)
             demo = rollout_episode(env, expert, job, driver)
             if camera_env is not None and (demo["success"] or job["keep_failures"]):
                 demo["obs"].update(render_images(camera_env, demo))
