@@ -85,7 +85,16 @@ def cli_flags(cls: type) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def field_help(cls: type) -> dict[str, str]:
     """Each field's documentation, read from the class source: the ``# comment`` on the field's line,
-    or the comment lines right above it (for fields whose explanation needs several lines)."""
+    or the comment lines right above it (for fields whose explanation needs several lines). Fields a
+    config inherits (e.g. ``EvalConfig`` from ``EpisodeSettings``) are documented where they are defined."""
+    out: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            out.update(field_help(base))
+    return {**out, **_own_field_help(cls)}
+
+
+def _own_field_help(cls: type) -> dict[str, str]:
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):

@@ -172,6 +172,27 @@ def test_modal_module_imports_without_token_flags_match_and_shard_runs(models, t
     assert len(rows) == 1 and rows[0]["trial"] == 1 and rows[0]["status"] in ("success", "failure")
 
 
+def test_evaluation_and_comparison_flags_have_one_definition_each():
+    """phase3.compare and the single-variant evaluation share EpisodeSettings: each shared flag is declared
+    once (one default, one help text), a comparison passes all of them to every variant, and only `out`
+    (a different folder layout) is declared by both."""
+    import dataclasses
+
+    import rsd_entry
+    from common.eval.compare import ComparisonConfig
+    from common.eval.config import EpisodeSettings, EvalConfig
+
+    shared = {f.name for f in dataclasses.fields(EpisodeSettings)}
+    own = lambda cls: set(cls.__dict__.get("__annotations__", {}))
+    assert own(EvalConfig) & own(ComparisonConfig) == {"out"} and not (own(EvalConfig) | own(ComparisonConfig)) & shared
+    assert ComparisonConfig().num_trials == EvalConfig().num_trials == 50
+    assert rsd_entry.field_help(ComparisonConfig)["decode_dtype"] == rsd_entry.field_help(EvalConfig)["decode_dtype"] != ""
+    cfg = ComparisonConfig(tasks="3", num_trials=7, first_trial=20, decode_dtype="float64", drafted_layers=1, seed=5)
+    assert EvalConfig(**cfg.episode_settings()).episode_settings() == cfg.episode_settings()
+    with pytest.raises(ValueError, match="--decode-rule must be one of"):
+        ComparisonConfig(decode_rule="mean")  # checked up front, not when the first variant starts
+
+
 def test_compare_variant_trials_override_and_validation():
     from common.eval.compare import ComparisonConfig as CompareConfig
 

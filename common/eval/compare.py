@@ -21,7 +21,7 @@ from common.artifacts import (
     NAIVE_TOKENIZER, ROBUST_TOKENIZER, expert_success_results, models_dir_of, phase3_comparison, results_dir_of,
 )
 from common.eval.closed_loop import evaluate
-from common.eval.config import EvalConfig
+from common.eval.config import EpisodeSettings, EvalConfig
 from common.eval.summary import decoding_label, identical_label
 from common.provenance import provenance, write_json
 
@@ -33,44 +33,25 @@ VARIANTS = {  # name -> (tokenizer, strategy)
 
 
 @dataclass
-class ComparisonConfig:
-    """Flags of ``python -m phase3.compare``."""
+class ComparisonConfig(EpisodeSettings):
+    """Flags of ``python -m phase3.compare``: the episode and decoding flags of ``EvalConfig``
+    (``EpisodeSettings``, one definition each), applied to every variant, and these."""
 
-    task_suite: str = "libero_object"  # LIBERO suite (see phase3/modal_phase3_libero_eval.py --help)
-    tasks: str = "0-9"  # task ids: 'all', a range '0-9' or a list '0,3,5'
-    num_trials: int = 10  # episodes per task and variant; trial i = init state i (at most 50)
-    first_trial: int = 0  # first init state of every task (e.g. 20: layouts the make-run demos never saw)
     variants: str = "naive,robust-A,robust-B"  # comma-separated subset of naive, robust-A, robust-B
     # per-variant trial counts, e.g. "robust-B=10": a variant already conclusive at fewer trials
     # need not spend the full budget (the table states each variant's trials); "" = --num-trials for all
     variant_trials: str = ""
-    replan_steps: int = 4  # actions executed per decoded chunk before replanning (env steps)
-    decode_layers: int = 0  # decode only the first N RFSQ layers in every variant (0 = all; see EvalConfig)
-    decode_rule: str = "argmax"  # last decoded layer: argmax | expected (mean level value; see EvalConfig)
-    # every variant decodes the depth and rule its head checkpoint chose on held-out data (see EvalConfig)
-    auto_decode: bool = False
-    draft_candidates: int = 1  # proposals verified per chunk in one main pass (a power of two; see EvalConfig)
-    drafted_layers: int = 0  # draft at most N layers (0 = all the draft proposes; see EvalConfig)
-    decode_dtype: str = "float32"  # precision of the token models (see EvalConfig)
-    max_steps: int = 0  # 0 = the suite's standard limit
-    workers: int = 0  # parallel episode processes; 0 = number of CPU cores
-    seed: int = 0  # env seed
-    models_dir: str = ""  # "" = $RSD_MODELS_DIR or ./artifacts/models
-    results_dir: str = ""  # "" = $RSD_RESULTS_DIR or ./results
     out: str = ""  # "" = <results dir>/phase3/compare_<suite>
     expert_results: str = ""  # "" = <results dir>/expert_success.json when present
     # rebuild comparison.{json,md} from the variants' finished eval_info.json, running nothing
     tables_only: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         unknown = [v for v in self.variant_list if v not in VARIANTS]
         if unknown:
             raise ValueError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
-        if self.num_trials < 1:
-            raise ValueError(f"--num-trials must be >= 1; got {self.num_trials}")
         self.trials_for_variant  # validates --variant-trials
-        if self.decode_dtype not in ("float64", "float32"):
-            raise ValueError(f"--decode-dtype must be float64 or float32; got {self.decode_dtype!r}")
 
     @property
     def trials_for_variant(self) -> dict[str, int]:
@@ -140,13 +121,8 @@ def _variant_infos(cfg: ComparisonConfig, out: Path) -> dict[str, dict]:
                 )
             continue
         tokenizer, strategy = VARIANTS[name]
-        ecfg = EvalConfig(
-            task_suite=cfg.task_suite, tasks=cfg.tasks, num_trials=cfg.trials_for_variant[name], first_trial=cfg.first_trial,
-            use_speculative_decoding=True,
-            tokenizer=tokenizer, strategy=strategy, replan_steps=cfg.replan_steps, max_steps=cfg.max_steps, workers=cfg.workers, seed=cfg.seed,
-            decode_layers=cfg.decode_layers, decode_rule=cfg.decode_rule, auto_decode=cfg.auto_decode,
-            draft_candidates=cfg.draft_candidates, drafted_layers=cfg.drafted_layers, decode_dtype=cfg.decode_dtype, compare_main_only=True, models_dir=cfg.models_dir, results_dir=cfg.results_dir, out=str(out / name),
-        )
+        ecfg = EvalConfig(**{**cfg.episode_settings(), "num_trials": cfg.trials_for_variant[name]}, tokenizer=tokenizer, strategy=strategy,
+                          use_speculative_decoding=True, compare_main_only=True, out=str(out / name))
         infos[name] = evaluate(ecfg)
     return infos
 
