@@ -165,7 +165,11 @@ def test_use_layernorm_switch_and_config_rebuild():
     assert ActionRFSQAE(use_layernorm=False).conditioning == "none"
     assert ActionRFSQAE(conditioning="fixed").conditioning == "fixed"
     model, x = _trained("layernorm", "chunk")
+    # one stored representation (the seed's switch is only a constructor keyword)
+    assert model.config["conditioning"] == "layernorm" and "use_layernorm" not in model.config
     clone = ActionRFSQAE(**model.config)
     clone.load_state_dict(model.state_dict())
     clone.eval()
     assert torch.equal(clone(x)[0], model(x)[0])
+    old_style = ActionRFSQAE(**{**model.config, "use_layernorm": True})  # checkpoints written before this
+    assert old_style.config == model.config

@@ -130,7 +130,7 @@ class ActionRFSQAE(nn.Module):
             in_dim, self.tokens_per_layer = action_dim, chunk_len * hidden_dim
         self._config = dict(
             action_dim=action_dim, chunk_len=chunk_len, hidden_dim=hidden_dim, num_layers=num_layers,
-            num_levels=num_levels, use_layernorm=conditioning == "layernorm", conditioning=conditioning,
+            num_levels=num_levels, conditioning=conditioning,
             layout=layout, latent_dim=self.latent_dim, mlp_width=mlp_width, mlp_depth=mlp_depth,
             reach_margin=reach_margin,
             stats_momentum=stats_momentum, first_stage_margin=first_stage_margin, reach=reach,

@@ -92,6 +92,7 @@ class TokenizerTrainConfig:
 
     @property
     def resolved_conditioning(self) -> str:
+        """The one setting the quantizer takes (``--use-layernorm`` is the seed's switch for it)."""
         return self.conditioning or ("layernorm" if self.use_layernorm else "none")
 
     def output_paths(self) -> dict[str, Path]:
