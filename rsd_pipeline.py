@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import rsd_entry
+from common.pipeline.headline import write_headline
 from common.pipeline.docs import stale_sections, update_docs
 from common.pipeline.run import PROFILES, run_pipeline
 from common.provenance import REPO_ROOT
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                           "each, when the profile has 2 workers; each branch's output goes to <root>/logs/)")
     run.add_argument("--plan", action="store_true",
                      help="list the stages that would run and why (with the time each took when it last ran); run and write nothing")
-    sub.add_parser("report", help="regenerate the results sections of README / MIGRATION / guides")
+    sub.add_parser("report", help="rebuild results/headline/ from the suite comparisons, then regenerate the results sections of the docs")
     sub.add_parser("check-docs", help="fail if a generated docs section differs from the results")
     args = parser.parse_args(argv)
 
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline ({profile.name}) finished in {summary['wall_seconds'] / 60:.1f} min; report: {report_dir / 'REPORT.md'}")
         return 0
     if args.command == "report":
+        if write_headline(REPO_ROOT / "results"):
+            print("headline table rewritten: results/headline/")
         changed = update_docs()
         print("updated: " + (", ".join(changed) if changed else "nothing (docs already current)"))
         return 0

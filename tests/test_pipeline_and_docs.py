@@ -12,14 +12,7 @@ from common.pipeline.run import PROFILES, run_pipeline
 from common.pipeline.docs import SECTIONS, render_doc, stale_sections
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    logs: list[str] = []
-    # the naive and robust branches side by side (what the 2-worker profiles do); the rerun below is sequential
-    summary = run_pipeline(PROFILES["tiny"], root=root / "artifacts", report_dir=root / "report", log=logs.append, progress=False,
-                           branches=2)
-    return {"root": root, "summary": summary, "logs": logs}
+# ``tiny_run`` (tests/conftest.py): the tiny profile, branches side by side; the rerun below is sequential
 
 
 def test_tiny_pipeline_produces_a_report_whose_numbers_match_the_json(tiny_run):

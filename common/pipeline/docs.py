@@ -25,6 +25,8 @@ from common.provenance import REPO_ROOT
 
 # section name -> (markdown written by the producing command, its JSON, the command)
 SECTIONS: dict[str, tuple[str, str, str]] = {
+    "headline": ("headline/headline.md", "headline/headline.json",
+                 "python -m rsd_pipeline report (from the suite-protocol comparisons: common/pipeline/headline.py)"),
     "phase1_synthetic": ("phase1/comparison.md", "phase1/comparison.json",
                          "python -m phase1_improved.train_rfsq_robust --no-use-layernorm --num-episodes 50 --epochs 100 --batch-size 64; "
                          "the same with --use-layernorm; python -m phase1_improved.test_layernorm_improvement"),
