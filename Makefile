@@ -38,7 +38,7 @@ clean:
 # Benchmarks (write JSON + markdown to results/). vector-quantize-pytorch is benchmark-only.
 bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
-	$(PY) -m benchmarks.bench_tokenizers
+	$(PY) -m benchmarks.tokenizer.bench_tokenizers
 
 # The larger runs behind the docs' results sections (hours of CPU; each step resumes/reuses):
 # demos for libero_object + libero_spatial, Phase 1 at the seed's settings and on all demos,

@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from benchmarks import bench_decode_sweep as sweep
+from benchmarks.decoding import bench_decode_sweep as sweep
 from benchmarks import paired_timing
 
 

@@ -1,4 +1,4 @@
-"""benchmarks.continuous_reference without the simulator: the chunk regressor learns, plan() undoes the
+"""benchmarks.evaluation.continuous_reference without the simulator: the chunk regressor learns, plan() undoes the
 normalization exactly, the split is the head's own, errors count apart from failures, no silent overwrite."""
 
 import h5py
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.continuous_reference import (
+from benchmarks.evaluation.continuous_reference import (
     ChunkRegressor, ContinuousPolicy, chunk_mse, load_reference_data, main, markdown, summarize, train_regressor,
 )
 from common.checkpoints import read_checkpoint

@@ -1,9 +1,9 @@
-"""benchmarks/decode_trained_graphs: a bundle's decodes, eager and graphed, exact against main-only (tiny CPU run)."""
+"""benchmarks/decoding/decode_trained_graphs: a bundle's decodes, eager and graphed, exact against main-only (tiny CPU run)."""
 
 import pytest
 import torch
 
-from benchmarks import decode_trained_graphs as bench
+from benchmarks.decoding import decode_trained_graphs as bench
 from common.policy.draft import DraftWithProjection
 from common.policy.head import RFSQHead
 

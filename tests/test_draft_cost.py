@@ -1,8 +1,8 @@
-"""benchmarks.draft_cost: every draft architecture is timed warm and cold next to a main pass."""
+"""benchmarks.decoding.draft_cost: every draft architecture is timed warm and cold next to a main pass."""
 
 import torch
 
-from benchmarks.draft_cost import DRAFTS, markdown, measure
+from benchmarks.decoding.draft_cost import DRAFTS, markdown, measure
 from common.policy.draft import DraftWithProjection
 
 

@@ -1,11 +1,11 @@
-"""benchmarks/draftable_main: fine-tuning a head toward its draft's tokens, on a tiny Phase 2 run."""
+"""benchmarks/decoding/draftable_main: fine-tuning a head toward its draft's tokens, on a tiny Phase 2 run."""
 
 import json
 
 import pytest
 import torch
 
-from benchmarks import decode_trained_graphs, draftable_main as bench
+from benchmarks.decoding import decode_trained_graphs, draftable_main as bench
 from common.policy.draft import DraftWithProjection
 from common.policy.head import RFSQHead
 from common.policy.losses import MainLoss

@@ -1,10 +1,10 @@
-"""benchmarks.episode_agreement: episode-by-episode agreement of two runs of the same trials."""
+"""benchmarks.diagnostics.episode_agreement: episode-by-episode agreement of two runs of the same trials."""
 
 import json
 
 import pytest
 
-from benchmarks.episode_agreement import agreement, main, sign_test_p
+from benchmarks.diagnostics.episode_agreement import agreement, main, sign_test_p
 
 
 def _row(task, trial, success, steps, status=None):

@@ -1,10 +1,10 @@
-"""benchmarks.lever_table: phase3.compare folders and single-evaluation folders side by side."""
+"""benchmarks.evaluation.lever_table: phase3.compare folders and single-evaluation folders side by side."""
 
 import json
 
 import pytest
 
-from benchmarks.lever_table import build, markdown
+from benchmarks.evaluation.lever_table import build, markdown
 
 
 def _eval_info(tokenizer, strategy, success, first_trial=20):

@@ -291,7 +291,7 @@ def test_auto_decode_executes_the_depth_and_rule_phase2_chose_on_held_out_data(m
 
 
 def test_relaxed_acceptance_benchmark_reports_the_executed_chunks_deviation_from_main_only(models, tmp_path):
-    from benchmarks.relaxed_acceptance import run
+    from benchmarks.decoding.relaxed_acceptance import run
 
     result = run(str(models["models"]), suite=SUITE, tasks="0", num_trials=1, tolerances=[0, 6], workers=1,
                  auto_decode=False, out=tmp_path, max_steps=12, relaxed_layers=(0, 1))

@@ -1,11 +1,11 @@
-"""benchmarks.slim_demos: training-only copies load the same episodes, keep every attribute, drop the rest,
+"""benchmarks.diagnostics.slim_demos: training-only copies load the same episodes, keep every attribute, drop the rest,
 and refuse to overwrite or to copy onto their source."""
 
 import h5py
 import numpy as np
 import pytest
 
-from benchmarks.slim_demos import main, slim_copy
+from benchmarks.diagnostics.slim_demos import main, slim_copy
 from common.data.episodes import load_hdf5_episodes
 
 

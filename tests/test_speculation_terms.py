@@ -1,11 +1,11 @@
-"""benchmarks.speculation_terms: the formula's terms read back from closed-loop evaluation folders."""
+"""benchmarks.decoding.speculation_terms: the formula's terms read back from closed-loop evaluation folders."""
 
 import json
 
 import pytest
 
-from benchmarks.lever_table import parse_runs
-from benchmarks.speculation_terms import build, markdown
+from benchmarks.evaluation.lever_table import parse_runs
+from benchmarks.decoding.speculation_terms import build, markdown
 
 
 def _write(folder, *, first_trial=0, spec=True, K=3):

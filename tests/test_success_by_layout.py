@@ -1,10 +1,10 @@
-"""benchmarks.success_by_layout: success on the demos' layouts vs held-out ones, with intervals and a paired test."""
+"""benchmarks.evaluation.success_by_layout: success on the demos' layouts vs held-out ones, with intervals and a paired test."""
 
 import json
 
 import pytest
 
-from benchmarks.success_by_layout import main, split_by_layout, wilson_interval
+from benchmarks.evaluation.success_by_layout import main, split_by_layout, wilson_interval
 
 
 def _row(task, trial, success, status=None):

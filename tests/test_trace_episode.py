@@ -1,9 +1,9 @@
-"""benchmarks/trace_episode: the trace record's frame and how an episode's ending is named (no simulator)."""
+"""benchmarks/diagnostics/trace_episode: the trace record's frame and how an episode's ending is named (no simulator)."""
 
 import numpy as np
 import pytest
 
-from benchmarks.trace_episode import markdown, summarize_trace, trace_row
+from benchmarks.diagnostics.trace_episode import markdown, summarize_trace, trace_row
 from common.sim.libero_env import LOW_DIM_OBS_DIM
 
 
@@ -48,7 +48,7 @@ def test_markdown_names_the_ending():
 
 
 def test_parse_trials_and_errors():
-    from benchmarks.trace_episode import parse_trials
+    from benchmarks.diagnostics.trace_episode import parse_trials
 
     assert parse_trials("21,22") == [21, 22] and parse_trials("20-23") == [20, 21, 22, 23] and parse_trials("5, 7-8") == [5, 7, 8]
     for bad in ("x", "23-20", "1,1", "-3"):

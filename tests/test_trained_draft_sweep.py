@@ -1,11 +1,11 @@
-"""benchmarks/trained_draft_sweep: several trained drafts for one head, each exact against main-only on a bundle's chunks."""
+"""benchmarks/decoding/trained_draft_sweep: several trained drafts for one head, each exact against main-only on a bundle's chunks."""
 
 import json
 
 import pytest
 import torch
 
-from benchmarks import trained_draft_sweep as sweep
+from benchmarks.decoding import trained_draft_sweep as sweep
 from common.artifacts import policy_paths
 from common.checkpoints import CheckpointError, save_checkpoint
 from common.policy.draft import DraftWithProjection

@@ -34,13 +34,13 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                     "python -m phase1_improved.test_layernorm_improvement --out results/phase1_real (after training on the demos)"),
     "bench_tokenizers": ("bench_tokenizers.md", "bench_tokenizers.json", "make bench"),
     "bench_tokenizers_real": ("bench_tokenizers_real/bench_tokenizers.md", "bench_tokenizers_real/bench_tokenizers.json",
-                              "python -m benchmarks.bench_tokenizers --data <demos> --out results/bench_tokenizers_real"),
-    "expert_success": ("expert_success.md", "expert_success.json", "python -m benchmarks.expert_success"),
-    "bench_collection": ("bench_collection.md", "bench_collection.json", "python -m benchmarks.bench_collection"),
-    "bench_eval_workers": ("bench_eval_workers.md", "bench_eval_workers.json", "python -m benchmarks.bench_eval_workers"),
+                              "python -m benchmarks.tokenizer.bench_tokenizers --data <demos> --out results/bench_tokenizers_real"),
+    "expert_success": ("expert_success.md", "expert_success.json", "python -m benchmarks.evaluation.expert_success"),
+    "bench_collection": ("bench_collection.md", "bench_collection.json", "python -m benchmarks.evaluation.bench_collection"),
+    "bench_eval_workers": ("bench_eval_workers.md", "bench_eval_workers.json", "python -m benchmarks.evaluation.bench_eval_workers"),
     "pipeline_layout_ab": ("pipeline_layout_ab/layout_ab.md", "pipeline_layout_ab/layout_ab.json",
-                           "python -m rsd_pipeline run --profile default --layout dct|chunk --root ... ; python -m benchmarks.pipeline_layout_ab --runs dct=...,chunk=..."),
-    "bench_vla_cpu_costs": ("bench_vla_cpu_costs.md", "bench_vla_cpu_costs.json", "python -m benchmarks.bench_vla_cpu_costs"),
+                           "python -m rsd_pipeline run --profile default --layout dct|chunk --root ... ; python -m benchmarks.evaluation.pipeline_layout_ab --runs dct=...,chunk=..."),
+    "bench_vla_cpu_costs": ("bench_vla_cpu_costs.md", "bench_vla_cpu_costs.json", "python -m benchmarks.decoding.bench_vla_cpu_costs"),
     "phase1_real_all": ("phase1_real_all/comparison.md", "phase1_real_all/comparison.json",
                         "python -m phase1_improved.test_layernorm_improvement --out results/phase1_real_all"),
     "phase2": ("phase2/train_summary.md", "phase2/train_summary.json",
@@ -59,11 +59,11 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                       "(commit b3b610f) --out results/phase3_diagnostics/object_30epochs/compare"),
     "phase3_libero_object_30epochs_by_layout": ("phase3_diagnostics/object_30epochs/by_layout/success_by_layout.md",
                                                 "phase3_diagnostics/object_30epochs/by_layout/success_by_layout.json",
-                                                "python -m benchmarks.success_by_layout --compare results/phase3_diagnostics/object_30epochs/compare "
+                                                "python -m benchmarks.evaluation.success_by_layout --compare results/phase3_diagnostics/object_30epochs/compare "
                                                 "--demo-layouts 0-19 --pair robust-A,naive --out results/phase3_diagnostics/object_30epochs/by_layout"),
     "phase3_libero_object_by_layout": ("phase3_diagnostics/object_by_layout/success_by_layout.md",
                                        "phase3_diagnostics/object_by_layout/success_by_layout.json",
-                                       "python -m benchmarks.success_by_layout --compare results/phase3/compare_libero_object "
+                                       "python -m benchmarks.evaluation.success_by_layout --compare results/phase3/compare_libero_object "
                                        "--demo-layouts 0-19 --pair robust-A,naive --out results/phase3_diagnostics/object_by_layout"),
     "phase3_draft_float32": ("phase3/draft_float32_libero_object/eval_table.md", "phase3/draft_float32_libero_object/eval_info.json",
                              "python -m phase3.modal_phase3_libero_eval --task-suite libero_object --tasks 0-9 --num-trials 10 "
@@ -89,132 +89,132 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "phase3_retrain_variance_seed1_full": ("phase3_diagnostics/retrain_variance/full_protocol_seed1/success_by_layout.md",
                                            "phase3_diagnostics/retrain_variance/full_protocol_seed1/success_by_layout.json",
                                            "the last commands in results/phase3_diagnostics/retrain_variance/COMMANDS.md "
-                                           "(seed 1 at 60 epochs, all 50 init states, then python -m benchmarks.success_by_layout)"),
+                                           "(seed 1 at 60 epochs, all 50 init states, then python -m benchmarks.evaluation.success_by_layout)"),
     "phase3_verify_causal_ab": ("phase3_diagnostics/verify_causal_ab/speculation_terms.md",
                                 "phase3_diagnostics/verify_causal_ab/speculation_terms.json",
                                 "the commands in results/phase3_diagnostics/verify_causal_ab/COMMANDS.md (four Phase 3 runs, explicit "
-                                "mask and is_causal alternating; python -m benchmarks.speculation_terms)"),
+                                "mask and is_causal alternating; python -m benchmarks.decoding.speculation_terms)"),
     "phase3_chained_drafts": ("phase3_diagnostics/draft_variants/chained_closed_loop/speculation_terms.md",
                               "phase3_diagnostics/draft_variants/chained_closed_loop/speculation_terms.json",
                               "the commands in results/phase3_diagnostics/draft_variants/chained_closed_loop/COMMANDS.md (Phase 2 --train draft "
-                              "--draft-mode chained; phase3.compare --variants robust-A; python -m benchmarks.speculation_terms)"),
+                              "--draft-mode chained; phase3.compare --variants robust-A; python -m benchmarks.decoding.speculation_terms)"),
     "phase3_main_hidden_drafts": ("phase3_diagnostics/draft_variants/main_hidden_closed_loop/speculation_terms.md",
                                   "phase3_diagnostics/draft_variants/main_hidden_closed_loop/speculation_terms.json",
                                   "the commands in results/phase3_diagnostics/draft_variants/main_hidden_closed_loop/COMMANDS.md "
                                   "(Phase 2 --train draft --draft-input main_hidden; phase3.compare --variants robust-A; "
-                                  "python -m benchmarks.speculation_terms)"),
+                                  "python -m benchmarks.decoding.speculation_terms)"),
     "phase3_trained_draft_sweep": ("phase3_diagnostics/trained_draft_sweep/closed_loop/trained_draft_sweep.md",
                                    "phase3_diagnostics/trained_draft_sweep/closed_loop/trained_draft_sweep.json",
                                    "the commands in results/phase3_diagnostics/trained_draft_sweep/COMMANDS.md (Phase 2 --train draft at "
-                                   "each width; python -m benchmarks.trained_draft_sweep)"),
+                                   "each width; python -m benchmarks.decoding.trained_draft_sweep)"),
     "phase3_trained_draft_sweep_cold": ("phase3_diagnostics/trained_draft_sweep/closed_loop_cold/trained_draft_sweep.md",
                                         "phase3_diagnostics/trained_draft_sweep/closed_loop_cold/trained_draft_sweep.json",
                                         "the commands in results/phase3_diagnostics/trained_draft_sweep/COMMANDS.md "
-                                        "(python -m benchmarks.trained_draft_sweep --cold)"),
+                                        "(python -m benchmarks.decoding.trained_draft_sweep --cold)"),
     "phase3_trained_draft_sweep_256x4": ("phase3_diagnostics/trained_draft_sweep/head_256x4/trained_draft_sweep.md",
                                          "phase3_diagnostics/trained_draft_sweep/head_256x4/trained_draft_sweep.json",
                                          "the commands in results/phase3_diagnostics/trained_draft_sweep/COMMANDS.md (a 256 x 4 head; "
-                                         "python -m benchmarks.trained_draft_sweep)"),
+                                         "python -m benchmarks.decoding.trained_draft_sweep)"),
     "phase3_draftable_main": ("phase3_diagnostics/draftable_main/make_run/draftable_main.md",
                               "phase3_diagnostics/draftable_main/make_run/draftable_main.json",
-                              "the commands in results/phase3_diagnostics/draftable_main/COMMANDS.md (python -m benchmarks.draftable_main)"),
+                              "the commands in results/phase3_diagnostics/draftable_main/COMMANDS.md (python -m benchmarks.decoding.draftable_main)"),
     "phase3_draftable_main_long": ("phase3_diagnostics/draftable_main/make_run_long/draftable_main.md",
                                    "phase3_diagnostics/draftable_main/make_run_long/draftable_main.json",
-                                   "the commands in results/phase3_diagnostics/draftable_main/COMMANDS.md (python -m benchmarks.draftable_main "
+                                   "the commands in results/phase3_diagnostics/draftable_main/COMMANDS.md (python -m benchmarks.decoding.draftable_main "
                                    "--epochs 12 --lr 1e-4)"),
     "phase3_tokens_per_layer": ("phase3_diagnostics/tokens_per_layer/speculation_terms.md",
                                 "phase3_diagnostics/tokens_per_layer/speculation_terms.json",
                                 "the commands in results/phase3_diagnostics/tokens_per_layer/COMMANDS.md (a tokenizer latent of 8 or 4, "
-                                "Phase 2, Phase 3 --compare-main-only; python -m benchmarks.speculation_terms)"),
+                                "Phase 2, Phase 3 --compare-main-only; python -m benchmarks.decoding.speculation_terms)"),
     "phase3_tokens_per_layer_heldout": ("phase3_diagnostics/tokens_per_layer/heldout_layouts/speculation_terms.md",
                                         "phase3_diagnostics/tokens_per_layer/heldout_layouts/speculation_terms.json",
                                         "the commands in results/phase3_diagnostics/tokens_per_layer/COMMANDS.md (--first-trial 20 --num-trials 10; "
-                                        "python -m benchmarks.speculation_terms)"),
+                                        "python -m benchmarks.decoding.speculation_terms)"),
     "phase3_tokenizer_seeds": ("phase3_diagnostics/tokenizer_seeds/heldout_layouts/speculation_terms.md",
                                "phase3_diagnostics/tokenizer_seeds/heldout_layouts/speculation_terms.json",
                                "the commands in results/phase3_diagnostics/tokenizer_seeds/COMMANDS.md (Phase 1 --seed, Phase 2, "
-                               "Phase 3 --first-trial 20 --num-trials 10; python -m benchmarks.speculation_terms)"),
+                               "Phase 3 --first-trial 20 --num-trials 10; python -m benchmarks.decoding.speculation_terms)"),
     "phase3_tokenizer_seeds_trials": ("phase3_diagnostics/tokenizer_seeds/speculation_terms.md",
                                       "phase3_diagnostics/tokenizer_seeds/speculation_terms.json",
                                       "the commands in results/phase3_diagnostics/tokenizer_seeds/COMMANDS.md (Phase 3 --first-trial 0 "
-                                      "--num-trials 5 on both model folders; python -m benchmarks.speculation_terms)"),
+                                      "--num-trials 5 on both model folders; python -m benchmarks.decoding.speculation_terms)"),
     "phase3_drafted_layers": ("phase3_diagnostics/drafted_layers/speculation_terms.md", "phase3_diagnostics/drafted_layers/speculation_terms.json",
                               "the commands in results/phase3_diagnostics/drafted_layers/COMMANDS.md (phase3 --drafted-layers K, "
-                              "then python -m benchmarks.speculation_terms)"),
+                              "then python -m benchmarks.decoding.speculation_terms)"),
     "phase3_retrain_variance": ("phase3_diagnostics/retrain_variance/levers.md", "phase3_diagnostics/retrain_variance/levers.json",
-                                "the commands in results/phase3_diagnostics/retrain_variance/COMMANDS.md, then python -m benchmarks.lever_table "
+                                "the commands in results/phase3_diagnostics/retrain_variance/COMMANDS.md, then python -m benchmarks.evaluation.lever_table "
                                 "--out results/phase3_diagnostics/retrain_variance --runs label=<eval folder>,..."),
     "bench_rate_distortion": ("bench_rate_distortion.md", "bench_rate_distortion.json",
-                              "python -m benchmarks.bench_rate_distortion --epochs 15 (demos: see phase1_improved/AGENT_GUIDE.md)"),
-    "action_statistics": ("action_statistics.md", "action_statistics.json", "python -m benchmarks.action_statistics"),
+                              "python -m benchmarks.tokenizer.bench_rate_distortion --epochs 15 (demos: see phase1_improved/AGENT_GUIDE.md)"),
+    "action_statistics": ("action_statistics.md", "action_statistics.json", "python -m benchmarks.tokenizer.action_statistics"),
     "phase3_replay_fidelity": ("phase3_diagnostics/replay_fidelity/replay_fidelity.md", "phase3_diagnostics/replay_fidelity/replay_fidelity.json",
-                               "python -m benchmarks.replay_fidelity --data <make run demos> --models-dir <make run models>"),
+                               "python -m benchmarks.diagnostics.replay_fidelity --data <make run demos> --models-dir <make run models>"),
     "phase3_continuous_reference": ("phase3_diagnostics/continuous_reference/continuous_reference.md",
                                     "phase3_diagnostics/continuous_reference/continuous_reference.json",
-                                    "python -m benchmarks.continuous_reference --models-dir <make run models>"),
+                                    "python -m benchmarks.evaluation.continuous_reference --models-dir <make run models>"),
     "phase3_continuous_reference_spatial": ("phase3_diagnostics/continuous_reference_spatial/continuous_reference.md",
                                             "phase3_diagnostics/continuous_reference_spatial/continuous_reference.json",
-                                            "python -m benchmarks.continuous_reference --models-dir <models of rsd_pipeline run --profile spatial> "
+                                            "python -m benchmarks.evaluation.continuous_reference --models-dir <models of rsd_pipeline run --profile spatial> "
                                             "--suite libero_spatial --tasks 0-3,5-9 --trials 10 --first-trial 20 --workers 2 "
                                             "--out results/phase3_diagnostics/continuous_reference_spatial"),
     "phase3_policy_action_error": ("phase3_diagnostics/policy_action_error.md", "phase3_diagnostics/policy_action_error.json",
-                                   "python -m benchmarks.policy_action_error --models-dir <make run models>"),
+                                   "python -m benchmarks.diagnostics.policy_action_error --models-dir <make run models>"),
     "phase3_policy_action_error_naive": ("phase3_diagnostics/policy_action_error_naive.md", "phase3_diagnostics/policy_action_error_naive.json",
-                                         "python -m benchmarks.policy_action_error --models-dir <make run models> --tag naive"),
+                                         "python -m benchmarks.diagnostics.policy_action_error --models-dir <make run models> --tag naive"),
     "phase3_levers": ("phase3_diagnostics/levers/levers.md", "phase3_diagnostics/levers/levers.json",
-                      "python -m benchmarks.lever_table --runs label=<phase3.compare folder>,... (runs under results/phase3_diagnostics/levers/runs)"),
+                      "python -m benchmarks.evaluation.lever_table --runs label=<phase3.compare folder>,... (runs under results/phase3_diagnostics/levers/runs)"),
     "phase3_data_levers": ("phase3_diagnostics/data_levers/levers.md", "phase3_diagnostics/data_levers/levers.json",
-                           "the commands in results/phase3_diagnostics/data_levers/COMMANDS.md, then python -m benchmarks.lever_table "
+                           "the commands in results/phase3_diagnostics/data_levers/COMMANDS.md, then python -m benchmarks.evaluation.lever_table "
                            "--out results/phase3_diagnostics/data_levers --runs label=<eval folder>,..."),
     "phase3_data_rounds": ("phase3_diagnostics/data_rounds/levers.md", "phase3_diagnostics/data_rounds/levers.json",
-                           "the commands in results/phase3_diagnostics/data_rounds/COMMANDS.md, then python -m benchmarks.lever_table "
+                           "the commands in results/phase3_diagnostics/data_rounds/COMMANDS.md, then python -m benchmarks.evaluation.lever_table "
                            "--out results/phase3_diagnostics/data_rounds --variants robust-A --runs label=<eval folder>,..."),
     "phase3_relaxed_acceptance": ("phase3_diagnostics/relaxed_acceptance/relaxed_acceptance.md",
                                   "phase3_diagnostics/relaxed_acceptance/relaxed_acceptance.json",
-                                  "python -m benchmarks.relaxed_acceptance --models-dir artifacts/pipeline/default_sbs/models (the default make run's) "
+                                  "python -m benchmarks.decoding.relaxed_acceptance --models-dir artifacts/pipeline/default_sbs/models (the default make run's) "
                                   "--tolerances 0,1,2 --relaxed-layers 0,1 --num-trials 5 --workers 2"),
     "phase3_decode_depth_latency": ("phase3_diagnostics/decode_depth_latency.md", "phase3_diagnostics/decode_depth_latency.json",
-                                    "python -m benchmarks.decode_depth_latency --models-dir <models of the default make run> --candidates 1,2,4 --dtype float64"),
+                                    "python -m benchmarks.decoding.decode_depth_latency --models-dir <models of the default make run> --candidates 1,2,4 --dtype float64"),
     "phase3_decode_depth_latency_float32": ("phase3_diagnostics/decode_depth_latency_float32.md",
                                             "phase3_diagnostics/decode_depth_latency_float32.json",
-                                            "python -m benchmarks.decode_depth_latency --models-dir <models of the default make run> --candidates 1,2,4"),
+                                            "python -m benchmarks.decoding.decode_depth_latency --models-dir <models of the default make run> --candidates 1,2,4"),
     "phase3_draft_cost": ("phase3_diagnostics/draft_cost/draft_cost.md", "phase3_diagnostics/draft_cost/draft_cost.json",
-                          "python -m benchmarks.draft_cost"),
+                          "python -m benchmarks.decoding.draft_cost"),
     "phase3_decode_trained_graphs_gpu": ("phase3_diagnostics/decode_trained_graphs_gpu/float32/decode_trained_graphs.md",
                                          "phase3_diagnostics/decode_trained_graphs_gpu/float32/decode_trained_graphs.json",
-                                         "python -m benchmarks.decode_trained_graphs export --models-dir <make run models> --bundle B.pt, then "
-                                         "on a GPU machine: python -m benchmarks.decode_trained_graphs run --bundle B.pt --device cuda --chunks 300 --repeats 5"),
+                                         "python -m benchmarks.decoding.decode_trained_graphs export --models-dir <make run models> --bundle B.pt, then "
+                                         "on a GPU machine: python -m benchmarks.decoding.decode_trained_graphs run --bundle B.pt --device cuda --chunks 300 --repeats 5"),
     "phase3_decode_trained_graphs_gpu_bf16": ("phase3_diagnostics/decode_trained_graphs_gpu/bfloat16/decode_trained_graphs.md",
                                               "phase3_diagnostics/decode_trained_graphs_gpu/bfloat16/decode_trained_graphs.json",
                                               "the same, run with --dtype bfloat16"),
     "phase3_continuous_reference_spatial_world": ("phase3_diagnostics/eef_relative/continuous_world/continuous_reference.md",
                                                   "phase3_diagnostics/eef_relative/continuous_world/continuous_reference.json",
-                                                  "python -m benchmarks.continuous_reference --models-dir <spatial profile models> --suite libero_spatial "
+                                                  "python -m benchmarks.evaluation.continuous_reference --models-dir <spatial profile models> --suite libero_spatial "
                                                   "--tasks 0-3,5-9 --trials 10 --first-trial 20 --workers 2 --no-eef-relative"),
     "phase3_continuous_reference_spatial_eef": ("phase3_diagnostics/eef_relative/continuous_eef_relative/continuous_reference.md",
                                                 "phase3_diagnostics/eef_relative/continuous_eef_relative/continuous_reference.json",
                                                 "the same with --eef-relative"),
     "phase3_decode_trained_graphs_h100_held_out": ("phase3_diagnostics/decode_trained_graphs_h100/held_out/float32/decode_trained_graphs.md",
                                                    "phase3_diagnostics/decode_trained_graphs_h100/held_out/float32/decode_trained_graphs.json",
-                                                   "bash benchmarks/device_trained_graphs.sh <held-out bundle> on the GPU machine "
+                                                   "bash benchmarks/decoding/device_trained_graphs.sh <held-out bundle> on the GPU machine "
                                                    "(results/phase3_diagnostics/decode_trained_graphs_h100/COMMANDS.md)"),
     "phase3_decode_trained_graphs_h100_closed_loop": ("phase3_diagnostics/decode_trained_graphs_h100/closed_loop/float32/decode_trained_graphs.md",
                                                       "phase3_diagnostics/decode_trained_graphs_h100/closed_loop/float32/decode_trained_graphs.json",
-                                                      "python -m benchmarks.decode_trained_graphs export ... --states <Phase 3 run with --record-features>, "
-                                                      "then bash benchmarks/device_trained_graphs.sh <bundle> on the GPU machine "
+                                                      "python -m benchmarks.decoding.decode_trained_graphs export ... --states <Phase 3 run with --record-features>, "
+                                                      "then bash benchmarks/decoding/device_trained_graphs.sh <bundle> on the GPU machine "
                                                       "(results/phase3_diagnostics/decode_trained_graphs_h100/COMMANDS.md)"),
     "phase3_decode_compile_cpu_closed_loop": ("phase3_diagnostics/decode_compile_cpu/closed_loop/decode_trained_graphs.md",
                                               "phase3_diagnostics/decode_compile_cpu/closed_loop/decode_trained_graphs.json",
-                                              "python -m benchmarks.decode_trained_graphs run --bundle <closed-loop bundle> --replay compile "
+                                              "python -m benchmarks.decoding.decode_trained_graphs run --bundle <closed-loop bundle> --replay compile "
                                               "(results/phase3_diagnostics/decode_compile_cpu/COMMANDS.md)"),
     "bench_decode_sweep": ("bench_decode_sweep/bench_decode_sweep.md", "bench_decode_sweep/bench_decode_sweep.json",
-                           "python -m benchmarks.bench_decode_sweep"),
+                           "python -m benchmarks.decoding.bench_decode_sweep"),
     "bench_decode_sweep_float32": ("bench_decode_sweep_float32/bench_decode_sweep.md", "bench_decode_sweep_float32/bench_decode_sweep.json",
-                                   "python -m benchmarks.bench_decode_sweep --dtype float32 --out results/bench_decode_sweep_float32"),
+                                   "python -m benchmarks.decoding.bench_decode_sweep --dtype float32 --out results/bench_decode_sweep_float32"),
     "bench_decode_sweep_gpu": ("bench_decode_sweep_gpu/bench_decode_sweep.md", "bench_decode_sweep_gpu/bench_decode_sweep.json",
-                               "bash benchmarks/device_sweep.sh --budget-s 1.5 --repeats 3000 (on a GPU machine)"),
+                               "bash benchmarks/decoding/device_sweep.sh --budget-s 1.5 --repeats 3000 (on a GPU machine)"),
     "bench_decode_sweep_gpu_bf16": ("bench_decode_sweep_gpu_bf16/bench_decode_sweep.md", "bench_decode_sweep_gpu_bf16/bench_decode_sweep.json",
-                                    "python -m benchmarks.bench_decode_sweep --device cuda --graphs --dtype bfloat16 --sizes 128x2,256x4,512x6,1024x8 "
+                                    "python -m benchmarks.decoding.bench_decode_sweep --device cuda --graphs --dtype bfloat16 --sizes 128x2,256x4,512x6,1024x8 "
                                     "--budget-s 1.5 --repeats 3000 --out results/bench_decode_sweep_gpu_bf16 (on a GPU machine)"),
     # the local pipeline's report folder (report/ beside results/), written by `make run`
     "pipeline": ("../report/data/pipeline/pipeline_summary.md", "../report/data/pipeline/pipeline_summary.json", "make run"),
@@ -229,7 +229,6 @@ DOCS = (
     "phase1_improved/AGENT_GUIDE.md",
     "phase2_draft_retrain/README.md",
     "phase3/QUICK_START.md",
-    "phase3/DIAGNOSTICS.md",  # being split into docs/diagnostics/ (issue 37); skipped once gone
     "benchmarks/README.md",
 )
 # The lab notebook: one file per diagnostic, each naming the reader's question it answers with a line

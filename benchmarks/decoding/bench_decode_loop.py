@@ -1,0 +1,109 @@
+"""The decode loop against an earlier version of itself: main-only greedy decoding of one chunk, the
+current ``RFSQHead`` vs the one at a git revision, same weights, same features, timed alternately in
+one process (so a busy machine slows both alike).
+
+    python -m benchmarks.decoding.bench_decode_loop [--baseline-ref b3a8934] [--baseline-path common/rfsq_head.py]
+
+Also checks that both produce identical tokens. Optional ``--compile`` adds ``torch.compile`` of
+the current model's single-position step, measured separately. Writes ``bench_decode_loop.json`` /
+``.md`` to ``--out`` (default ``results/bench_decode_loop``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common.policy.head import RFSQHead
+from common.provenance import REPO_ROOT, provenance, write_results
+
+SIZES = {"main-128x2 (make run)": (128, 2, 4), "main-256x4 (seed default)": (256, 4, 4)}
+FEATURE_DIM, L, T, V = 128, 8, 16, 7
+
+
+def load_baseline(ref: str, path: str):
+    source = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if source.returncode:
+        raise ValueError(f"git show {ref}:{path} failed: {source.stderr.strip()}")
+    file = Path(tempfile.mkdtemp()) / "baseline_head.py"
+    file.write_text(source.stdout)
+    spec = importlib.util.spec_from_file_location("baseline_head", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_head"] = module
+    spec.loader.exec_module(module)
+    return module.RFSQHead
+
+
+def alternate(fns: dict, repeats: int) -> dict[str, float]:
+    times = {name: [] for name in fns}
+    for _ in range(20):
+        for fn in fns.values():
+            fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decoding.bench_decode_loop", description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline-ref", default="b3a8934", help="git revision of the baseline head")
+    parser.add_argument("--baseline-path", default="common/rfsq_head.py", help="the head's file at that revision")
+    parser.add_argument("--repeats", type=int, default=300, help="timed decodes per variant (median)")
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the current model")
+    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "bench_decode_loop"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    dtype = getattr(torch, args.dtype)
+    Baseline = load_baseline(args.baseline_ref, args.baseline_path)
+    rows = []
+    for name, (d, blocks, heads) in SIZES.items():
+        cfg = dict(feature_dim=FEATURE_DIM, num_layers=L, tokens_per_layer=T, num_levels=V, d_model=d, num_heads=heads, num_blocks=blocks)
+        torch.manual_seed(0)
+        current = RFSQHead(**cfg).to(dtype).eval()
+        baseline = Baseline(**cfg).to(dtype).eval()
+        baseline.load_state_dict(current.state_dict())
+        features = torch.randn(1, FEATURE_DIM, generator=torch.Generator().manual_seed(1)).to(dtype)
+        identical = all(torch.equal(current.greedy_decode(f), baseline.greedy_decode(f))
+                        for f in torch.randn(64, 1, FEATURE_DIM, generator=torch.Generator().manual_seed(2)).to(dtype))
+        fns = {"baseline": lambda: baseline.greedy_decode(features), "current": lambda: current.greedy_decode(features)}
+        if args.compile:  # the unwrapped loop, out of inference mode (torch.compile cannot trace it in there)
+            compiled = torch.compile(current.greedy_decode_, dynamic=False)
+
+            def run_compiled(compiled=compiled, features=features):
+                with torch.no_grad():
+                    return compiled(features, L)
+            fns["current + torch.compile"] = run_compiled
+        ms = alternate(fns, args.repeats)
+        rows.append({"model": name, "params": current.num_parameters(), "identical_tokens_64_chunks": identical,
+                     "ms_per_chunk": ms, "ms_per_pass": {k: v / L for k, v in ms.items()},
+                     "speedup_current_over_baseline": ms["baseline"] / ms["current"]})
+        print(f"{name}: baseline {ms['baseline']:.3f} ms, current {ms['current']:.3f} ms per chunk "
+              f"({ms['baseline'] / ms['current']:.2f}x), identical tokens: {identical}", flush=True)
+    lines = [f"Main-only greedy decode of one chunk (L = {L} layers x {T} tokens), batch 1, {args.dtype}, 1 thread, median of "
+             f"{args.repeats} alternating calls; baseline = `RFSQHead` at `{args.baseline_ref}`.", "",
+             "| model | params | baseline ms / chunk | current ms / chunk | speedup | identical tokens (64 chunks) |"
+             + (" current + torch.compile ms / chunk |" if args.compile else ""), "|---|---|---|---|---|---|" + ("---|" if args.compile else "")]
+    for r in rows:
+        compiled_ms = f" {r['ms_per_chunk']['current + torch.compile']:.3f} |" if args.compile else ""
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['ms_per_chunk']['baseline']:.3f} | {r['ms_per_chunk']['current']:.3f} | "
+                     f"{r['speedup_current_over_baseline']:.2f}x | {r['identical_tokens_64_chunks']} |{compiled_ms}")
+    result = {"rows": rows, "baseline_ref": args.baseline_ref, "dtype": args.dtype, "repeats": args.repeats, "provenance": provenance(seed=0)}
+    out = Path(args.out)
+    write_results(out, "bench_decode_loop", result, "\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

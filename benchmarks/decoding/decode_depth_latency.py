@@ -1,0 +1,147 @@
+"""Absolute token-decode latency per chunk of trained models: all L layers main-only (what Phase 3 ran
+before decoding depth was chosen) against the depth Phase 2 chose, main-only and speculative.
+
+    python -m benchmarks.decoding.decode_depth_latency --models-dir MODELS [--tag ""|naive] [--chunks 200] [--candidates 1,4]
+
+Features are the backbone's on held-out demo steps (the head's ``val_episode_keys``), batch 1, float32 by default
+as Phase 3 runs them, one thread. The three decodes of a chunk are timed back to back in a rotating
+order (``benchmarks.decoding.bench_decode_sweep.Clock``), so a busy machine slows all alike; the table gives
+medians over chunks and repeats, the median per-chunk ratios to the full-depth main-only decode and
+to the chosen-depth main-only decode (the speculative speedup), each speculative row's mean
+accepted layers (``--candidates``: proposals verified per chunk in one pass) and, over every
+held-out chunk (not only the timed ones), how many speculative decodes gave exactly the main-only
+tokens in this precision (``--dtype``; Phase 3 decodes in float32 by default).
+Writes ``decode_depth_latency{_tag}.json`` / ``.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import rsd_entry
+from benchmarks.paired_timing import Clock, median_ratio
+from common.artifacts import policy_paths
+from common.checkpoints import read_checkpoint
+from common.decoding.speculative import main_only_decode, speculative_decode
+from common.policy.labels import build_split, load_policy_episodes
+from common.policy.metrics import compute_features
+from common.policy.model import HEAD_KIND, load_policy
+from common.provenance import REPO_ROOT, provenance, write_results
+from common.tokenizer.model import load_tokenizer
+
+
+def load_held_out(models_dir: Path, tag: str) -> tuple[dict, dict, object, torch.Tensor]:
+    """(checkpoint paths, decode choice, loaded policy, float32 backbone features [N, F] of every held-out
+    demo step) of the Phase 2 models in ``models_dir`` (the head's ``val_episode_keys``)."""
+    paths = policy_paths(models_dir, models_dir, tag)
+    ckpt = read_checkpoint(paths["head"], kind=HEAD_KIND)
+    choice = ckpt["metrics"].get("decode_choice")
+    if not choice:
+        raise ValueError(f"{paths['head']}: no decode_choice in its metrics (retrain Phase 2 with this code)")
+    tokenizer = load_tokenizer(ckpt["extra"]["tokenizer_path"])
+    policy = load_policy(paths["head"], paths["draft"], tokenizer)
+    data_paths = [p.strip() for p in ckpt["extra"]["train_config"]["data"].split(",") if p.strip()]
+    episodes, _ = load_policy_episodes(data_paths)
+    held_out = [e for e in episodes if e["key"] in set(ckpt["metrics"]["val_episode_keys"])]
+    split = build_split(tokenizer, held_out, backbone="state", data_paths=data_paths, feature_cache_paths=[])
+    return paths, choice, policy, compute_features(policy.policy, split, device=torch.device("cpu")).float()
+
+
+def measure(models_dir: Path, tag: str, chunks: int, repeats: int, candidates: tuple[int, ...] = (1,), dtype: str = "float32") -> dict:
+    paths, choice, policy, all_feats = load_held_out(models_dir, tag)
+    to = getattr(torch, dtype)
+    all_feats = all_feats.to(to)
+    step = max(1, len(all_feats) // chunks)
+    feats = all_feats[::step][:chunks]
+    head, draft = policy.head.to(to), policy.draft.to(to)
+    L, k = head.num_layers, int(choice["layers"])
+    clock = Clock(torch.device("cpu"), budget_s=1e9)
+    spec = {n: "chosen_spec" if n == 1 else f"chosen_spec_c{n}" for n in candidates}
+    times = {"full": [], "chosen": [], **{name: [] for name in spec.values()}}
+    accepted = {name: [] for name in spec.values()}
+    for f in feats:
+        f = f[None]
+        fns = [lambda: main_only_decode(head, f), lambda: main_only_decode(head, f, num_layers=k)]
+        fns += [lambda n=n: speculative_decode(head, draft, f, num_layers=k, candidates=n) for n in spec]
+        t = clock.interleaved_ms(fns, repeats)
+        for name, ms in zip(times, t):
+            times[name].extend(ms)
+        for n, name in spec.items():
+            accepted[name].append(speculative_decode(head, draft, f, num_layers=k, candidates=n)[1].used_prefix)
+    identical = {name: 0 for name in spec.values()}
+    with torch.inference_mode():
+        for f in tqdm(all_feats, desc="lossless check", leave=False):
+            ref = main_only_decode(head, f[None], num_layers=k)[0]
+            for n, name in spec.items():
+                identical[name] += int(torch.equal(speculative_decode(head, draft, f[None], num_layers=k, candidates=n)[0], ref))
+    return {
+        "lossless_chunks": len(all_feats), "identical_to_main_only": identical,
+        "head": str(paths["head"]), "draft": str(paths["draft"]), "layers": L, "chosen": {"layers": k, "rule": choice["rule"]},
+        "drafted_layers": min(draft.coarse_layers, k - 1), "dtype": dtype, "chunks": len(feats), "repeats": repeats, "candidates": list(spec),
+        "median_ms": {name: statistics.median(v) for name, v in times.items()},
+        "ratio_to_full": {name: median_ratio(times["full"], v) for name, v in times.items() if name != "full"},
+        "spec_speedup": {name: median_ratio(times["chosen"], times[name]) for name in spec.values()},
+        "mean_accepted_layers": {name: sum(v) / len(v) for name, v in accepted.items()},
+    }
+
+
+def markdown(r: dict) -> str:
+    m, x = r["median_ms"], r["ratio_to_full"]
+    return "\n".join([
+        f"Head `{Path(r['head']).name}`; {r['chunks']} held-out demo chunks x {r['repeats']} repeats, batch 1, {r.get('dtype', 'float64')}, one thread; "
+        "the three decodes of a chunk timed back to back in a rotating order.",
+        "",
+        "| decode | layers | median ms / chunk | speedup vs all layers main-only (median per-chunk ratio) |",
+        "|---|---|---|---|",
+        f"| main-only, all layers | {r['layers']} | {m['full']:.3f} | 1.00x |",
+        f"| main-only, chosen depth | {r['chosen']['layers']} | {m['chosen']:.3f} | {x['chosen']:.2f}x |",
+        *[f"| speculative, chosen depth, {n} candidate{'s' if n > 1 else ''} | {r['chosen']['layers']} | {m[name]:.3f} | {x[name]:.2f}x |"
+          for n, name in _spec_rows(r)],
+        "",
+        f"Speculative rows against main-only at the chosen depth (K = {r.get('drafted_layers', '?')} drafted layers; "
+        "a = mean accepted layers on these chunks):",
+        "",
+        "| candidates per chunk | a | speedup vs main-only, chosen depth (median per-chunk ratio) | tokens identical to main-only |",
+        "|---|---|---|---|",
+        *[f"| {n} | {r['mean_accepted_layers'][name]:.3f} | {r['spec_speedup'][name]:.2f}x | {_identical(r, name)} |"
+          for n, name in _spec_rows(r)],
+    ]) + "\n"
+
+
+def _identical(r: dict, name: str) -> str:
+    if "identical_to_main_only" not in r:  # written before the check
+        return "—"
+    return f"{r['identical_to_main_only'][name]} / {r['lossless_chunks']} held-out chunks"
+
+
+def _spec_rows(r: dict) -> list[tuple[int, str]]:
+    return [(n, "chosen_spec" if n == 1 else f"chosen_spec_c{n}") for n in r.get("candidates", [1])]
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decoding.decode_depth_latency", description=__doc__.split("\n")[0])
+    parser.add_argument("--models-dir", required=True, help="Phase 2 models folder (head with decode_choice, draft, tokenizer)")
+    parser.add_argument("--tag", default="", help='"" (robust tokens) or "naive"')
+    parser.add_argument("--chunks", type=int, default=200, help="held-out chunks timed")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per chunk")
+    parser.add_argument("--candidates", default="1,2,4", help="comma-separated proposals per chunk (powers of two), one speculative row each")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                        help="precision of the token models (Phase 3 --decode-dtype; float32 writes *_float32.json/.md)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics"))
+    args = parser.parse_args(argv)
+    candidates = tuple(int(c) for c in args.candidates.split(",") if c.strip())
+    rsd_entry.setup_process(torch_threads=1)
+    result = measure(Path(args.models_dir), args.tag, args.chunks, args.repeats, candidates, args.dtype)
+    result["provenance"] = provenance(seed=0)
+    sfx = (f"_{args.tag}" if args.tag else "") + ("_float32" if args.dtype == "float32" else "")
+    write_results(args.out, f"decode_depth_latency{sfx}", result, markdown(result))
+
+
+if __name__ == "__main__":
+    rsd_entry.main(main, sys.argv[1:])

@@ -1,0 +1,192 @@
+"""Speculative against main-only token decoding of a TRAINED head and draft (real acceptance, not an
+oracle), op by op and replayed from captured CUDA graphs (``common/decoding/graphs.py``), on one device.
+
+    # here, where the demos are: the held-out features + the head and draft, in one small file
+    python -m benchmarks.decoding.decode_trained_graphs export --models-dir MODELS --bundle BUNDLE.pt [--states RUN_DIR]
+    # anywhere torch runs (a bare GPU machine needs only this file and the repository)
+    python -m benchmarks.decoding.decode_trained_graphs run --bundle BUNDLE.pt --device cuda [--dtype float32|bfloat16] [--replay graphs|compile] [--out DIR]
+
+The bundle holds the backbone features of every held-out demo step (the head's ``val_episode_keys``;
+what Phase 3's token models see, minus the simulator), the head and draft weights and the decode
+depth and rule the head chose. ``run`` decodes ``--chunks`` of them at batch 1 at the chosen depth,
+main-only and speculative (the draft proposes min(K, depth - 1) layers, or at most
+``--drafted-layers N``), both eagerly and from graphs, the four timed back to back per repeat in a rotating order (``bench_decode_sweep.Clock``): the
+table gives the median ms per chunk, the median per-chunk speedup of each speculative path over the
+main-only path of the same kind, the mean accepted layers a (the trained draft's, on held-out
+states: closed-loop acceptance is lower, see Phase 3) and, over every exported chunk, how many
+speculative decodes gave exactly main-only's tokens. Off CUDA the "graphs" rows run the same code
+eagerly (a check of the path, labelled so); ``--replay compile`` runs those bodies compiled by
+``torch.compile`` instead (any device; compiling takes a minute or two before the timing). ``--states RUN_DIR`` exports, instead of the held-out demo
+steps, the states a Phase 3 run of the same head recorded (``--record-features``): the closed-loop
+states where the draft is actually asked, with the acceptance it really gets there. Writes ``decode_trained_graphs.json`` / ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.decoding.bench_decode_sweep import device_label
+from benchmarks.paired_timing import Clock, evict_caches, eviction_buffer, median_ratio
+from common.decoding.graphs import GraphedDecoder
+from common.decoding.speculative import main_only_decode, speculative_decode
+from common.policy.draft import DraftWithProjection
+from common.policy.head import RFSQHead
+from common.provenance import REPO_ROOT, provenance, write_results
+
+BUNDLE_KIND = "rsd-decode-bundle-v1"
+
+
+def export(models_dir: Path, tag: str, bundle: Path, states: Path | None = None) -> dict:
+    """Held-out features (or, with ``states``, a Phase 3 run's recorded closed-loop features) + head +
+    draft + decode choice of the Phase 2 models in ``models_dir`` -> ``bundle``."""
+    from benchmarks.decoding.decode_depth_latency import load_held_out
+    from common.data.rollouts import read_rollout_features
+
+    paths, choice, policy, features = load_held_out(models_dir, tag)
+    if states is not None:
+        features = read_rollout_features(states, head_hash=policy.head_hash)
+    if policy.draft is None or policy.draft.input != "features":
+        raise ValueError(f"{paths['draft']}: expected a features draft (the graphed decoder takes no main_hidden draft)")
+    content = {
+        "kind": BUNDLE_KIND, "features": features, "decode_choice": dict(choice),
+        "head_config": policy.head.config, "head_state": policy.head.state_dict(),
+        "draft_config": policy.draft.config, "draft_state": policy.draft.state_dict(),
+        "head": str(paths["head"]), "draft": str(paths["draft"]), "head_hash": policy.head_hash, "draft_hash": policy.draft_hash,
+        "states": "held-out demo steps" if states is None else f"closed-loop states recorded by {states}",
+    }
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(content, bundle)
+    return {"bundle": str(bundle), "chunks": len(features), "states": content["states"], "decode_choice": dict(choice)}
+
+
+def load_bundle(bundle: Path, device: torch.device, dtype: torch.dtype) -> tuple[RFSQHead, DraftWithProjection, torch.Tensor, dict]:
+    if not bundle.exists():
+        raise FileNotFoundError(f"{bundle}: no such bundle (make one with `python -m benchmarks.decoding.decode_trained_graphs export`)")
+    content = torch.load(bundle, map_location="cpu", weights_only=True)
+    if not isinstance(content, dict) or content.get("kind") != BUNDLE_KIND:
+        raise ValueError(f"{bundle}: expected a {BUNDLE_KIND} file, found {content.get('kind') if isinstance(content, dict) else type(content).__name__}")
+    head = RFSQHead.from_config(content["head_config"])
+    head.load_state_dict(content["head_state"])
+    draft = DraftWithProjection.from_config(content["draft_config"])
+    draft.load_state_dict(content["draft_state"])
+    head, draft = head.to(device, dtype).eval(), draft.to(device, dtype).eval()
+    content.setdefault("states", "held-out demo steps")  # bundles from before --states
+    return head, draft, content["features"].to(device, dtype), content
+
+
+def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, repeats: int, drafted_layers: int = 0,
+        replay: str = "graphs", cold: bool = False) -> dict:
+    """``drafted_layers``: draft at most this many layers (0 = all the draft proposes), as Phase 3's --drafted-layers.
+    ``replay="compile"``: the second pair of rows runs the decoder's bodies compiled by torch.compile instead of graphs.
+    ``cold``: the data caches are evicted before every timed decode (``paired_timing.evict_caches``)."""
+    head, draft, features, content = load_bundle(bundle, device, dtype)
+    depth = int(content["decode_choice"]["layers"])
+    if depth < 2:
+        raise ValueError(f"{bundle}: the head decodes {depth} layer; speculation needs at least 2")
+    graphs = "torch.compile" if replay == "compile" else "cuda graphs" if device.type == "cuda" else "eager (graph stand-in)"
+    cap = drafted_layers or None
+    decoder = GraphedDecoder(head, draft, num_layers=depth, coarse_layers=cap, replay=replay)
+    step = max(1, len(features) // chunks)
+    timed = features[::step][:chunks]
+    clock = Clock(device, budget_s=1e9)
+    evict = (lambda buffer=eviction_buffer(): evict_caches(buffer)) if cold else None
+    names = ("main_only_eager", "speculative_eager", "main_only_graphs", "speculative_graphs")
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for f in tqdm(timed, desc="timed chunks", unit="chunk"):
+            f = f[None]
+            fns = [lambda: main_only_decode(head, f, num_layers=depth), lambda: speculative_decode(head, draft, f, num_layers=depth, coarse_layers=cap),
+                   lambda: decoder.decode_main_only(f), lambda: decoder.decode(f)]
+            for name, ms in zip(names, clock.interleaved_ms(fns, repeats, before=evict)):
+                times[name].extend(ms)
+        accepted, identical_eager, identical_graphs = [], 0, 0
+        for f in tqdm(features, desc="lossless check", unit="chunk", leave=False):
+            f = f[None]
+            ref = main_only_decode(head, f, num_layers=depth)[0]
+            codes, _ = speculative_decode(head, draft, f, num_layers=depth, coarse_layers=cap)
+            identical_eager += int(torch.equal(codes, ref))
+            codes_g, a, _ = decoder.decode(f)
+            identical_graphs += int(torch.equal(codes_g, ref))
+            accepted.append(a)
+    K = decoder.coarse_layers
+    a_mean = sum(accepted) / len(accepted)
+    return {
+        "bundle": str(bundle), "states": content["states"], "head": content["head"], "draft": content["draft"], "head_hash": content["head_hash"],
+        "device": device.type, "device_name": device_label(device, torch.get_num_threads()), "dtype": str(dtype).removeprefix("torch."),
+        "graphs": graphs, "replay": replay, "caches": "cold" if cold else "warm", "decode_choice": content["decode_choice"], "depth": depth, "drafted_layers": K,
+        "chunks_timed": len(timed), "repeats": repeats, "chunks_checked": len(features),
+        "median_ms": {n: statistics.median(v) for n, v in times.items()},
+        "speedup_eager": median_ratio(times["main_only_eager"], times["speculative_eager"]),
+        "speedup_graphs": median_ratio(times["main_only_graphs"], times["speculative_graphs"]),
+        "graphs_main_only_vs_eager_main_only": median_ratio(times["main_only_eager"], times["main_only_graphs"]),
+        "mean_accepted_layers": a_mean, "accepted_distribution": {str(k): accepted.count(k) for k in range(K + 1)},
+        "identical_to_main_only": {"eager": identical_eager, "graphs": identical_graphs},
+    }
+
+
+def markdown(r: dict) -> str:
+    m = r["median_ms"]
+    dist = ", ".join(f"a={k}: {v}" for k, v in r["accepted_distribution"].items())
+    n = r["chunks_checked"]
+    return "\n".join([
+        f"Device: {r['device_name']}; {r['dtype']}, batch 1; head `{Path(r['head']).name}` decoding {r['depth']} layers "
+        f"({r['decode_choice'].get('rule', '?')} last), the trained draft proposing {r['drafted_layers']}; "
+        f"{r['chunks_timed']} chunks ({r.get('states', 'held-out demo steps')}) x {r['repeats']} repeats, the four decodes of a repeat timed back to back "
+        f"in a rotating order{', each after a 32 MiB cache sweep (cold caches)' if r.get('caches') == 'cold' else ''}; speedup = median per-repeat ratio of main-only to speculative time, each path against its own kind.",
+        "",
+        "| replay | main-only ms / chunk | speculative ms / chunk | speculative speedup | tokens identical to main-only |",
+        "|---|---|---|---|---|",
+        f"| eager | {m['main_only_eager']:.3f} | {m['speculative_eager']:.3f} | {r['speedup_eager']:.2f}x | {r['identical_to_main_only']['eager']} / {n} |",
+        f"| {r['graphs']} | {m['main_only_graphs']:.3f} | {m['speculative_graphs']:.3f} | {r['speedup_graphs']:.2f}x | "
+        f"{r['identical_to_main_only']['graphs']} / {n} |",
+        "",
+        f"Mean accepted layers a = {r['mean_accepted_layers']:.3f} of {r['drafted_layers']} over all {n} chunks ({dist}); "
+        f"main-only from {r['graphs']} is {r['graphs_main_only_vs_eager_main_only']:.2f}x faster than main-only op by op.",
+    ]) + "\n"
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decoding.decode_trained_graphs", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write the bundle (held-out features, head, draft, decode choice)")
+    ex.add_argument("--models-dir", required=True)
+    ex.add_argument("--tag", default="", help='"" (robust tokens) or "naive"')
+    ex.add_argument("--bundle", required=True)
+    ex.add_argument("--states", default="", help="a Phase 3 run folder of this head made with --record-features: "
+                    "export its closed-loop states instead of the held-out demo steps")
+    rn = sub.add_parser("run", help="time the bundle's decodes on one device")
+    rn.add_argument("--bundle", required=True)
+    rn.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    rn.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
+    rn.add_argument("--chunks", type=int, default=200, help="held-out chunks timed (all are checked for losslessness)")
+    rn.add_argument("--repeats", type=int, default=5, help="timed repeats per chunk")
+    rn.add_argument("--replay", choices=("graphs", "compile"), default="graphs",
+                    help="graphs: CUDA graphs (eager off CUDA); compile: torch.compile of the same decode bodies (any device)")
+    rn.add_argument("--cold", action="store_true", help="evict the data caches (a 32 MiB sweep) before every timed decode, "
+                    "as a simulator step does between two chunks")
+    rn.add_argument("--drafted-layers", type=int, default=0, help="draft at most N layers (0 = all the draft proposes)")
+    rn.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    rn.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "decode_trained_graphs"))
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        result = export(Path(args.models_dir), args.tag, Path(args.bundle), Path(args.states) if args.states else None)
+        print(result)
+        return result
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"decode_trained_graphs --device cuda: expected a CUDA GPU, found none (torch {torch.__version__})")
+    torch.set_num_threads(args.threads)
+    result = run(Path(args.bundle), torch.device(args.device), getattr(torch, args.dtype), args.chunks, args.repeats, args.drafted_layers, args.replay, args.cold)
+    result["provenance"] = provenance(seed=0)
+    out = Path(args.out)
+    write_results(out, "decode_trained_graphs", result, markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

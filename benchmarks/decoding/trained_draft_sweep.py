@@ -1,0 +1,190 @@
+"""Draft size against speed, with TRAINED drafts on the states the robot reaches: several drafts
+distilled for one head, each decoding a bundle's chunks next to main-only on the same chunks.
+
+    python -m benchmarks.decoding.trained_draft_sweep --bundle CL.pt --drafts "w128x2=DIR,w256x2=DIR,..." [--cold] --out DIR
+
+The bundle is ``decode_trained_graphs export``'s (with ``--states``: the closed-loop states a Phase 3
+run recorded); each DIR is a Phase 2 models folder whose ``best_draft_with_projection.pt`` was distilled
+for the bundle's head (checked by the head's content hash). For every chunk, main-only and every
+draft's speculative decode are timed back to back in a rotating order (``paired_timing.Clock``), each
+``--repeats`` times (median per chunk). Per draft: the held-out acceptance its training recorded,
+the acceptance on the bundle's chunks, c and v in main passes as Phase 3 computes them (draft time,
+and the speculative path's main time minus its passes, over the mean main-only pass), the formula
+S = L / (L - a + c + v) next to the measured speedup (mean main-only time over mean speculative time,
+as Phase 3 reports it and as the formula's mean terms predict; the median per-chunk ratio beside it,
+which the many chunks with nothing accepted pull down), and how many chunks decoded tokens identical
+to main-only. Writes trained_draft_sweep.json /
+.md / .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.decoding.decode_trained_graphs import load_bundle
+from benchmarks.evaluation.lever_table import parse_runs
+from benchmarks.paired_timing import Clock, evict_caches, eviction_buffer
+from benchmarks.decoding.bench_decode_sweep import device_label
+from common.artifacts import policy_paths
+from common.decoding.speculative import main_only_decode, speculative_decode
+from common.policy.model import load_draft_checkpoint
+from common.provenance import REPO_ROOT, provenance, write_results
+
+
+def run(bundle: Path, drafts: list[tuple[str, Path]], *, repeats: int, chunks: int = 0, cold: bool = False) -> dict:
+    """``chunks``: time every n-th chunk so that this many are timed (0 = all); all are checked for losslessness."""
+    if not drafts:
+        raise ValueError("--drafts: expected at least one label=models_dir")
+    head, _, features, content = load_bundle(bundle, torch.device("cpu"), torch.float32)
+    L = int(content["decode_choice"]["layers"])
+    loaded = []
+    for label, folder in drafts:
+        draft, ckpt = load_draft_checkpoint(policy_paths(folder, folder, "")["draft"], head_hash=content["head_hash"], head_label=f"the bundle's head, {bundle}")
+        loaded.append((label, folder, draft.float(), ckpt))
+    measured = measure_speculation(head, [(label, draft) for label, _, draft, _ in loaded], features, L, repeats=repeats, chunks=chunks, cold=cold)
+    for row, (_, folder, draft, ckpt) in zip(measured["drafts"], loaded):
+        row.update({
+            "models_dir": str(folder), "draft_hash": ckpt["content_hash"], "config": {k: v for k, v in ckpt["config"].items() if k != "tokenizer"},
+            "parameters": draft.num_parameters(), "held_out_mean_accepted": ckpt.get("metrics", {}).get("mean_accepted_layers"),
+        })
+    return {
+        "bundle": str(bundle), "states": content["states"], "head": content["head"], "head_hash": content["head_hash"],
+        "device_name": device_label(torch.device("cpu"), torch.get_num_threads()), "dtype": "float32", "caches": "cold" if cold else "warm",
+        "decoded_layers": L, "decode_choice": content["decode_choice"], "repeats": repeats, **measured,
+    }
+
+
+def measure_speculation(head, drafts: list[tuple[str, torch.nn.Module]], features: torch.Tensor, L: int, *, repeats: int,
+                        chunks: int = 0, cold: bool = False) -> dict:
+    """Main-only and each draft's speculative decode of ``features`` (one chunk each, batch 1), timed back to
+    back per chunk -> ``main_only_ms_per_chunk``, ``chunks_timed``, ``chunks_checked`` and per draft the
+    formula terms, the measured speedup and the lossless count (see the module docstring)."""
+    step = max(1, len(features) // chunks) if chunks else 1
+    timed = features[::step][:chunks] if chunks else features
+    clock = Clock(torch.device("cpu"), budget_s=1e9)
+    evict = (lambda buffer=eviction_buffer(): evict_caches(buffer)) if cold else None
+    main_ms: list[float] = []
+    main_time_s: list[float] = []
+    spec = {label: {"ms": [], "draft_s": [], "main_s": [], "passes": []} for label, _ in drafts}
+    with torch.inference_mode():
+        for f in tqdm(timed, desc="timed chunks", unit="chunk"):
+            f = f[None]
+            stats: list[list] = [[] for _ in range(1 + len(drafts))]
+            fns = [lambda: stats[0].append(main_only_decode(head, f, num_layers=L)[1])]
+            fns += [lambda i=i, d=d: stats[i].append(speculative_decode(head, d, f, num_layers=L)[1])
+                    for i, (_, d) in enumerate(drafts, start=1)]
+            ms = clock.interleaved_ms(fns, repeats, before=evict)
+            main_ms.append(statistics.median(ms[0]))
+            main_time_s.extend(s.main_time_s for s in stats[0])
+            for i, (label, _) in enumerate(drafts, start=1):
+                spec[label]["ms"].append(statistics.median(ms[i]))
+                spec[label]["draft_s"].extend(s.draft_time_s for s in stats[i])
+                spec[label]["main_s"].extend(s.main_time_s for s in stats[i])
+                spec[label]["passes"].extend(s.main_passes for s in stats[i])
+        rows = []
+        pass_s = statistics.mean(main_time_s) / L  # one main-only pass, as Phase 3's c and v are counted
+        for label, draft in drafts:
+            accepted, identical = [], 0
+            for f in tqdm(features, desc=f"{label}: lossless check", unit="chunk", leave=False):
+                f = f[None]
+                codes, s = speculative_decode(head, draft, f, num_layers=L)
+                identical += int(torch.equal(codes, main_only_decode(head, f, num_layers=L)[0]))
+                accepted.append(s.accepted_layers[0])
+            K = min(draft.coarse_layers, L - 1)
+            t = spec[label]
+            a = sum(accepted) / len(accepted)
+            c = statistics.mean(t["draft_s"]) / pass_s
+            v = statistics.mean(t["main_s"]) / pass_s - statistics.mean(t["passes"])
+            per_chunk = [m / s for m, s in zip(main_ms, t["ms"])]
+            rows.append({
+                "draft": label, "drafted_layers": K, "mean_accepted_layers": a,
+                "accepted_distribution": [accepted.count(k) / len(accepted) for k in range(K + 1)],
+                "c": c, "v": v, "speedup_formula": L / (L - a + c + v),
+                "speedup_measured": statistics.mean(main_ms) / statistics.mean(t["ms"]), "speedup_median_per_chunk": statistics.median(per_chunk),
+                "speculative_ms_per_chunk": statistics.mean(t["ms"]), "identical_to_main_only": identical,
+            })
+    return {"chunks_timed": len(timed), "chunks_checked": len(features), "main_only_ms_per_chunk": statistics.mean(main_ms), "drafts": rows}
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        f"Device: {r['device_name']}; float32, batch 1; head `{Path(r['head']).name}` decoding L = {r['decoded_layers']} layers; "
+        f"{r['chunks_timed']} chunks ({r['states']}) x {r['repeats']} repeats, main-only and every draft's speculative decode timed back "
+        f"to back in a rotating order{', each after a 32 MiB cache sweep (cold caches)' if r['caches'] == 'cold' else ''}. "
+        f"c and v in main-only passes ({r['main_only_ms_per_chunk'] / r['decoded_layers']:.3f} ms); "
+        "S measured = mean main-only time / mean speculative time (as Phase 3 reports it); formula S = L / (L - a + c + v) from the mean "
+        "terms; median = median over chunks of the per-chunk ratio.",
+        "",
+        "| draft | parameters | held-out a | a here | accepted 0..K (%) | c | v | S formula | S measured | median per chunk | ms / chunk (spec / main-only) | identical to main-only |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d in r["drafts"]:
+        held = "—" if d["held_out_mean_accepted"] is None else f"{d['held_out_mean_accepted']:.2f}"
+        dist = " / ".join(f"{100 * p:.0f}" for p in d["accepted_distribution"])
+        lines.append(f"| {d['draft']} | {d['parameters']:,} | {held} | {d['mean_accepted_layers']:.2f} of {d['drafted_layers']} | {dist} | "
+                     f"{d['c']:.2f} | {d['v']:.2f} | {d['speedup_formula']:.2f}x | {d['speedup_measured']:.2f}x | {d['speedup_median_per_chunk']:.2f}x | "
+                     f"{d['speculative_ms_per_chunk']:.3f} / {r['main_only_ms_per_chunk']:.3f} | {d['identical_to_main_only']} / {r['chunks_checked']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    """Left: a (these states and held-out) and c against draft parameters; right: measured and formula S.
+    One colour per trunk depth (drafts of one depth differ in width only)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_a, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
+    depths = sorted({d["config"].get("hidden_layers") for d in r["drafts"]}, key=str)
+    for colour, depth in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], depths):
+        rows = sorted((d for d in r["drafts"] if d["config"].get("hidden_layers") == depth), key=lambda d: d["parameters"])
+        x = [d["parameters"] for d in rows]
+        name = f"{depth} hidden" if depth is not None else "drafts"
+        ax_a.plot(x, [d["mean_accepted_layers"] for d in rows], "o-", color=colour, label=f"a here ({name})")
+        held = [(xi, d["held_out_mean_accepted"]) for xi, d in zip(x, rows) if d["held_out_mean_accepted"] is not None]
+        if held:
+            ax_a.plot(*zip(*held), "s--", color=colour, alpha=0.6, label=f"a held-out ({name})")
+        ax_a.plot(x, [d["c"] for d in rows], "^:", color=colour, label=f"c ({name})")
+        ax_s.plot(x, [d["speedup_measured"] for d in rows], "o-", color=colour, label=f"measured ({name})")
+        ax_s.plot(x, [d["speedup_formula"] for d in rows], "s--", color=colour, alpha=0.6, label=f"formula ({name})")
+        for xi, d in zip(x, rows):
+            ax_s.annotate(d["draft"], (xi, d["speedup_measured"]), textcoords="offset points", xytext=(0, -12), fontsize=7, ha="center")
+    ax_s.axhline(1.0, color="grey", lw=0.8)
+    for ax, title in ((ax_a, "accepted layers a, draft cost c (main passes)"), (ax_s, "token-decode speedup over main-only")):
+        ax.set_xscale("log")
+        ax.set_xlabel("draft parameters")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{r['states'][:60]}, L = {r['decoded_layers']}, {r['caches']} caches", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decoding.trained_draft_sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", required=True, help="decode_trained_graphs export's bundle (head, decode choice, features)")
+    parser.add_argument("--drafts", required=True, help='"label=models_dir,...": Phase 2 folders with best_draft_with_projection.pt for the bundle\'s head')
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per chunk (median per chunk)")
+    parser.add_argument("--chunks", type=int, default=0, help="time this many chunks, evenly spaced (0 = all); all are checked for losslessness")
+    parser.add_argument("--cold", action="store_true", help="evict the data caches (a 32 MiB sweep) before every timed decode")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "trained_draft_sweep"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = run(Path(args.bundle), parse_runs(args.drafts, "--drafts"), repeats=args.repeats, chunks=args.chunks, cold=args.cold)
+    result["provenance"] = provenance(seed=0)
+    out = Path(args.out)
+    write_results(out, "trained_draft_sweep", result, markdown(result))
+    plot(result, out / "trained_draft_sweep.png")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,91 @@
+"""Copies of LIBERO-format demo files holding only what Phase 2 training reads, compressed: for sending
+training data to a lent GPU machine, whose upload is capped (the device tool carries 64 MiB in all).
+
+    python -m benchmarks.diagnostics.slim_demos --out DIR DEMOS.hdf5 [DEMOS.hdf5 ...] [--overwrite]
+
+A copy keeps every attribute (file, ``data`` group, each demo) and, per demo, the datasets that
+``common.data.episodes.load_hdf5_episodes`` reads (``actions``, ``expert_actions``, ``obs/low_dim``),
+gzip-compressed; it drops the simulator states and the per-object observation keys (about 90% of a
+file). After writing, every copy is read back and checked: the episodes it loads must equal the
+original's array for array, so a model trained on the copy sees the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import rsd_entry
+
+# What load_hdf5_episodes reads from a demo besides its attributes.
+TRAINING_DATASETS = ("actions", "expert_actions", "obs/low_dim")
+
+
+def _same_episodes(original: Path, copy: Path) -> None:
+    from common.data.episodes import load_hdf5_episodes
+
+    a, b = load_hdf5_episodes(original), load_hdf5_episodes(copy)
+    if len(a) != len(b):
+        raise RuntimeError(f"{copy}: {len(b)} episodes read back, expected {len(a)} as in {original}")
+    for x, y in zip(a, b):
+        arrays = [(x.actions, y.actions), (x.low_dim_obs, y.low_dim_obs), (x.executed_actions, y.executed_actions)]
+        same = all((p is None and q is None) or (p is not None and q is not None and np.array_equal(p, q)) for p, q in arrays)
+        if not same or (x.name, x.task_id, x.instruction, x.attrs) != (y.name, y.task_id, y.instruction, y.attrs):
+            raise RuntimeError(f"{copy}: episode {y.name} differs from {original}'s {x.name}")
+
+
+def slim_copy(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> dict:
+    """Write the training-only copy of ``src`` to ``dst``; returns the two sizes in bytes."""
+    import h5py
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such demo file")
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"{dst}: the copy would replace its own source")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst}: already exists (pass --overwrite to replace it)")
+    tmp = dst.with_name(dst.name + ".partial")
+    with h5py.File(src, "r") as f, h5py.File(tmp, "w") as g:
+        if "data" not in f:
+            raise ValueError(f"{src}: no 'data' group (expected the LIBERO layout data/demo_N/actions)")
+        g.attrs.update(dict(f.attrs))
+        data = g.create_group("data")
+        data.attrs.update(dict(f["data"].attrs))
+        for name, demo in f["data"].items():
+            if not isinstance(demo, h5py.Group):
+                continue
+            out = data.create_group(name)
+            out.attrs.update(dict(demo.attrs))
+            for key in TRAINING_DATASETS:
+                if key in demo:
+                    out.create_dataset(key, data=demo[key][()], compression="gzip", compression_opts=4, shuffle=True)
+    tmp.replace(dst)
+    _same_episodes(src, dst)
+    return {"source": str(src), "copy": str(dst), "source_bytes": src.stat().st_size, "copy_bytes": dst.stat().st_size}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.diagnostics.slim_demos", description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", help="LIBERO-format HDF5 demo files")
+    parser.add_argument("--out", required=True, help="folder for the copies (same file names)")
+    parser.add_argument("--overwrite", action="store_true", help="replace copies that already exist")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    names = [Path(f).name for f in args.files]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two demo files share a name, so their copies would collide in {out}: {names}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for f in args.files:
+        row = slim_copy(f, out / Path(f).name, overwrite=args.overwrite)
+        print(f"{row['copy']}: {row['copy_bytes'] / 1e6:.1f} MB (from {row['source_bytes'] / 1e6:.1f} MB), episodes identical")
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    rsd_entry.main(main, sys.argv[1:])

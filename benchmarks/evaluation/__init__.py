@@ -1,0 +1,1 @@
+"""Evaluation benchmarks: closed-loop success and throughput, baselines (scripted expert, continuous policy) and result tables."""
