@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.decoding import bench_decode_sweep as sweep
-from benchmarks import paired_timing
+from common.decoding.timing import MIN_REPEATS, Clock, median_ratio
 
 
 def test_tiny_cpu_sweep_writes_table_with_device_and_formula(tmp_path):
@@ -50,7 +50,7 @@ class FakeMachine:
 
 def test_interleaved_loop_alternates_pairs_and_rotates_groups():
     machine = FakeMachine(lambda n: 1.0)
-    clock = sweep.Clock(torch.device("cpu"), budget_s=1.0, now=machine.now)
+    clock = Clock(torch.device("cpu"), budget_s=1.0, now=machine.now)
     clock.interleaved_ms([machine.call("main", 1), machine.call("spec", 1)], repeats=4)
     assert machine.calls == ["main", "spec", "spec", "main", "main", "spec", "spec", "main"]
     machine.calls.clear()
@@ -62,11 +62,11 @@ def test_paired_speedup_is_immune_to_a_machine_that_speeds_up_between_loops():
     # the machine runs 3x slower for its first 50 calls; main-only does 8 units of work, speculative 10 (S = 0.8)
     def machine_and_clock():
         machine = FakeMachine(lambda n: 3.0 if n < 50 else 1.0)
-        return machine, sweep.Clock(torch.device("cpu"), budget_s=1.0, now=machine.now)
+        return machine, Clock(torch.device("cpu"), budget_s=1.0, now=machine.now)
 
     machine, clock = machine_and_clock()
     t_main, t_spec = clock.interleaved_ms([machine.call("main", 8e-3), machine.call("spec", 10e-3)], repeats=50)
-    assert sweep.median_ratio(t_main, t_spec) == pytest.approx(0.8)
+    assert median_ratio(t_main, t_spec) == pytest.approx(0.8)
     assert statistics.median(t_main) == pytest.approx(16.0) and statistics.median(t_spec) == pytest.approx(20.0)
     # the old way, two loops one after the other, reports an impossible speedup > 1
     machine, clock = machine_and_clock()
@@ -78,15 +78,15 @@ def test_paired_speedup_is_immune_to_a_machine_that_speeds_up_between_loops():
 def test_measure_fills_the_budget_within_the_repeat_bounds():
     machine = FakeMachine(lambda n: 1.0)
     pair = [machine.call("main", 0.01), machine.call("spec", 0.01)]  # 20 ms per repeat
-    clock = sweep.Clock(torch.device("cpu"), budget_s=2.0, now=machine.now)
+    clock = Clock(torch.device("cpu"), budget_s=2.0, now=machine.now)
     assert [len(t) for t in clock.measure(pair, max_repeats=1000, warmup=3)] == [100, 100]
     assert [len(t) for t in clock.measure(pair, max_repeats=60, warmup=3)] == [60, 60]
-    tight = sweep.Clock(torch.device("cpu"), budget_s=0.001, now=machine.now)
-    assert len(tight.measure(pair, max_repeats=1000, warmup=1)[0]) == paired_timing.MIN_REPEATS
+    tight = Clock(torch.device("cpu"), budget_s=0.001, now=machine.now)
+    assert len(tight.measure(pair, max_repeats=1000, warmup=1)[0]) == MIN_REPEATS
     with pytest.raises(ValueError, match="expected warmup >= 1"):
         clock.measure(pair, max_repeats=10, warmup=0)
     with pytest.raises(ValueError, match="median_ratio: expected two equally long non-empty lists, found 2 and 1"):
-        sweep.median_ratio([1.0, 2.0], [1.0])
+        median_ratio([1.0, 2.0], [1.0])
 
 
 def test_sizes_filter_keeps_sweep_order_and_rejects_unknown():

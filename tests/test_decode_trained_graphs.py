@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from benchmarks.decoding import decode_trained_graphs as bench
+from common.decoding.measure import BUNDLE_KIND, load_bundle
 from common.policy.draft import DraftWithProjection
 from common.policy.head import RFSQHead
 
@@ -12,7 +13,7 @@ def write_bundle(path, depth=3, **extra):
     torch.manual_seed(0)
     head = RFSQHead(feature_dim=12, num_layers=4, tokens_per_layer=4, num_levels=7, d_model=16, num_heads=2, num_blocks=1)
     draft = DraftWithProjection(feature_dim=12, coarse_layers=2, tokens_per_layer=4, num_levels=7, width=16, trunk="mlp", activation="relu")
-    torch.save({"kind": bench.BUNDLE_KIND, "features": torch.randn(30, 12), "decode_choice": {"layers": depth, "rule": "expected"},
+    torch.save({"kind": BUNDLE_KIND, "features": torch.randn(30, 12), "decode_choice": {"layers": depth, "rule": "expected"},
                 "head_config": head.config, "head_state": head.state_dict(), "draft_config": draft.config, "draft_state": draft.state_dict(),
                 "head": "models/best_rfsq_head.pt", "draft": "models/best_draft_with_projection.pt", "head_hash": "h", "draft_hash": "d", **extra}, path)
     return path
@@ -55,9 +56,9 @@ def test_closed_loop_states_are_named_in_the_table(tmp_path):
 
 def test_bundle_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such bundle"):
-        bench.load_bundle(tmp_path / "none.pt", torch.device("cpu"), torch.float32)
+        load_bundle(tmp_path / "none.pt", torch.device("cpu"), torch.float32)
     torch.save({"kind": "other"}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="expected a rsd-decode-bundle-v1 file, found other"):
-        bench.load_bundle(tmp_path / "x.pt", torch.device("cpu"), torch.float32)
+        load_bundle(tmp_path / "x.pt", torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="the head decodes 1 layer; speculation needs at least 2"):
         bench.run(write_bundle(tmp_path / "one.pt", depth=1), torch.device("cpu"), torch.float32, 2, 1)

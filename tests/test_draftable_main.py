@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from benchmarks.decoding import decode_trained_graphs, draftable_main as bench
+from benchmarks.decoding import draftable_main as bench
+from common.decoding.measure import export_bundle
 from common.policy.draft import DraftWithProjection
 from common.policy.head import RFSQHead
 from common.policy.losses import MainLoss
@@ -56,7 +57,7 @@ def models(tmp_path_factory):
     train_tokenizer(TokenizerTrainConfig(data=str(demos), epochs=1, num_episodes=8, layout="chunk", latent_dim=4, batch_size=256,
                                          models_dir=str(root / "models"), progress=False, use_layernorm=True))
     cli(TINY + ["--data", str(demos), "--models-dir", str(root / "models")])
-    decode_trained_graphs.export(root / "models", "", root / "bundle.pt")
+    export_bundle(root / "models", "", root / "bundle.pt")
     yield root
     mp.undo()
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from benchmarks.diagnostics.episode_agreement import agreement, main, sign_test_p
+from benchmarks.diagnostics.episode_agreement import main
+from common.eval.runs import agreement, sign_test_p
 
 
 def _row(task, trial, success, steps, status=None):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from benchmarks.evaluation.lever_table import parse_runs
 from benchmarks.decoding.speculation_terms import build, markdown
+from common.eval.runs import parse_runs
 
 
 def _write(folder, *, first_trial=0, spec=True, K=3):

@@ -43,7 +43,6 @@ Needs only torch, matplotlib and tqdm besides the standard library (no simulator
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -52,9 +51,9 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from benchmarks.paired_timing import Clock, median_ratio
 from common.decoding.graphs import GraphedDecoder, Replay
 from common.decoding.speculative import main_only_decode, speculative_decode
+from common.decoding.timing import Clock, device_label, median_ratio
 from common.policy.draft import DraftWithProjection
 from common.policy.head import RFSQHead
 from common.provenance import REPO_ROOT, provenance, write_json
@@ -236,12 +235,6 @@ def _measure_graphed(main_name: str, main: RFSQHead, drafts: dict, main_codes: t
             rows.append(_row(main_name, main, draft_name, drafts[draft_name], replay, a, observed, lossless, terms, t_main_pair, t_spec))
         _report(main_name, draft_name, replay, terms, rows[-1])
     return rows
-
-
-def device_label(device: torch.device, threads: int) -> str:
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    return f"CPU {platform.processor() or platform.machine()}, {threads} thread(s)"
 
 
 def _replay_order(replay: str) -> int:

@@ -5,7 +5,7 @@ before decoding depth was chosen) against the depth Phase 2 chose, main-only and
 
 Features are the backbone's on held-out demo steps (the head's ``val_episode_keys``), batch 1, float32 by default
 as Phase 3 runs them, one thread. The three decodes of a chunk are timed back to back in a rotating
-order (``benchmarks.decoding.bench_decode_sweep.Clock``), so a busy machine slows all alike; the table gives
+order (``common.decoding.timing.Clock``), so a busy machine slows all alike; the table gives
 medians over chunks and repeats, the median per-chunk ratios to the full-depth main-only decode and
 to the chosen-depth main-only decode (the speculative speedup), each speculative row's mean
 accepted layers (``--candidates``: proposals verified per chunk in one pass) and, over every
@@ -25,32 +25,10 @@ import torch
 from tqdm import tqdm
 
 import rsd_entry
-from benchmarks.paired_timing import Clock, median_ratio
-from common.artifacts import policy_paths
-from common.checkpoints import read_checkpoint
+from common.decoding.measure import load_held_out
 from common.decoding.speculative import main_only_decode, speculative_decode
-from common.policy.labels import build_split, load_policy_episodes
-from common.policy.metrics import compute_features
-from common.policy.model import HEAD_KIND, load_policy
+from common.decoding.timing import Clock, median_ratio
 from common.provenance import REPO_ROOT, provenance, write_results
-from common.tokenizer.model import load_tokenizer
-
-
-def load_held_out(models_dir: Path, tag: str) -> tuple[dict, dict, object, torch.Tensor]:
-    """(checkpoint paths, decode choice, loaded policy, float32 backbone features [N, F] of every held-out
-    demo step) of the Phase 2 models in ``models_dir`` (the head's ``val_episode_keys``)."""
-    paths = policy_paths(models_dir, models_dir, tag)
-    ckpt = read_checkpoint(paths["head"], kind=HEAD_KIND)
-    choice = ckpt["metrics"].get("decode_choice")
-    if not choice:
-        raise ValueError(f"{paths['head']}: no decode_choice in its metrics (retrain Phase 2 with this code)")
-    tokenizer = load_tokenizer(ckpt["extra"]["tokenizer_path"])
-    policy = load_policy(paths["head"], paths["draft"], tokenizer)
-    data_paths = [p.strip() for p in ckpt["extra"]["train_config"]["data"].split(",") if p.strip()]
-    episodes, _ = load_policy_episodes(data_paths)
-    held_out = [e for e in episodes if e["key"] in set(ckpt["metrics"]["val_episode_keys"])]
-    split = build_split(tokenizer, held_out, backbone="state", data_paths=data_paths, feature_cache_paths=[])
-    return paths, choice, policy, compute_features(policy.policy, split, device=torch.device("cpu")).float()
 
 
 def measure(models_dir: Path, tag: str, chunks: int, repeats: int, candidates: tuple[int, ...] = (1,), dtype: str = "float32") -> dict:

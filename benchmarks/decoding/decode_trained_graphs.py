@@ -10,7 +10,7 @@ The bundle holds the backbone features of every held-out demo step (the head's `
 what Phase 3's token models see, minus the simulator), the head and draft weights and the decode
 depth and rule the head chose. ``run`` decodes ``--chunks`` of them at batch 1 at the chosen depth,
 main-only and speculative (the draft proposes min(K, depth - 1) layers, or at most
-``--drafted-layers N``), both eagerly and from graphs, the four timed back to back per repeat in a rotating order (``bench_decode_sweep.Clock``): the
+``--drafted-layers N``), both eagerly and from graphs, the four timed back to back per repeat in a rotating order (``common.decoding.timing.Clock``): the
 table gives the median ms per chunk, the median per-chunk speedup of each speculative path over the
 main-only path of the same kind, the mean accepted layers a (the trained draft's, on held-out
 states: closed-loop acceptance is lower, see Phase 3) and, over every exported chunk, how many
@@ -31,60 +31,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks.decoding.bench_decode_sweep import device_label
-from benchmarks.paired_timing import Clock, evict_caches, eviction_buffer, median_ratio
 from common.decoding.graphs import GraphedDecoder
+from common.decoding.measure import export_bundle, load_bundle
 from common.decoding.speculative import main_only_decode, speculative_decode
-from common.policy.draft import DraftWithProjection
-from common.policy.head import RFSQHead
+from common.decoding.timing import Clock, device_label, evict_caches, eviction_buffer, median_ratio
 from common.provenance import REPO_ROOT, provenance, write_results
-
-BUNDLE_KIND = "rsd-decode-bundle-v1"
-
-
-def export(models_dir: Path, tag: str, bundle: Path, states: Path | None = None) -> dict:
-    """Held-out features (or, with ``states``, a Phase 3 run's recorded closed-loop features) + head +
-    draft + decode choice of the Phase 2 models in ``models_dir`` -> ``bundle``."""
-    from benchmarks.decoding.decode_depth_latency import load_held_out
-    from common.data.rollouts import read_rollout_features
-
-    paths, choice, policy, features = load_held_out(models_dir, tag)
-    if states is not None:
-        features = read_rollout_features(states, head_hash=policy.head_hash)
-    if policy.draft is None or policy.draft.input != "features":
-        raise ValueError(f"{paths['draft']}: expected a features draft (the graphed decoder takes no main_hidden draft)")
-    content = {
-        "kind": BUNDLE_KIND, "features": features, "decode_choice": dict(choice),
-        "head_config": policy.head.config, "head_state": policy.head.state_dict(),
-        "draft_config": policy.draft.config, "draft_state": policy.draft.state_dict(),
-        "head": str(paths["head"]), "draft": str(paths["draft"]), "head_hash": policy.head_hash, "draft_hash": policy.draft_hash,
-        "states": "held-out demo steps" if states is None else f"closed-loop states recorded by {states}",
-    }
-    bundle.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(content, bundle)
-    return {"bundle": str(bundle), "chunks": len(features), "states": content["states"], "decode_choice": dict(choice)}
-
-
-def load_bundle(bundle: Path, device: torch.device, dtype: torch.dtype) -> tuple[RFSQHead, DraftWithProjection, torch.Tensor, dict]:
-    if not bundle.exists():
-        raise FileNotFoundError(f"{bundle}: no such bundle (make one with `python -m benchmarks.decoding.decode_trained_graphs export`)")
-    content = torch.load(bundle, map_location="cpu", weights_only=True)
-    if not isinstance(content, dict) or content.get("kind") != BUNDLE_KIND:
-        raise ValueError(f"{bundle}: expected a {BUNDLE_KIND} file, found {content.get('kind') if isinstance(content, dict) else type(content).__name__}")
-    head = RFSQHead.from_config(content["head_config"])
-    head.load_state_dict(content["head_state"])
-    draft = DraftWithProjection.from_config(content["draft_config"])
-    draft.load_state_dict(content["draft_state"])
-    head, draft = head.to(device, dtype).eval(), draft.to(device, dtype).eval()
-    content.setdefault("states", "held-out demo steps")  # bundles from before --states
-    return head, draft, content["features"].to(device, dtype), content
-
 
 def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, repeats: int, drafted_layers: int = 0,
         replay: str = "graphs", cold: bool = False) -> dict:
     """``drafted_layers``: draft at most this many layers (0 = all the draft proposes), as Phase 3's --drafted-layers.
     ``replay="compile"``: the second pair of rows runs the decoder's bodies compiled by torch.compile instead of graphs.
-    ``cold``: the data caches are evicted before every timed decode (``paired_timing.evict_caches``)."""
+    ``cold``: the data caches are evicted before every timed decode (``common.decoding.timing.evict_caches``)."""
     head, draft, features, content = load_bundle(bundle, device, dtype)
     depth = int(content["decode_choice"]["layers"])
     if depth < 2:
@@ -175,7 +132,7 @@ def main(argv: list[str]) -> dict:
     rn.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "decode_trained_graphs"))
     args = parser.parse_args(argv)
     if args.command == "export":
-        result = export(Path(args.models_dir), args.tag, Path(args.bundle), Path(args.states) if args.states else None)
+        result = export_bundle(Path(args.models_dir), args.tag, Path(args.bundle), Path(args.states) if args.states else None)
         print(result)
         return result
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import rsd_entry  # noqa: F401  (repo root on sys.path when run as a script)
-from benchmarks.paired_timing import evict_caches, eviction_buffer
+from common.decoding.timing import evict_caches, eviction_buffer
 from common.policy.draft import DRAFT_ACTIVATIONS, DraftWithProjection
 from common.policy.head import RFSQHead
 from common.provenance import REPO_ROOT, provenance, write_results

@@ -12,7 +12,7 @@ is the same fine-tuning without the term (the control). Per head: held-out actio
 depth with the head's decode rule (what Phase 2's decode choice measures), the draft's acceptance on
 the held-out demo states, and with ``--bundle`` (closed-loop states of the original policy, recorded by
 ``decode_trained_graphs export --states``) the acceptance, c, v, formula and measured S and the lossless
-count on those states (``trained_draft_sweep.measure_speculation``). The states come from the original
+count on those states (``common.decoding.measure.measure_speculation``). The states come from the original
 policy's rollouts, not the fine-tuned one's, and no closed-loop success is measured: this is an offline
 probe. Writes draftable_main.json / .md / .png.
 """
@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmarks.decoding.bench_decode_sweep import device_label
-from benchmarks.decoding.decode_trained_graphs import load_bundle
-from benchmarks.decoding.trained_draft_sweep import measure_speculation
 from common.artifacts import policy_paths
 from common.checkpoints import read_checkpoint
 from common.data.episodes import split_episodes
+from common.decoding.measure import load_bundle, measure_speculation
+from common.decoding.timing import device_label
 from common.policy.config import PolicyTrainConfig
 from common.policy.decode_choice import action_errors_by_depth
 from common.policy.head import RFSQHead

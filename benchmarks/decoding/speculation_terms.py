@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 import rsd_entry
-from benchmarks.evaluation.lever_table import parse_runs, same_trials, trials_key
 from common.eval.compare import draft_cost_in_main_passes, verify_overhead_in_main_passes
+from common.eval.runs import parse_runs, same_trials, trials_key
 from common.provenance import REPO_ROOT, provenance, write_results
 
 

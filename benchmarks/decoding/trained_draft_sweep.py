@@ -6,7 +6,7 @@ distilled for one head, each decoding a bundle's chunks next to main-only on the
 The bundle is ``decode_trained_graphs export``'s (with ``--states``: the closed-loop states a Phase 3
 run recorded); each DIR is a Phase 2 models folder whose ``best_draft_with_projection.pt`` was distilled
 for the bundle's head (checked by the head's content hash). For every chunk, main-only and every
-draft's speculative decode are timed back to back in a rotating order (``paired_timing.Clock``), each
+draft's speculative decode are timed back to back in a rotating order (``common.decoding.timing.Clock``), each
 ``--repeats`` times (median per chunk). Per draft: the held-out acceptance its training recorded,
 the acceptance on the bundle's chunks, c and v in main passes as Phase 3 computes them (draft time,
 and the speculative path's main time minus its passes, over the mean main-only pass), the formula
@@ -20,19 +20,15 @@ to main-only. Writes trained_draft_sweep.json /
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from benchmarks.decoding.decode_trained_graphs import load_bundle
-from benchmarks.evaluation.lever_table import parse_runs
-from benchmarks.paired_timing import Clock, evict_caches, eviction_buffer
-from benchmarks.decoding.bench_decode_sweep import device_label
 from common.artifacts import policy_paths
-from common.decoding.speculative import main_only_decode, speculative_decode
+from common.decoding.measure import load_bundle, measure_speculation
+from common.decoding.timing import device_label
+from common.eval.runs import parse_runs
 from common.policy.model import load_draft_checkpoint
 from common.provenance import REPO_ROOT, provenance, write_results
 
@@ -58,58 +54,6 @@ def run(bundle: Path, drafts: list[tuple[str, Path]], *, repeats: int, chunks: i
         "device_name": device_label(torch.device("cpu"), torch.get_num_threads()), "dtype": "float32", "caches": "cold" if cold else "warm",
         "decoded_layers": L, "decode_choice": content["decode_choice"], "repeats": repeats, **measured,
     }
-
-
-def measure_speculation(head, drafts: list[tuple[str, torch.nn.Module]], features: torch.Tensor, L: int, *, repeats: int,
-                        chunks: int = 0, cold: bool = False) -> dict:
-    """Main-only and each draft's speculative decode of ``features`` (one chunk each, batch 1), timed back to
-    back per chunk -> ``main_only_ms_per_chunk``, ``chunks_timed``, ``chunks_checked`` and per draft the
-    formula terms, the measured speedup and the lossless count (see the module docstring)."""
-    step = max(1, len(features) // chunks) if chunks else 1
-    timed = features[::step][:chunks] if chunks else features
-    clock = Clock(torch.device("cpu"), budget_s=1e9)
-    evict = (lambda buffer=eviction_buffer(): evict_caches(buffer)) if cold else None
-    main_ms: list[float] = []
-    main_time_s: list[float] = []
-    spec = {label: {"ms": [], "draft_s": [], "main_s": [], "passes": []} for label, _ in drafts}
-    with torch.inference_mode():
-        for f in tqdm(timed, desc="timed chunks", unit="chunk"):
-            f = f[None]
-            stats: list[list] = [[] for _ in range(1 + len(drafts))]
-            fns = [lambda: stats[0].append(main_only_decode(head, f, num_layers=L)[1])]
-            fns += [lambda i=i, d=d: stats[i].append(speculative_decode(head, d, f, num_layers=L)[1])
-                    for i, (_, d) in enumerate(drafts, start=1)]
-            ms = clock.interleaved_ms(fns, repeats, before=evict)
-            main_ms.append(statistics.median(ms[0]))
-            main_time_s.extend(s.main_time_s for s in stats[0])
-            for i, (label, _) in enumerate(drafts, start=1):
-                spec[label]["ms"].append(statistics.median(ms[i]))
-                spec[label]["draft_s"].extend(s.draft_time_s for s in stats[i])
-                spec[label]["main_s"].extend(s.main_time_s for s in stats[i])
-                spec[label]["passes"].extend(s.main_passes for s in stats[i])
-        rows = []
-        pass_s = statistics.mean(main_time_s) / L  # one main-only pass, as Phase 3's c and v are counted
-        for label, draft in drafts:
-            accepted, identical = [], 0
-            for f in tqdm(features, desc=f"{label}: lossless check", unit="chunk", leave=False):
-                f = f[None]
-                codes, s = speculative_decode(head, draft, f, num_layers=L)
-                identical += int(torch.equal(codes, main_only_decode(head, f, num_layers=L)[0]))
-                accepted.append(s.accepted_layers[0])
-            K = min(draft.coarse_layers, L - 1)
-            t = spec[label]
-            a = sum(accepted) / len(accepted)
-            c = statistics.mean(t["draft_s"]) / pass_s
-            v = statistics.mean(t["main_s"]) / pass_s - statistics.mean(t["passes"])
-            per_chunk = [m / s for m, s in zip(main_ms, t["ms"])]
-            rows.append({
-                "draft": label, "drafted_layers": K, "mean_accepted_layers": a,
-                "accepted_distribution": [accepted.count(k) / len(accepted) for k in range(K + 1)],
-                "c": c, "v": v, "speedup_formula": L / (L - a + c + v),
-                "speedup_measured": statistics.mean(main_ms) / statistics.mean(t["ms"]), "speedup_median_per_chunk": statistics.median(per_chunk),
-                "speculative_ms_per_chunk": statistics.mean(t["ms"]), "identical_to_main_only": identical,
-            })
-    return {"chunks_timed": len(timed), "chunks_checked": len(features), "main_only_ms_per_chunk": statistics.mean(main_ms), "drafts": rows}
 
 
 def markdown(r: dict) -> str:

@@ -12,23 +12,14 @@ counted. Writes ``episode_agreement.json`` (with the source files' hashes) and `
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import rsd_entry
 from common.eval.closed_loop import read_rows
+from common.eval.runs import agreement
 from common.pipeline.stages import file_hash
 from common.provenance import provenance, write_results
-
-
-def sign_test_p(wins_a: int, wins_b: int) -> float:
-    """Two-sided exact binomial test of wins_a vs wins_b under p = 1/2 (1.0 when there is nothing to test)."""
-    n, k = wins_a + wins_b, min(wins_a, wins_b)
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def _episodes(folder: Path) -> dict[tuple[int, int], dict]:
@@ -36,37 +27,6 @@ def _episodes(folder: Path) -> dict[tuple[int, int], dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no episodes.jsonl in {folder} (expected a Phase 3 evaluation folder)")
     return {(r["task"], r["trial"]): r for r in read_rows(path)}
-
-
-def agreement(a: dict[tuple[int, int], dict], b: dict[tuple[int, int], dict]) -> dict:
-    """The per-episode comparison of two runs keyed by (task, trial)."""
-    shared = sorted(set(a) & set(b))
-    errored = [k for k in shared if a[k].get("status") == "error" or b[k].get("status") == "error"]
-    keys = [k for k in shared if k not in errored]
-    if not keys:
-        raise ValueError("the two runs share no finished episode (same suite, tasks and trials?)")
-    only_a = [k for k in keys if a[k]["success"] and not b[k]["success"]]
-    only_b = [k for k in keys if b[k]["success"] and not a[k]["success"]]
-    per_task: dict[int, dict[str, int]] = {}
-    for task, trial in keys:
-        row = per_task.setdefault(task, {"episodes": 0, "success_a": 0, "success_b": 0, "same_steps": 0})
-        row["episodes"] += 1
-        row["success_a"] += bool(a[(task, trial)]["success"])
-        row["success_b"] += bool(b[(task, trial)]["success"])
-        row["same_steps"] += a[(task, trial)]["steps"] == b[(task, trial)]["steps"]
-    return {
-        "episodes": len(keys),
-        "left_out": {"only_in_a": len(set(a) - set(b)), "only_in_b": len(set(b) - set(a)), "errored": len(errored)},
-        "success_a": sum(r["success_a"] for r in per_task.values()),
-        "success_b": sum(r["success_b"] for r in per_task.values()),
-        "same_steps": sum(r["same_steps"] for r in per_task.values()),
-        "outcome_differs": len(only_a) + len(only_b),
-        "success_only_in_a": len(only_a),
-        "success_only_in_b": len(only_b),
-        "sign_test_p": sign_test_p(len(only_a), len(only_b)),
-        "per_task": {str(t): r for t, r in sorted(per_task.items())},
-        "differing_episodes": [{"task": t, "trial": i, "success_a": bool(a[(t, i)]["success"])} for t, i in sorted(only_a + only_b)],
-    }
 
 
 def render(result: dict, label_a: str, label_b: str) -> str:

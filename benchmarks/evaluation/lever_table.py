@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import rsd_entry
+from common.eval.runs import parse_runs, same_trials, trials_key
 from common.eval.summary import decoding_label
 from common.provenance import REPO_ROOT, provenance, write_results
 
@@ -47,30 +48,6 @@ def _load_run(folder: Path, label: str) -> tuple[Path, dict, dict]:
     passes = info["main_passes_per_chunk"]
     v = {**info, "trials_per_task": cfg["num_trials"], "main_only_passes_per_chunk": info.get("main_only_passes_per_chunk") or passes}
     return path, info, {variant: v}
-
-
-def trials_key(cfg: dict) -> tuple:
-    """What runs compared side by side must share: suite, tasks, trials per task, first init state."""
-    return (cfg["task_suite"], cfg["tasks"], cfg["num_trials"], cfg.get("first_trial", 0))
-
-
-def same_trials(settings: set[tuple]) -> tuple:
-    """The one ``trials_key`` all runs share, or a clear error naming the ones found."""
-    if len(settings) != 1:
-        raise ValueError(f"runs differ in (suite, tasks, trials per task, first init state): {sorted(settings)}; compare like with like")
-    return next(iter(settings))
-
-
-def parse_runs(spec: str, flag: str = "--runs") -> list[tuple[str, Path]]:
-    """``--runs "label=folder,..."`` -> [(label, folder)]; labels may hold "=", folders do not.
-    ``flag``: the option's name in the error message."""
-    runs = []
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        label, sep, folder = item.rpartition("=")
-        if not sep:
-            raise ValueError(f"{flag}: expected label=folder, found {item!r}")
-        runs.append((label.strip(), Path(folder.strip())))
-    return runs
 
 
 def build(runs: list[tuple[str, Path]], variants: tuple[str, ...] = ()) -> dict:

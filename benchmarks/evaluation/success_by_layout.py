@@ -4,7 +4,7 @@ A Phase 3 run over all 50 of LIBERO's fixed init states mixes layouts the policy
 layouts it never saw; a policy that memorized object positions does well on the first and not the second.
 This splits each variant's episodes by init state, gives a 95% Wilson interval for every rate, and
 compares two variants on the episodes both ran (paired: the same task and init state) with the
-two-sided sign test of ``benchmarks.diagnostics.episode_agreement``.
+two-sided sign test of ``common.eval.runs.agreement`` (as ``benchmarks.diagnostics.episode_agreement``).
 
     python -m benchmarks.evaluation.success_by_layout --compare results/phase3/compare_libero_object \
         --demo-layouts 0-19 [--pair robust-A,naive] --out DIR
@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 import rsd_entry
-from benchmarks.diagnostics.episode_agreement import agreement
 from common.eval.closed_loop import read_rows
+from common.eval.runs import agreement
 from common.sim.libero_env import parse_task_spec
 from common.pipeline.stages import file_hash
 from common.provenance import provenance, write_results

@@ -78,7 +78,7 @@ def mse_per_layer(model: ActionRFSQAE, val: torch.Tensor) -> list[float]:
 def lucidrains_model(base: dict):
     """The design ``base`` with lucidrains' ResidualFSQ in place of ours, or None when not installed."""
     try:
-        from benchmarks.tokenizer.bench_tokenizers import LucidrainsRFSQ
+        from common.tokenizer.lucidrains import LucidrainsRFSQ
 
         model = ActionRFSQAE(**{**base, "conditioning": "none"})
         model.rfsq = LucidrainsRFSQ(dim=model.latent_dim, num_layers=model.num_layers, num_levels=model.num_levels)

@@ -20,9 +20,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
-from torch import nn
 
 import rsd_entry
+from common.tokenizer.lucidrains import LucidrainsRFSQ
 from common.tokenizer.model import ActionRFSQAE
 from common.provenance import provenance, write_results
 from common.artifacts import results_dir_of
@@ -44,30 +44,6 @@ class BenchConfig:
 
 # Robust tokenizer at other layouts / latent sizes: (layout, latent numbers per chunk or per step).
 LAYOUT_SWEEP = (("chunk", 8), ("chunk", 16), ("chunk", 32), ("chunk", 56), ("timestep", 4), ("timestep", 16))
-
-
-class LucidrainsRFSQ(nn.Module):
-    """Adapter: lucidrains' ResidualFSQ behind our ``ResidualFSQ`` interface (per-scalar vectors)."""
-
-    def __init__(self, *, dim: int, num_layers: int, num_levels: int):
-        super().__init__()
-        from vector_quantize_pytorch import ResidualFSQ as _LucidrainsResidualFSQ
-
-        self.dim, self.num_layers, self.num_levels = dim, num_layers, num_levels
-        self.conditioning = "lucidrains"
-        self.inner = _LucidrainsResidualFSQ(dim=1, levels=[num_levels], num_quantizers=num_layers)
-
-    def forward(self, z, *, num_layers=None, return_residuals=False):
-        if num_layers not in (None, self.num_layers) or return_residuals:
-            raise NotImplementedError("the lucidrains adapter only supports full-depth quantization")
-        quantized, idx = self.inner(z.unsqueeze(-1))
-        return quantized.squeeze(-1), idx.long()
-
-    def decode_indices(self, indices):
-        return self.inner.get_output_from_indices(indices).squeeze(-1)
-
-    def calibrate(self, z):  # no statistics to calibrate
-        return None
 
 
 class Uniform256Tokenizer:
