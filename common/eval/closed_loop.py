@@ -50,7 +50,7 @@ from common.eval.summary import summarize, write_outputs
 from common.checkpoints import checkpoint_content_hash, read_checkpoint
 from common.jsonl import append_jsonl, read_jsonl
 from common.locks import exit_with_parent, output_lock
-from common.provenance import write_json
+from common.provenance import json_safe, write_json
 
 # --- episode / task -------------------------------------------------------------------------------
 def run_episode(env, policy: TokenPolicy, trial: int, *, task_index: int, max_steps: int, replan_steps: int, frames: list | None = None,
@@ -228,7 +228,9 @@ def _check_resume(cfg: EvalConfig, out: Path, key_path: Path, checkpoints: dict[
     if not (key_path.exists() and has_rows):
         return
     saved = json.loads(key_path.read_text())
-    if saved["resume_key"] != cfg.resume_key():
+    # the key on disk went through write_json (its models_dir repo-relative, common.provenance.portable_path;
+    # older keys hold it absolute): both sides in that one form
+    if json_safe(saved["resume_key"]) != json_safe(cfg.resume_key()):
         raise ValueError(f"{out}: holds results of a different configuration ({key_path}); choose another --out")
     saved_hashes = saved.get("checkpoints", checkpoints)
     changed = sorted(k for k, h in checkpoints.items() if saved_hashes.get(k, h) != h)
@@ -239,15 +241,16 @@ def _check_resume(cfg: EvalConfig, out: Path, key_path: Path, checkpoints: dict[
         )
 
 
-def _run_pool(cfg: EvalConfig, todo: list[tuple[int, int]], workers: int, record) -> None:
-    """Episodes in a spawn process pool, recorded as they finish. On any exception or interrupt the
-    pending episodes are cancelled and the workers stopped at once (a running episode is lost and
-    reruns on resume; a finished one is already in the JSONL)."""
+def run_pool(job: Callable[..., Any], jobs: list[tuple], workers: int, record: Callable[[Any], None], *, torch_threads: int = 0) -> None:
+    """``job(*args)`` for every ``args`` in ``jobs`` in a spawn process pool, each result handed to ``record``
+    as it finishes (the token policy's episodes here, the continuous baseline's tasks in
+    ``common/eval/continuous.py``). On any exception or interrupt the pending jobs are cancelled and the
+    workers stopped at once (a running job is lost and reruns on resume; a finished one is already recorded)."""
     # spawn: MuJoCo/EGL state must not be forked; each worker keeps one env and one policy
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                               initializer=_init_worker, initargs=(cfg.torch_threads, os.getpid()))
+                               initializer=_init_worker, initargs=(torch_threads, os.getpid()))
     try:
-        futures = [pool.submit(run_trial_job, cfg, task, trial) for task, trial in todo]
+        futures = [pool.submit(job, *args) for args in jobs]
         for fut in as_completed(futures):
             record(fut.result())
     except BaseException:
@@ -294,7 +297,7 @@ def _evaluate_locked(cfg: EvalConfig, out: Path, *, progress: bool) -> dict:
             for task, trial in todo:
                 record(run_trial_job(cfg, task, trial))
         elif todo:
-            _run_pool(cfg, todo, workers, record)
+            run_pool(run_trial_job, [(cfg, task, trial) for task, trial in todo], workers, record, torch_threads=cfg.torch_threads)
     finally:
         bar.close()
     wall = time.perf_counter() - started
