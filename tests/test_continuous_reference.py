@@ -1,14 +1,15 @@
-"""benchmarks.evaluation.continuous_reference without the simulator: the chunk regressor learns, plan() undoes the
-normalization exactly, the split is the head's own, errors count apart from failures, no silent overwrite."""
+"""The continuous-action baseline (common/policy/continuous.py, benchmarks.evaluation.continuous_reference) without
+the simulator: the chunk regressor learns, plan() undoes the normalization exactly, the split is the head's own,
+errors count apart from failures, no silent overwrite."""
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from benchmarks.evaluation.continuous_reference import (
-    ChunkRegressor, ContinuousPolicy, chunk_mse, load_reference_data, main, markdown, summarize, train_regressor,
-)
+from benchmarks.evaluation.continuous_reference import main, markdown
+from common.eval.continuous import summarize
+from common.policy.continuous import ChunkRegressor, ContinuousPolicy, chunk_mse, load_reference_data, train_regressor
 from common.checkpoints import read_checkpoint
 from common.data.episodes import future_chunks, synthetic_episodes
 from common.data.normalization import ActionNormalizer
