@@ -42,21 +42,24 @@ Needs only torch, matplotlib and tqdm besides the standard library (no simulator
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
+import rsd_entry
 from common.decoding.graphs import GraphedDecoder, Replay
 from common.decoding.speculative import main_only_decode, speculative_decode
 from common.decoding.timing import Clock, device_label, median_ratio
 from common.policy.draft import DraftWithProjection
 from common.policy.head import RFSQHead
 from common.provenance import REPO_ROOT, provenance, write_json
+
+PROG = "python -m benchmarks.decoding.bench_decode_sweep"
 
 MAIN_SIZES = {  # name -> (d_model, num_blocks, num_heads)
     "main-64x1": (64, 1, 2),
@@ -306,44 +309,53 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.decoding.bench_decode_sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--out", default=None, help="output folder (default results/bench_decode_sweep, _gpu on cuda)")
-    parser.add_argument("--repeats", type=int, default=200, help="most timed repeats per interleaved loop (medians over repeats)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="wall time aimed at per interleaved loop; fewer repeats for slow models (default 2 on cpu, 1 on cuda)")
-    parser.add_argument("--dtype", choices=("float64", "float32", "bfloat16"), default=None,
-                        help="precision of both models (default float64 on cpu, float32 on cuda)")
-    parser.add_argument("--sizes", default=None, help=f"comma list of main sizes, default all: {','.join(map(size_key, MAIN_SIZES))}")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (batch 1: one is fastest)")
-    parser.add_argument("--graphs", action="store_true",
-                        help="also time both paths replayed from captured CUDA graphs (common/decoding/graphs.py); "
-                             "on a CPU the same code runs eagerly, a check of the path, not a measurement")
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        raise SystemExit(f"bench_decode_sweep --repeats: expected >= 1, found {args.repeats}")
-    sizes = select_sizes(args.sizes)
-    device = resolve_device(args.device)
-    dtype_name = args.dtype or DEFAULT_DTYPE[device.type]
+@dataclass
+class DecodeSweepConfig:
+    """What speculative decoding costs and saves, per main-model and draft size (batch 1, CPU or one GPU)."""
+
+    device: str = "cpu"  # cpu or cuda
+    out: str = ""  # output folder ("" = results/bench_decode_sweep, _gpu on cuda)
+    repeats: int = 200  # most timed repeats per interleaved loop (medians over repeats)
+    budget_s: float = None  # wall time aimed at per interleaved loop; fewer repeats for slow models (None: 2 on cpu, 1 on cuda)
+    dtype: str = ""  # precision of both models: float64, float32 or bfloat16 ("" = float64 on cpu, float32 on cuda)
+    sizes: str = ""  # comma list of main sizes ("" = all: 64x1,128x2,256x4,512x6,1024x8)
+    threads: int = 1  # torch CPU threads (batch 1: one is fastest)
+    # also time both paths replayed from captured CUDA graphs (common/decoding/graphs.py);
+    # on a CPU the same code runs eagerly, a check of the path, not a measurement
+    graphs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device not in DEFAULT_DTYPE:
+            raise ValueError(f"--device: expected cpu or cuda, found {self.device!r}")
+        if self.dtype not in ("", "float64", "float32", "bfloat16"):
+            raise ValueError(f"--dtype: expected float64, float32 or bfloat16, found {self.dtype!r}")
+        if self.repeats < 1:
+            raise ValueError(f"--repeats: expected >= 1, found {self.repeats}")
+
+
+def main(argv: list[str]) -> dict:
+    cfg = rsd_entry.parse_config(DecodeSweepConfig, argv, prog=PROG)
+    sizes = select_sizes(cfg.sizes)
+    device = resolve_device(cfg.device)
+    dtype_name = cfg.dtype or DEFAULT_DTYPE[device.type]
     dtype = getattr(torch, dtype_name)
-    out = Path(args.out) if args.out else DEFAULT_OUT[device.type]
-    torch.set_num_threads(args.threads)
+    out = Path(cfg.out) if cfg.out else DEFAULT_OUT[device.type]
+    torch.set_num_threads(cfg.threads)
     import matplotlib
 
     matplotlib.use("Agg")
-    clock = Clock(device, args.budget_s if args.budget_s is not None else DEFAULT_BUDGET_S[device.type])
-    label = device_label(device, args.threads)
+    clock = Clock(device, cfg.budget_s if cfg.budget_s is not None else DEFAULT_BUDGET_S[device.type])
+    label = device_label(device, cfg.threads)
     features = torch.randn(1, FEATURE_DIM, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     result = {
         "rows": [], "complete": False, "timing": TIMING, "device": device.type, "device_name": label, "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda, "dtype": dtype_name, "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "repeats": args.repeats, "budget_s": clock.budget_ms / 1e3, "threads": args.threads, "sizes": [size_key(n) for n in sizes],
-        "L": L, "K": K, "tokens_per_layer": T, "graphs": args.graphs, "provenance": provenance(seed=0),
+        "repeats": cfg.repeats, "budget_s": clock.budget_ms / 1e3, "threads": cfg.threads, "sizes": [size_key(n) for n in sizes],
+        "L": L, "K": K, "tokens_per_layer": T, "graphs": cfg.graphs, "provenance": provenance(seed=0),
     }
     print(f"bench_decode_sweep: {label}, {dtype_name}, torch {torch.__version__} -> {out}", flush=True)
     for main_name, shape in tqdm(sizes.items(), desc="main sizes", unit="size"):
-        result["rows"] += measure_main(main_name, shape, features, clock, args.repeats, device, dtype, graphs=args.graphs)
+        result["rows"] += measure_main(main_name, shape, features, clock, cfg.repeats, device, dtype, graphs=cfg.graphs)
         write_json(out / "bench_decode_sweep.json", result)  # a run cut short keeps what it measured
     result["complete"] = True
     write_json(out / "bench_decode_sweep.json", result)
@@ -355,4 +367,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    rsd_entry.main(main, sys.argv[1:])

@@ -25,21 +25,25 @@ import rsd_entry
 from common.artifacts import results_dir_of
 from common.provenance import provenance, write_json
 
+PROG = "python -m benchmarks.decoding.bench_vla_cpu_costs"
+
 
 @dataclass
 class BenchVLACostsConfig:
-    task_suite: str = "libero_object"
+    """What the OpenVLA-OFT Phase 3 path costs outside the 7B forward on this CPU, and the GPU-hours estimated from it."""
+
+    task_suite: str = "libero_object"  # LIBERO suite (task 0 is timed)
     steps: int = 40  # env steps timed per camera setting
     camera_size: int = 128  # LIBERO HDF5 frames are 128x128
     frames: int = 20  # frames preprocessed
     assumed_forward_s: float = 0.1  # ASSUMPTION: one bf16 OFT-7B forward, batch 1, on the GPU (not measured here)
     assumed_load_s: float = 180.0  # ASSUMPTION: load the 7B weights from the volume into a GPU container
     cache_steps: int = 0  # demo steps to cache; 0 = train + val steps of results/phase2/train_summary.json
-    tasks: int = 10
-    trials: int = 50
-    replan_steps: int = 4
-    trials_per_container: int = 25
-    out: str = ""
+    tasks: int = 10  # estimate: tasks evaluated
+    trials: int = 50  # estimate: trials per task
+    replan_steps: int = 4  # estimate: actions executed per predicted chunk
+    trials_per_container: int = 25  # estimate: trials per GPU container
+    out: str = ""  # output folder ("" = $RSD_RESULTS_DIR or ./results)
 
 
 def _time_env(suite: str, cameras: tuple[str, ...], size: int, steps: int) -> dict:
@@ -126,5 +130,9 @@ def run(cfg: BenchVLACostsConfig) -> dict:
     return result
 
 
+def main(argv: list[str]) -> dict:
+    return run(rsd_entry.parse_config(BenchVLACostsConfig, argv, prog=PROG))
+
+
 if __name__ == "__main__":
-    run(rsd_entry.parse_config(BenchVLACostsConfig, sys.argv[1:], prog="python -m benchmarks.decoding.bench_vla_cpu_costs"))
+    rsd_entry.main(main, sys.argv[1:])

@@ -16,9 +16,9 @@ Writes ``decode_depth_latency{_tag}.json`` / ``.md`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +29,8 @@ from common.decoding.measure import load_held_out
 from common.decoding.speculative import main_only_decode, speculative_decode
 from common.decoding.timing import Clock, median_ratio
 from common.provenance import REPO_ROOT, provenance, write_results
+
+PROG = "python -m benchmarks.decoding.decode_depth_latency"
 
 
 def measure(models_dir: Path, tag: str, chunks: int, repeats: int, candidates: tuple[int, ...] = (1,), dtype: str = "float32") -> dict:
@@ -102,23 +104,39 @@ def _spec_rows(r: dict) -> list[tuple[int, str]]:
     return [(n, "chosen_spec" if n == 1 else f"chosen_spec_c{n}") for n in r.get("candidates", [1])]
 
 
+@dataclass
+class DecodeDepthConfig:
+    """Absolute token-decode latency per chunk of trained models: all layers main-only against the chosen depth, main-only and speculative."""
+
+    models_dir: str = ""  # Phase 2 models folder (head with decode_choice, draft, tokenizer; required)
+    tag: str = ""  # "" (robust tokens) or "naive"
+    chunks: int = 200  # held-out chunks timed
+    repeats: int = 5  # timed repeats per chunk
+    candidates: str = "1,2,4"  # comma-separated proposals per chunk (powers of two), one speculative row each
+    dtype: str = "float32"  # precision of the token models, float32 or float64 (Phase 3 --decode-dtype; float32 writes *_float32.json/.md)
+    out: str = ""  # output folder ("" = results/phase3_diagnostics)
+
+    def __post_init__(self) -> None:
+        if not self.models_dir:
+            raise ValueError("--models-dir: expected the Phase 2 models folder, found none")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"--dtype: expected float32 or float64, found {self.dtype!r}")
+        try:
+            int_list = [int(c) for c in self.candidates.split(",") if c.strip()]
+        except ValueError:
+            int_list = []
+        if not int_list:
+            raise ValueError(f"--candidates: expected comma-separated integers, found {self.candidates!r}")
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.decoding.decode_depth_latency", description=__doc__.split("\n")[0])
-    parser.add_argument("--models-dir", required=True, help="Phase 2 models folder (head with decode_choice, draft, tokenizer)")
-    parser.add_argument("--tag", default="", help='"" (robust tokens) or "naive"')
-    parser.add_argument("--chunks", type=int, default=200, help="held-out chunks timed")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per chunk")
-    parser.add_argument("--candidates", default="1,2,4", help="comma-separated proposals per chunk (powers of two), one speculative row each")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
-                        help="precision of the token models (Phase 3 --decode-dtype; float32 writes *_float32.json/.md)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics"))
-    args = parser.parse_args(argv)
-    candidates = tuple(int(c) for c in args.candidates.split(",") if c.strip())
+    cfg = rsd_entry.parse_config(DecodeDepthConfig, argv, prog=PROG)
+    candidates = tuple(int(c) for c in cfg.candidates.split(",") if c.strip())
     rsd_entry.setup_process(torch_threads=1)
-    result = measure(Path(args.models_dir), args.tag, args.chunks, args.repeats, candidates, args.dtype)
+    result = measure(Path(cfg.models_dir), cfg.tag, cfg.chunks, cfg.repeats, candidates, cfg.dtype)
     result["provenance"] = provenance(seed=0)
-    sfx = (f"_{args.tag}" if args.tag else "") + ("_float32" if args.dtype == "float32" else "")
-    write_results(args.out, f"decode_depth_latency{sfx}", result, markdown(result))
+    sfx = (f"_{cfg.tag}" if cfg.tag else "") + ("_float32" if cfg.dtype == "float32" else "")
+    write_results(cfg.out or REPO_ROOT / "results" / "phase3_diagnostics", f"decode_depth_latency{sfx}", result, markdown(result))
 
 
 if __name__ == "__main__":

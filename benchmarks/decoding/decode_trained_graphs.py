@@ -26,16 +26,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import rsd_entry
 from common.decoding.graphs import GraphedDecoder
 from common.decoding.measure import export_bundle, load_bundle
 from common.decoding.speculative import main_only_decode, speculative_decode
 from common.decoding.timing import Clock, device_label, evict_caches, eviction_buffer, median_ratio
 from common.provenance import REPO_ROOT, provenance, write_results
+
 
 def run(bundle: Path, device: torch.device, dtype: torch.dtype, chunks: int, repeats: int, drafted_layers: int = 0,
         replay: str = "graphs", cold: bool = False) -> dict:
@@ -108,42 +111,76 @@ def markdown(r: dict) -> str:
     ]) + "\n"
 
 
+PROG = "python -m benchmarks.decoding.decode_trained_graphs"
+
+
+@dataclass
+class ExportConfig:
+    """Write the bundle (held-out features, head, draft, decode choice)."""
+
+    models_dir: str = ""  # Phase 2 models folder (head with decode_choice, draft, tokenizer; required)
+    tag: str = ""  # "" (robust tokens) or "naive"
+    bundle: str = ""  # the bundle file to write (required)
+    # a Phase 3 run folder of this head made with --record-features: export its closed-loop states instead of the held-out demo steps
+    states: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.models_dir or not self.bundle:
+            raise ValueError(f"export: expected --models-dir and --bundle, found {self.models_dir!r} and {self.bundle!r}")
+
+
+@dataclass
+class RunConfig:
+    """Time the bundle's decodes on one device."""
+
+    bundle: str = ""  # the bundle written by `export` (required)
+    device: str = "cpu"  # cpu or cuda
+    dtype: str = "float32"  # float32, float64 or bfloat16
+    chunks: int = 200  # held-out chunks timed (all are checked for losslessness)
+    repeats: int = 5  # timed repeats per chunk
+    replay: str = "graphs"  # graphs: CUDA graphs (eager off CUDA); compile: torch.compile of the same decode bodies (any device)
+    cold: bool = False  # evict the data caches (a 32 MiB sweep) before every timed decode, as a simulator step does between two chunks
+    drafted_layers: int = 0  # draft at most N layers (0 = all the draft proposes)
+    threads: int = 1  # torch CPU threads
+    out: str = ""  # output folder ("" = results/phase3_diagnostics/decode_trained_graphs)
+
+    def __post_init__(self) -> None:
+        if not self.bundle:
+            raise ValueError("run: expected --bundle, found none")
+        for flag, value, allowed in (("--device", self.device, ("cpu", "cuda")), ("--dtype", self.dtype, ("float32", "float64", "bfloat16")),
+                                     ("--replay", self.replay, ("graphs", "compile"))):
+            if value not in allowed:
+                raise ValueError(f"{flag}: expected one of {', '.join(allowed)}, found {value!r}")
+
+
+COMMANDS = {"export": ExportConfig, "run": RunConfig}
+
+
+def parse(argv: list[str]) -> ExportConfig | RunConfig:
+    """``export ...`` or ``run ...``: the subcommand picks the config whose flags follow it."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,run}")
+    for name, cls in COMMANDS.items():  # listed for --help; each one's own parser reads its flags
+        sub.add_parser(name, help=(cls.__doc__ or "").strip().rstrip("."), add_help=False)
+    parser.parse_args(argv[:1])
+    return rsd_entry.parse_config(COMMANDS[argv[0]], argv[1:], prog=f"{PROG} {argv[0]}")
+
+
 def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.decoding.decode_trained_graphs", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write the bundle (held-out features, head, draft, decode choice)")
-    ex.add_argument("--models-dir", required=True)
-    ex.add_argument("--tag", default="", help='"" (robust tokens) or "naive"')
-    ex.add_argument("--bundle", required=True)
-    ex.add_argument("--states", default="", help="a Phase 3 run folder of this head made with --record-features: "
-                    "export its closed-loop states instead of the held-out demo steps")
-    rn = sub.add_parser("run", help="time the bundle's decodes on one device")
-    rn.add_argument("--bundle", required=True)
-    rn.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    rn.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
-    rn.add_argument("--chunks", type=int, default=200, help="held-out chunks timed (all are checked for losslessness)")
-    rn.add_argument("--repeats", type=int, default=5, help="timed repeats per chunk")
-    rn.add_argument("--replay", choices=("graphs", "compile"), default="graphs",
-                    help="graphs: CUDA graphs (eager off CUDA); compile: torch.compile of the same decode bodies (any device)")
-    rn.add_argument("--cold", action="store_true", help="evict the data caches (a 32 MiB sweep) before every timed decode, "
-                    "as a simulator step does between two chunks")
-    rn.add_argument("--drafted-layers", type=int, default=0, help="draft at most N layers (0 = all the draft proposes)")
-    rn.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    rn.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "decode_trained_graphs"))
-    args = parser.parse_args(argv)
-    if args.command == "export":
-        result = export_bundle(Path(args.models_dir), args.tag, Path(args.bundle), Path(args.states) if args.states else None)
+    cfg = parse(argv)
+    if isinstance(cfg, ExportConfig):
+        result = export_bundle(Path(cfg.models_dir), cfg.tag, Path(cfg.bundle), Path(cfg.states) if cfg.states else None)
         print(result)
         return result
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"decode_trained_graphs --device cuda: expected a CUDA GPU, found none (torch {torch.__version__})")
-    torch.set_num_threads(args.threads)
-    result = run(Path(args.bundle), torch.device(args.device), getattr(torch, args.dtype), args.chunks, args.repeats, args.drafted_layers, args.replay, args.cold)
+    torch.set_num_threads(cfg.threads)
+    result = run(Path(cfg.bundle), torch.device(cfg.device), getattr(torch, cfg.dtype), cfg.chunks, cfg.repeats, cfg.drafted_layers, cfg.replay, cfg.cold)
     result["provenance"] = provenance(seed=0)
-    out = Path(args.out)
+    out = Path(cfg.out) if cfg.out else REPO_ROOT / "results" / "phase3_diagnostics" / "decode_trained_graphs"
     write_results(out, "decode_trained_graphs", result, markdown(result))
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    rsd_entry.main(main, sys.argv[1:])

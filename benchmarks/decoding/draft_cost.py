@@ -16,18 +16,21 @@ Writes ``draft_cost.json`` / ``.md`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-import rsd_entry  # noqa: F401  (repo root on sys.path when run as a script)
+import rsd_entry
 from common.decoding.timing import evict_caches, eviction_buffer
 from common.policy.draft import DRAFT_ACTIVATIONS, DraftWithProjection
 from common.policy.head import RFSQHead
 from common.provenance import REPO_ROOT, provenance, write_results
+
+PROG = "python -m benchmarks.decoding.draft_cost"
 
 FEATURE_DIM, T, V, K = 128, 16, 7, 2
 DRAFTS = [(act, width, hidden) for act in DRAFT_ACTIVATIONS for width, hidden in ((256, 2), (128, 2), (128, 1))]
@@ -106,20 +109,30 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    ap.add_argument("--repeats", type=int, default=400)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (Phase 3 decodes with 1)")
-    ap.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "draft_cost"))
-    args = ap.parse_args(argv)
-    if args.repeats < 10:
-        raise SystemExit(f"--repeats: expected >= 10, found {args.repeats}")
-    torch.set_num_threads(args.threads)
-    result = measure(getattr(torch, args.dtype), args.repeats)
+@dataclass
+class DraftCostConfig:
+    """What one draft call costs next to one main pass, per draft architecture, warm and cold caches."""
+
+    dtype: str = "float32"  # float32 or float64
+    repeats: int = 400  # timed rounds (every call once per round, warm and cold; medians over rounds)
+    threads: int = 1  # torch threads (Phase 3 decodes with 1)
+    out: str = ""  # output folder ("" = results/phase3_diagnostics/draft_cost)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"--dtype: expected float32 or float64, found {self.dtype!r}")
+        if self.repeats < 10:
+            raise ValueError(f"--repeats: expected >= 10, found {self.repeats}")
+
+
+def main(argv: list[str]) -> dict:
+    cfg = rsd_entry.parse_config(DraftCostConfig, argv, prog=PROG)
+    torch.set_num_threads(cfg.threads)
+    result = measure(getattr(torch, cfg.dtype), cfg.repeats)
     result["provenance"] = provenance(seed=0)
-    write_results(args.out, "draft_cost", result, markdown(result))
+    write_results(cfg.out or REPO_ROOT / "results" / "phase3_diagnostics" / "draft_cost", "draft_cost", result, markdown(result))
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    rsd_entry.main(main, sys.argv[1:])

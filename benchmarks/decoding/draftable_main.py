@@ -19,15 +19,16 @@ probe. Writes draftable_main.json / .md / .png.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import rsd_entry
 from common.artifacts import policy_paths
 from common.checkpoints import read_checkpoint
 from common.data.episodes import split_episodes
@@ -42,6 +43,8 @@ from common.policy.metrics import compute_features, draft_main_agreement
 from common.policy.model import HEAD_KIND, load_policy
 from common.provenance import REPO_ROOT, provenance, write_results
 from common.tokenizer.model import load_tokenizer
+
+PROG = "python -m benchmarks.decoding.draftable_main"
 
 
 @torch.no_grad()
@@ -198,35 +201,49 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class DraftableMainConfig:
+    """Can the main model be taught to agree with its draft? Fine-tune the head toward the frozen draft's tokens."""
+
+    models_dir: str = ""  # Phase 2 folder with best_rfsq_head.pt and the draft distilled for it (required)
+    bundle: str = ""  # decode_trained_graphs export's bundle of closed-loop states for that head ("" = none)
+    weights: str = "0,3,10,30"  # comma-separated weights w of the agreement term, one fine-tuned copy each
+    epochs: int = 4  # fine-tuning epochs per copy
+    lr: float = 5e-5  # AdamW learning rate of the fine-tuning
+    batch_size: int = 128  # fine-tuning batch (steps)
+    seed: int = 0  # fine-tuning seed
+    repeats: int = 3  # timed repeats per closed-loop chunk
+    chunks: int = 200  # closed-loop chunks timed, evenly spaced (0 = all); all are checked for losslessness
+    threads: int = 2  # torch CPU threads for fine-tuning (decode timing always runs on one)
+    out: str = ""  # output folder ("" = results/phase3_diagnostics/draftable_main)
+
+    def __post_init__(self) -> None:
+        if not self.models_dir:
+            raise ValueError("--models-dir: expected the Phase 2 models folder, found none")
+        try:
+            weights = self.weight_list
+        except ValueError:
+            raise ValueError(f"--weights: expected comma-separated numbers, found {self.weights!r}") from None
+        if not weights:
+            raise ValueError("--weights: expected at least one weight")
+
+    @property
+    def weight_list(self) -> list[float]:
+        """``--weights`` as numbers."""
+        return [float(w) for w in self.weights.split(",") if w.strip()]
+
+
 def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.decoding.draftable_main", description=__doc__.split("\n")[0])
-    parser.add_argument("--models-dir", required=True, help="Phase 2 folder with best_rfsq_head.pt and the draft distilled for it")
-    parser.add_argument("--bundle", default=None, help="decode_trained_graphs export's bundle of closed-loop states for that head (optional)")
-    parser.add_argument("--weights", default="0,3,10,30", help="comma-separated weights w of the agreement term, one fine-tuned copy each")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per closed-loop chunk")
-    parser.add_argument("--chunks", type=int, default=200, help="closed-loop chunks timed, evenly spaced (0 = all); all are checked for losslessness")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for fine-tuning (decode timing always runs on one)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "draftable_main"))
-    args = parser.parse_args(argv)
-    try:
-        weights = [float(w) for w in args.weights.split(",") if w.strip()]
-    except ValueError:
-        parser.error(f"--weights: expected comma-separated numbers, found {args.weights!r}")
-    if not weights:
-        parser.error("--weights: expected at least one weight")
-    torch.set_num_threads(args.threads)
-    result = run(Path(args.models_dir), weights=weights, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                 bundle=None if args.bundle is None else Path(args.bundle), repeats=args.repeats, chunks=args.chunks)
-    result["provenance"] = provenance(seed=args.seed)
-    out = Path(args.out)
+    cfg = rsd_entry.parse_config(DraftableMainConfig, argv, prog=PROG)
+    torch.set_num_threads(cfg.threads)
+    result = run(Path(cfg.models_dir), weights=cfg.weight_list, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                 bundle=Path(cfg.bundle) if cfg.bundle else None, repeats=cfg.repeats, chunks=cfg.chunks)
+    result["provenance"] = provenance(seed=cfg.seed)
+    out = Path(cfg.out) if cfg.out else REPO_ROOT / "results" / "phase3_diagnostics" / "draftable_main"
     write_results(out, "draftable_main", result, markdown(result))
     plot(result, out / "draftable_main.png")
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    rsd_entry.main(main, sys.argv[1:])

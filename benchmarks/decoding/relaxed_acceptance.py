@@ -16,8 +16,8 @@ layers can absorb a coarse error). Writes ``relaxed_acceptance.json`` / ``.md`` 
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import rsd_entry
@@ -25,6 +25,8 @@ from common.eval.closed_loop import evaluate
 from common.eval.config import EvalConfig
 from common.eval.summary import decoding_label
 from common.provenance import REPO_ROOT, provenance, write_results
+
+PROG = "python -m benchmarks.decoding.relaxed_acceptance"
 
 
 def run(models_dir: str, *, suite: str, tasks: str, num_trials: int, tolerances: list[int], workers: int,
@@ -79,24 +81,35 @@ def _int_list(text: str, flag: str, low: int) -> list[int]:
     return values
 
 
+@dataclass
+class RelaxedAcceptanceConfig:
+    """Relaxed speculative acceptance, measured apart from the lossless results: one Phase 3 evaluation per tolerance r."""
+
+    models_dir: str = ""  # Phase 2 models folder (robust head + draft + tokenizer; required)
+    suite: str = "libero_object"  # LIBERO suite
+    tasks: str = "0-9"  # task ids, e.g. "0-9" or "0,3"
+    num_trials: int = 5  # trials per task (trial i = init state i)
+    tolerances: str = "0,1,2"  # comma-separated r values; 0 = exact
+    relaxed_layers: str = "0"  # comma-separated n: the tolerance on the n coarsest drafted layers (0 = all); every r > 0 runs once per n
+    workers: int = 2  # evaluation worker processes
+    full_depth: bool = False  # decode all layers by argmax instead of Phase 2's choice
+    out: str = ""  # output folder ("" = results/phase3_diagnostics/relaxed_acceptance)
+
+    def __post_init__(self) -> None:
+        if not self.models_dir:
+            raise ValueError("--models-dir: expected the Phase 2 models folder, found none")
+        _int_list(self.tolerances, "--tolerances", 0)
+        _int_list(self.relaxed_layers, "--relaxed-layers", 0)
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.decoding.relaxed_acceptance", description=__doc__.split("\n")[0])
-    parser.add_argument("--models-dir", required=True, help="Phase 2 models folder (robust head + draft + tokenizer)")
-    parser.add_argument("--suite", default="libero_object")
-    parser.add_argument("--tasks", default="0-9")
-    parser.add_argument("--num-trials", type=int, default=5, help="trials per task (trial i = init state i)")
-    parser.add_argument("--tolerances", default="0,1,2", help="comma-separated r values; 0 = exact")
-    parser.add_argument("--relaxed-layers", default="0",
-                        help="comma-separated n: the tolerance on the n coarsest drafted layers (0 = all); every r > 0 runs once per n")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--full-depth", action="store_true", help="decode all layers by argmax instead of Phase 2's choice")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "relaxed_acceptance"))
-    args = parser.parse_args(argv)
-    tolerances = _int_list(args.tolerances, "--tolerances", 0)
-    relaxed_layers = tuple(_int_list(args.relaxed_layers, "--relaxed-layers", 0))
+    cfg = rsd_entry.parse_config(RelaxedAcceptanceConfig, argv, prog=PROG)
+    tolerances = _int_list(cfg.tolerances, "--tolerances", 0)
+    relaxed_layers = tuple(_int_list(cfg.relaxed_layers, "--relaxed-layers", 0))
     rsd_entry.setup_process(torch_threads=1)
-    run(args.models_dir, suite=args.suite, tasks=args.tasks, num_trials=args.num_trials, tolerances=tolerances,
-        workers=args.workers, auto_decode=not args.full_depth, out=Path(args.out), relaxed_layers=relaxed_layers)
+    out = Path(cfg.out) if cfg.out else REPO_ROOT / "results" / "phase3_diagnostics" / "relaxed_acceptance"
+    run(cfg.models_dir, suite=cfg.suite, tasks=cfg.tasks, num_trials=cfg.num_trials, tolerances=tolerances,
+        workers=cfg.workers, auto_decode=not cfg.full_depth, out=out, relaxed_layers=relaxed_layers)
 
 
 if __name__ == "__main__":

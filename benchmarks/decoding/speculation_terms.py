@@ -12,15 +12,17 @@ must share suite, tasks, trials and first init state (checked).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import rsd_entry
 from common.eval.compare import draft_cost_in_main_passes, verify_overhead_in_main_passes
 from common.eval.runs import parse_runs, same_trials, trials_key
 from common.provenance import REPO_ROOT, provenance, write_results
+
+PROG = "python -m benchmarks.decoding.speculation_terms"
 
 
 def _row(label: str, folder: Path) -> tuple[dict, tuple]:
@@ -88,13 +90,22 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class SpeculationTermsConfig:
+    """The terms of the speedup formula, per closed-loop run: where speculative decoding gains or loses time."""
+
+    runs: str = ""  # comma-separated "label=folder" pairs (Phase 3 evaluation folders; required)
+    out: str = "results/phase3_diagnostics/speculation_terms"  # output folder
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ValueError('--runs: expected "label=folder" pairs, found none')
+
+
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.decoding.speculation_terms", description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", required=True, help='comma-separated "label=folder" pairs (Phase 3 evaluation folders)')
-    ap.add_argument("--out", default="results/phase3_diagnostics/speculation_terms")
-    args = ap.parse_args(argv)
-    result = build(parse_runs(args.runs))
-    out = Path(args.out)
+    cfg = rsd_entry.parse_config(SpeculationTermsConfig, argv, prog=PROG)
+    result = build(parse_runs(cfg.runs))
+    out = Path(cfg.out)
     write_results(out, "speculation_terms", result, markdown(result))
 
 

@@ -19,18 +19,21 @@ to main-only. Writes trained_draft_sweep.json /
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import rsd_entry
 from common.artifacts import policy_paths
 from common.decoding.measure import load_bundle, measure_speculation
 from common.decoding.timing import device_label
 from common.eval.runs import parse_runs
 from common.policy.model import load_draft_checkpoint
 from common.provenance import REPO_ROOT, provenance, write_results
+
+PROG = "python -m benchmarks.decoding.trained_draft_sweep"
 
 
 def run(bundle: Path, drafts: list[tuple[str, Path]], *, repeats: int, chunks: int = 0, cold: bool = False) -> dict:
@@ -111,24 +114,33 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class TrainedDraftSweepConfig:
+    """Draft size against speed with trained drafts: several drafts distilled for one head, each timed next to main-only."""
+
+    bundle: str = ""  # decode_trained_graphs export's bundle (head, decode choice, features; required)
+    drafts: str = ""  # "label=models_dir,...": Phase 2 folders with best_draft_with_projection.pt for the bundle's head (required)
+    repeats: int = 5  # timed repeats per chunk (median per chunk)
+    chunks: int = 0  # time this many chunks, evenly spaced (0 = all); all are checked for losslessness
+    cold: bool = False  # evict the data caches (a 32 MiB sweep) before every timed decode
+    threads: int = 1  # torch CPU threads
+    out: str = ""  # output folder ("" = results/phase3_diagnostics/trained_draft_sweep)
+
+    def __post_init__(self) -> None:
+        if not self.bundle or not self.drafts:
+            raise ValueError(f"expected --bundle and --drafts, found {self.bundle!r} and {self.drafts!r}")
+
+
 def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.decoding.trained_draft_sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--bundle", required=True, help="decode_trained_graphs export's bundle (head, decode choice, features)")
-    parser.add_argument("--drafts", required=True, help='"label=models_dir,...": Phase 2 folders with best_draft_with_projection.pt for the bundle\'s head')
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per chunk (median per chunk)")
-    parser.add_argument("--chunks", type=int, default=0, help="time this many chunks, evenly spaced (0 = all); all are checked for losslessness")
-    parser.add_argument("--cold", action="store_true", help="evict the data caches (a 32 MiB sweep) before every timed decode")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "trained_draft_sweep"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = run(Path(args.bundle), parse_runs(args.drafts, "--drafts"), repeats=args.repeats, chunks=args.chunks, cold=args.cold)
+    cfg = rsd_entry.parse_config(TrainedDraftSweepConfig, argv, prog=PROG)
+    torch.set_num_threads(cfg.threads)
+    result = run(Path(cfg.bundle), parse_runs(cfg.drafts, "--drafts"), repeats=cfg.repeats, chunks=cfg.chunks, cold=cfg.cold)
     result["provenance"] = provenance(seed=0)
-    out = Path(args.out)
+    out = Path(cfg.out) if cfg.out else REPO_ROOT / "results" / "phase3_diagnostics" / "trained_draft_sweep"
     write_results(out, "trained_draft_sweep", result, markdown(result))
     plot(result, out / "trained_draft_sweep.png")
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    rsd_entry.main(main, sys.argv[1:])

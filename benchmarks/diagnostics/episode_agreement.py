@@ -11,8 +11,8 @@ counted. Writes ``episode_agreement.json`` (with the source files' hashes) and `
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import rsd_entry
@@ -20,6 +20,8 @@ from common.eval.closed_loop import read_rows
 from common.eval.runs import agreement
 from common.pipeline.stages import file_hash
 from common.provenance import provenance, write_results
+
+PROG = "python -m benchmarks.diagnostics.episode_agreement"
 
 
 def _episodes(folder: Path) -> dict[tuple[int, int], dict]:
@@ -44,19 +46,29 @@ def render(result: dict, label_a: str, label_b: str) -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.diagnostics.episode_agreement", description=__doc__.split("\n")[0])
-    parser.add_argument("--a", required=True, help="Phase 3 evaluation folder (episodes.jsonl)")
-    parser.add_argument("--b", required=True, help="the other run's folder")
-    parser.add_argument("--label-a", default="a")
-    parser.add_argument("--label-b", default="b")
-    parser.add_argument("--out", required=True, help="folder for episode_agreement.json / .md")
-    args = parser.parse_args(argv)
-    a_dir, b_dir, out = Path(args.a), Path(args.b), Path(args.out)
+@dataclass
+class EpisodeAgreementConfig:
+    """Do two Phase 3 runs of the same trials end the same way? Episode by episode, with a two-sided sign test."""
+
+    a: str = ""  # Phase 3 evaluation folder (episodes.jsonl; required)
+    b: str = ""  # the other run's folder (required)
+    label_a: str = "a"  # name of run a in the table
+    label_b: str = "b"  # name of run b in the table
+    out: str = ""  # folder for episode_agreement.json / .md (required)
+
+    def __post_init__(self) -> None:
+        missing = [flag for flag, value in (("--a", self.a), ("--b", self.b), ("--out", self.out)) if not value]
+        if missing:
+            raise ValueError(f"expected {', '.join(missing)}, found none")
+
+
+def main(argv: list[str]) -> None:
+    cfg = rsd_entry.parse_config(EpisodeAgreementConfig, argv, prog=PROG)
+    a_dir, b_dir, out = Path(cfg.a), Path(cfg.b), Path(cfg.out)
     result = agreement(_episodes(a_dir), _episodes(b_dir))
-    sources = {label: {"folder": str(d), "episodes_sha": file_hash(d / "episodes.jsonl")} for label, d in ((args.label_a, a_dir), (args.label_b, b_dir))}
-    write_results(out, "episode_agreement", {"labels": [args.label_a, args.label_b], "sources": sources, **result, "provenance": provenance()},
-                  render(result, args.label_a, args.label_b))
+    sources = {label: {"folder": str(d), "episodes_sha": file_hash(d / "episodes.jsonl")} for label, d in ((cfg.label_a, a_dir), (cfg.label_b, b_dir))}
+    write_results(out, "episode_agreement", {"labels": [cfg.label_a, cfg.label_b], "sources": sources, **result, "provenance": provenance()},
+                  render(result, cfg.label_a, cfg.label_b))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ Writes ``policy_action_error{_tag}.json`` / ``.md`` to ``--out`` (default ``resu
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,8 @@ from common.policy.model import HEAD_KIND, load_policy
 from common.provenance import REPO_ROOT, provenance, write_results
 from common.tokenizer.model import load_tokenizer
 from common.tokenizer.token_code import TokenCode
+
+PROG = "python -m benchmarks.diagnostics.policy_action_error"
 
 
 @torch.no_grad()
@@ -95,19 +97,28 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class PolicyActionErrorConfig:
+    """The policy's action-space error on held-out demo chunks, per decoded prefix depth, next to its token accuracy."""
+
+    models_dir: str = ""  # folder with the Phase 2 head and its tokenizer (required)
+    tag: str = ""  # head suffix: "" (robust tokens) or "naive"
+    out: str = ""  # output folder ("" = results/phase3_diagnostics)
+    print_only: bool = False  # print the table, write nothing
+
+    def __post_init__(self) -> None:
+        if not self.models_dir:
+            raise ValueError("--models-dir: expected the Phase 2 models folder, found none")
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.diagnostics.policy_action_error", description=__doc__.split("\n")[0])
-    parser.add_argument("--models-dir", required=True, help="folder with the Phase 2 head and its tokenizer")
-    parser.add_argument("--tag", default="", help='head suffix: "" (robust tokens) or "naive"')
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics"), help="output folder")
-    parser.add_argument("--print-only", action="store_true", help="print the table, write nothing")
-    args = parser.parse_args(argv)
+    cfg = rsd_entry.parse_config(PolicyActionErrorConfig, argv, prog=PROG)
     rsd_entry.setup_process(torch_threads=1)
-    result = measure(Path(args.models_dir), args.tag)
+    result = measure(Path(cfg.models_dir), cfg.tag)
     result["provenance"] = provenance(seed=0)
-    sfx = f"_{args.tag}" if args.tag else ""
-    out = Path(args.out)
-    if args.print_only:
+    sfx = f"_{cfg.tag}" if cfg.tag else ""
+    out = Path(cfg.out) if cfg.out else REPO_ROOT / "results" / "phase3_diagnostics"
+    if cfg.print_only:
         print(markdown(result))
         return
     write_results(out, f"policy_action_error{sfx}", result, markdown(result))

@@ -14,8 +14,8 @@ layers. Writes ``replay_fidelity.json`` / ``.md`` to ``--out`` (default
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,8 @@ from common.data.episodes import future_chunks, load_hdf5_episodes
 from common.provenance import REPO_ROOT, provenance, write_results
 from common.sim.libero_env import LiberoTaskEnv, library_versions
 from common.tokenizer.model import LoadedTokenizer, load_tokenizer
+
+PROG = "python -m benchmarks.diagnostics.replay_fidelity"
 
 
 def chunked_roundtrip(tokenizer: LoadedTokenizer, actions: np.ndarray, depth: int, decoder: LoadedTokenizer | None = None) -> np.ndarray:
@@ -116,18 +118,35 @@ def run(data: str, models_dir: str, *, suite: str, demos_per_task: int, depths: 
     return result
 
 
+@dataclass
+class ReplayFidelityConfig:
+    """Tokenizer fidelity in closed loop: recorded demo actions replayed open-loop, raw vs encoded-decoded at prefix depth k."""
+
+    data: str = ""  # demo HDF5 written by phase1_improved.collect_demos (required)
+    models_dir: str = ""  # folder holding rfsq_best.pt (naive) and rfsq_robust_best.pt (robust; required)
+    suite: str = "libero_object"  # the demos' LIBERO suite
+    demos_per_task: int = 1  # demos replayed per task (the first ones in the file)
+    depths: str = "1,2,3,8"  # prefix depths k (layers decoded), comma-separated
+    out: str = ""  # output folder ("" = results/phase3_diagnostics/replay_fidelity)
+
+    def __post_init__(self) -> None:
+        missing = [flag for flag, value in (("--data", self.data), ("--models-dir", self.models_dir)) if not value]
+        if missing:
+            raise ValueError(f"expected {', '.join(missing)}, found none")
+        try:
+            depths = [int(k) for k in self.depths.split(",")]
+        except ValueError:
+            depths = []
+        if not depths or min(depths) < 1:
+            raise ValueError(f"--depths: expected comma-separated depths >= 1, found {self.depths!r}")
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.diagnostics.replay_fidelity", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, help="demo HDF5 written by phase1_improved.collect_demos")
-    parser.add_argument("--models-dir", required=True, help="folder holding rfsq_best.pt (naive) and rfsq_robust_best.pt (robust)")
-    parser.add_argument("--suite", default="libero_object", help="the demos' LIBERO suite")
-    parser.add_argument("--demos-per-task", type=int, default=1, help="demos replayed per task (the first ones in the file)")
-    parser.add_argument("--depths", default="1,2,3,8", help="prefix depths k (layers decoded), comma-separated")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "replay_fidelity"), help="output folder")
-    args = parser.parse_args(argv)
+    cfg = rsd_entry.parse_config(ReplayFidelityConfig, argv, prog=PROG)
     rsd_entry.setup_process(torch_threads=1)
-    run(args.data, args.models_dir, suite=args.suite, demos_per_task=args.demos_per_task,
-        depths=[int(k) for k in args.depths.split(",")], out=Path(args.out))
+    run(cfg.data, cfg.models_dir, suite=cfg.suite, demos_per_task=cfg.demos_per_task,
+        depths=[int(k) for k in cfg.depths.split(",")],
+        out=Path(cfg.out) if cfg.out else REPO_ROOT / "results" / "phase3_diagnostics" / "replay_fidelity")
 
 
 if __name__ == "__main__":

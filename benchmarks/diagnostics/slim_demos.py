@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 import rsd_entry
 
+PROG = "python -m benchmarks.diagnostics.slim_demos"
 # What load_hdf5_episodes reads from a demo besides its attributes.
 TRAINING_DATASETS = ("actions", "expert_actions", "obs/low_dim")
 
@@ -68,20 +70,44 @@ def slim_copy(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> d
     return {"source": str(src), "copy": str(dst), "source_bytes": src.stat().st_size, "copy_bytes": dst.stat().st_size}
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.diagnostics.slim_demos", description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="+", help="LIBERO-format HDF5 demo files")
-    parser.add_argument("--out", required=True, help="folder for the copies (same file names)")
-    parser.add_argument("--overwrite", action="store_true", help="replace copies that already exist")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    names = [Path(f).name for f in args.files]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two demo files share a name, so their copies would collide in {out}: {names}")
+@dataclass
+class SlimDemosConfig:
+    """Training-only, compressed copies of LIBERO-format demo files (what Phase 2 reads, nothing else)."""
+
+    files: list[str] = field(default_factory=list)  # LIBERO-format HDF5 demo files (positional, at least one)
+    out: str = ""  # folder for the copies (same file names; required)
+    overwrite: bool = False  # replace copies that already exist
+
+    def __post_init__(self) -> None:
+        if not self.files or not self.out:
+            raise ValueError(f"expected demo files and --out, found {len(self.files)} file(s) and --out {self.out!r}")
+        names = [Path(f).name for f in self.files]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two demo files share a name, so their copies would collide in {self.out}: {names}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``SlimDemosConfig``. Built here, not by ``rsd_entry.build_parser``: the demo files are
+    positional (``slim_demos --out DIR A.hdf5 B.hdf5``), and that builder makes --flags only."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    docs = rsd_entry.field_help(SlimDemosConfig)
+    parser.add_argument("files", nargs="+", help=docs["files"])
+    parser.add_argument("--out", required=True, help=docs["out"])
+    parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False, help=f"{docs['overwrite']} (default: False)")
+    return parser
+
+
+def main(argv: list[str]) -> list[dict]:
+    parser = build_parser()
+    try:
+        cfg = SlimDemosConfig(**vars(parser.parse_args(argv)))
+    except ValueError as exc:
+        parser.error(str(exc))
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for f in args.files:
-        row = slim_copy(f, out / Path(f).name, overwrite=args.overwrite)
+    for f in cfg.files:
+        row = slim_copy(f, out / Path(f).name, overwrite=cfg.overwrite)
         print(f"{row['copy']}: {row['copy_bytes'] / 1e6:.1f} MB (from {row['source_bytes'] / 1e6:.1f} MB), episodes identical")
         rows.append(row)
     return rows

@@ -18,8 +18,8 @@ for all of them, ``endings.md`` to ``--out`` (default ``results/phase3_diagnosti
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 import rsd_entry
 from common.provenance import REPO_ROOT, provenance, write_json
 from common.sim.libero_env import OBJECT_SLOT_DIM, ROBOT_OBS_DIM
+
+PROG = "python -m benchmarks.diagnostics.trace_episode"
 
 STUCK_WINDOW = 40  # steps: the arm counts as stuck when its end effector moved less than STUCK_MOVE over them
 STUCK_MOVE = 0.01  # m
@@ -116,19 +118,6 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.diagnostics.trace_episode", description=__doc__.split("\n")[0])
-    p.add_argument("--models-dir", required=True, help="Phase 2 models folder of the policy")
-    p.add_argument("--suite", default="libero_spatial", help="LIBERO suite")
-    p.add_argument("--task", type=int, required=True, help="task id in the suite")
-    p.add_argument("--trials", required=True, help="trials (= init state indices): a list '21,22' or a range '20-23'")
-    p.add_argument("--tokenizer", default="robust", choices=("robust", "naive"), help="which of the folder's policies")
-    p.add_argument("--every", type=int, default=8, help="record every N env steps (a multiple of the replanning interval, 4)")
-    p.add_argument("--out", default="", help="output folder (default results/phase3_diagnostics/traces/<suite>_task<T>)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return p
-
-
 def parse_trials(text: str) -> list[int]:
     """'21,22' or '20-23' -> trial indices (each >= 0, no repeats)."""
     trials: list[int] = []
@@ -154,26 +143,49 @@ def endings_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class TraceEpisodeConfig:
+    """What a closed-loop failure looks like: Phase 3 episodes traced step by step, in the frame of a pick-and-place goal."""
+
+    models_dir: str = ""  # Phase 2 models folder of the policy (required)
+    suite: str = "libero_spatial"  # LIBERO suite
+    task: int = -1  # task id in the suite (required)
+    trials: str = ""  # trials (= init state indices): a list '21,22' or a range '20-23' (required)
+    tokenizer: str = "robust"  # which of the folder's policies: robust or naive
+    every: int = 8  # record every N env steps (a multiple of the replanning interval, 4)
+    out: str = ""  # output folder (default results/phase3_diagnostics/traces/<suite>_task<T>)
+    progress: bool = True  # progress bar
+
+    def __post_init__(self) -> None:
+        if not self.models_dir:
+            raise ValueError("--models-dir: expected the Phase 2 models folder, found none")
+        if self.task < 0:
+            raise ValueError(f"--task: expected a task id >= 0, found {self.task}")
+        if self.tokenizer not in ("robust", "naive"):
+            raise ValueError(f"--tokenizer: expected robust or naive, found {self.tokenizer!r}")
+        if self.every < 4 or self.every % 4:
+            raise ValueError(f"--every: expected a multiple of 4 (the policy replans every 4 steps), found {self.every}")
+        parse_trials(self.trials)
+
+
 def main(argv: list[str]) -> list[dict]:
-    args = build_parser().parse_args(argv)
-    if args.every < 4 or args.every % 4:
-        raise ValueError(f"--every: expected a multiple of 4 (the policy replans every 4 steps), found {args.every}")
-    trials = parse_trials(args.trials)
+    cfg = rsd_entry.parse_config(TraceEpisodeConfig, argv, prog=PROG)
+    trials = parse_trials(cfg.trials)
     rsd_entry.setup_process(torch_threads=1)
-    out = Path(args.out) if args.out else REPO_ROOT / "results" / "phase3_diagnostics" / "traces" / f"{args.suite}_task{args.task}"
+    out = Path(cfg.out) if cfg.out else REPO_ROOT / "results" / "phase3_diagnostics" / "traces" / f"{cfg.suite}_task{cfg.task}"
     results = []
     for trial in trials:
-        result = run_trace(args.models_dir, args.suite, args.task, trial, tokenizer=args.tokenizer, every=args.every, progress=args.progress)
+        result = run_trace(cfg.models_dir, cfg.suite, cfg.task, trial, tokenizer=cfg.tokenizer, every=cfg.every, progress=cfg.progress)
         result["provenance"] = provenance(seed=0)
         write_json(out / f"trial{trial}" / "trace.json", result)
         (out / f"trial{trial}" / "trace.md").write_text(markdown(result))
         results.append(result)
     head = results[0]
-    (out / "endings.md").write_text(f"`{args.suite}` task {args.task} ({head['instruction']}), {args.tokenizer} tokens, main-only, "
-                                    f"models `{args.models_dir}`; `python -m benchmarks.diagnostics.trace_episode`:\n\n" + endings_table(results))
+    (out / "endings.md").write_text(f"`{cfg.suite}` task {cfg.task} ({head['instruction']}), {cfg.tokenizer} tokens, main-only, "
+                                    f"models `{cfg.models_dir}`; `python -m benchmarks.diagnostics.trace_episode`:\n\n" + endings_table(results))
     print((out / "endings.md").read_text())
     return results
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    rsd_entry.main(main, sys.argv[1:])

@@ -21,13 +21,17 @@ from common.eval.closed_loop import evaluate
 from common.eval.config import EvalConfig
 from common.provenance import provenance, write_json
 
+PROG = "python -m benchmarks.evaluation.bench_eval_workers"
+
 
 @dataclass
 class BenchEvalConfig:
-    task_suite: str = "libero_object"
-    tasks: str = "0-1"
-    num_trials: int = 4
-    max_steps: int = 0
+    """Phase 3 throughput with 1 vs 2 worker processes on the same episodes."""
+
+    task_suite: str = "libero_object"  # LIBERO suite
+    tasks: str = "0-1"  # task ids, e.g. "0-1" or "0,3"
+    num_trials: int = 4  # trials per task (trial i = init state i)
+    max_steps: int = 0  # step limit per episode (0 = the suite's)
     models_dir: str = ""  # "" = $RSD_MODELS_DIR or ./artifacts/models
     results_dir: str = ""  # "" = $RSD_RESULTS_DIR or ./results
     out: str = ""  # "" = <results dir>
@@ -57,5 +61,9 @@ def run(cfg: BenchEvalConfig) -> dict:
     return result
 
 
+def main(argv: list[str]) -> dict:
+    return run(rsd_entry.parse_config(BenchEvalConfig, argv, prog=PROG))
+
+
 if __name__ == "__main__":
-    run(rsd_entry.parse_config(BenchEvalConfig, sys.argv[1:], prog="python -m benchmarks.evaluation.bench_eval_workers"))
+    rsd_entry.main(main, sys.argv[1:])

@@ -13,15 +13,17 @@ tasks, trials and first init state (checked), so the rows differ only in what th
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import rsd_entry
 from common.eval.runs import parse_runs, same_trials, trials_key
 from common.eval.summary import decoding_label
 from common.provenance import REPO_ROOT, provenance, write_results
+
+PROG = "python -m benchmarks.evaluation.lever_table"
 
 
 def _held_out_mse(folder: Path) -> float | None:
@@ -87,15 +89,24 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class LeverTableConfig:
+    """One table of what each policy lever did in closed loop: finished Phase 3 comparisons side by side."""
+
+    runs: str = ""  # comma-separated "label=folder" pairs (phase3.compare outputs or one evaluation's folder; required)
+    variants: str = ""  # comma-separated variants to keep, e.g. "naive,robust-A" ("" = all)
+    out: str = ""  # output folder ("" = results/phase3_diagnostics/levers)
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ValueError('--runs: expected "label=folder" pairs, found none')
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluation.lever_table", description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", required=True, help='comma-separated "label=folder" pairs (phase3.compare outputs or one evaluation\'s folder)')
-    parser.add_argument("--variants", default="", help='comma-separated variants to keep, e.g. "naive,robust-A" ("" = all)')
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "phase3_diagnostics" / "levers"))
-    args = parser.parse_args(argv)
-    result = build(parse_runs(args.runs), tuple(v.strip() for v in args.variants.split(",") if v.strip()))
+    cfg = rsd_entry.parse_config(LeverTableConfig, argv, prog=PROG)
+    result = build(parse_runs(cfg.runs), tuple(v.strip() for v in cfg.variants.split(",") if v.strip()))
     result["provenance"] = provenance(seed=0)
-    out = Path(args.out)
+    out = Path(cfg.out) if cfg.out else REPO_ROOT / "results" / "phase3_diagnostics" / "levers"
     write_results(out, "levers", result, markdown(result))
 
 

@@ -10,12 +10,15 @@ Writes ``layout_ab.json`` / ``layout_ab.md`` to ``--out`` (default ``results/pip
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import rsd_entry
 from common.provenance import REPO_ROOT, provenance, write_results
+
+PROG = "python -m benchmarks.evaluation.pipeline_layout_ab"
 
 
 def row(name: str, summary: dict) -> dict:
@@ -32,13 +35,22 @@ def row(name: str, summary: dict) -> dict:
     }
 
 
+@dataclass
+class LayoutABConfig:
+    """Two local-pipeline runs that differ only in the tokenizer layout, side by side."""
+
+    runs: str = ""  # NAME=pipeline_summary.json, comma-separated (required)
+    out: str = ""  # output folder ("" = results/pipeline_layout_ab)
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ValueError("--runs: expected NAME=pipeline_summary.json pairs, found none")
+
+
 def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluation.pipeline_layout_ab", description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", required=True, help="NAME=pipeline_summary.json, comma-separated")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "pipeline_layout_ab"))
-    args = parser.parse_args(argv)
+    cfg = rsd_entry.parse_config(LayoutABConfig, argv, prog=PROG)
     rows = []
-    for item in args.runs.split(","):
+    for item in cfg.runs.split(","):
         name, _, path = item.partition("=")
         if not path or not Path(path).exists():
             raise SystemExit(f"error: --runs: expected NAME=PATH to a pipeline_summary.json; got {item!r}")
@@ -60,10 +72,10 @@ def main(argv: list[str]) -> dict:
             + " | ".join(f"{100 * r['success'][v]:.1f}%" for v in variants) + " |"
         )
     result = {"rows": rows, "provenance": provenance(seed=0)}
-    out = Path(args.out)
+    out = Path(cfg.out) if cfg.out else REPO_ROOT / "results" / "pipeline_layout_ab"
     write_results(out, "layout_ab", result, "\n".join(lines))
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    rsd_entry.main(main, sys.argv[1:])

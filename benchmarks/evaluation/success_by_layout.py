@@ -16,9 +16,9 @@ Episodes that ended in an error are left out of the rates and counted apart. Wri
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import rsd_entry
@@ -27,6 +27,8 @@ from common.eval.runs import agreement
 from common.sim.libero_env import parse_task_spec
 from common.pipeline.stages import file_hash
 from common.provenance import provenance, write_results
+
+PROG = "python -m benchmarks.evaluation.success_by_layout"
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -88,31 +90,43 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluation.success_by_layout", description=__doc__.split("\n")[0])
-    parser.add_argument("--compare", required=True, help="phase3.compare folder (one sub-folder per variant)")
-    parser.add_argument("--demo-layouts", required=True, help="init states the demos were recorded on, e.g. 0-19")
-    parser.add_argument("--pair", default="robust-A,naive", help="two variants to compare episode by episode ('' = none)")
-    parser.add_argument("--out", required=True, help="folder for success_by_layout.json / .md")
-    args = parser.parse_args(argv)
-    compare = Path(args.compare)
+@dataclass
+class SuccessByLayoutConfig:
+    """Success split by layout: the fixed init states the demos were recorded on vs those they never used."""
+
+    compare: str = ""  # phase3.compare folder (one sub-folder per variant; required)
+    demo_layouts: str = ""  # init states the demos were recorded on, e.g. 0-19 (required)
+    pair: str = "robust-A,naive"  # two variants to compare episode by episode ('' = none)
+    out: str = ""  # folder for success_by_layout.json / .md (required)
+
+    def __post_init__(self) -> None:
+        missing = [flag for flag, value in (("--compare", self.compare), ("--demo-layouts", self.demo_layouts), ("--out", self.out)) if not value]
+        if missing:
+            raise ValueError(f"expected {', '.join(missing)}, found none")
+        if self.pair and len(self.pair.split(",")) != 2:
+            raise ValueError(f"--pair: expected two variants 'a,b' (or ''), found {self.pair!r}")
+
+
+def main(argv: list[str]) -> None:
+    cfg = rsd_entry.parse_config(SuccessByLayoutConfig, argv, prog=PROG)
+    compare = Path(cfg.compare)
     folders = sorted(p for p in compare.iterdir() if (p / "episodes.jsonl").exists()) if compare.is_dir() else []
     if not folders:
         raise FileNotFoundError(f"{compare}: expected a phase3.compare folder with <variant>/episodes.jsonl; found none")
-    demo_layouts = set(parse_task_spec(args.demo_layouts, 50))
+    demo_layouts = set(parse_task_spec(cfg.demo_layouts, 50))
     rows = {p.name: list(read_rows(p / "episodes.jsonl")) for p in folders}
-    result = {"demo_layouts": args.demo_layouts,
+    result = {"demo_layouts": cfg.demo_layouts,
               "sources": {p.name: {"folder": str(p), "episodes_sha": file_hash(p / "episodes.jsonl")} for p in folders},
               "variants": {name: split_by_layout(r, demo_layouts) for name, r in rows.items()}}
-    if args.pair:
-        a, b = args.pair.split(",")
+    if cfg.pair:
+        a, b = cfg.pair.split(",")
         missing = [v for v in (a, b) if v not in rows]
         if missing:
-            raise ValueError(f"--pair {args.pair}: no episodes for {', '.join(missing)} in {compare} (found {', '.join(rows)})")
+            raise ValueError(f"--pair {cfg.pair}: no episodes for {', '.join(missing)} in {compare} (found {', '.join(rows)})")
         keyed = [{(r["task"], r["trial"]): r for r in rows[v]} for v in (a, b)]
         result["paired"] = {"labels": [a, b], **{k: v for k, v in agreement(*keyed).items() if k != "differing_episodes"}}
     result["provenance"] = provenance()
-    write_results(args.out, "success_by_layout", result, render(result))
+    write_results(cfg.out, "success_by_layout", result, render(result))
 
 
 if __name__ == "__main__":

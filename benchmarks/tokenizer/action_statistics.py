@@ -25,6 +25,8 @@ from common.artifacts import results_dir_of
 from common.data.episodes import load_episodes
 from common.provenance import provenance, write_json
 
+PROG = "python -m benchmarks.tokenizer.action_statistics"
+
 CONTROL_HZ = 20.0
 SEGMENT = 32
 HIGH_HZ = 2.0
@@ -34,7 +36,9 @@ DIMS = ("x", "y", "z", "rx", "ry", "rz", "gripper")
 
 @dataclass
 class ActionStatsConfig:
-    files: str = "data/tokenizer_v2/scripted_libero_object.hdf5,data/tokenizer_v2/human_libero_object.hdf5"
+    """Statistics of demonstration action sets: per-dim spectrum, pauses, roughness."""
+
+    files: str = "data/tokenizer_v2/scripted_libero_object.hdf5,data/tokenizer_v2/human_libero_object.hdf5"  # demo files, comma-separated
     out: str = ""  # "" = $RSD_RESULTS_DIR
 
 
@@ -141,5 +145,9 @@ def run(cfg: ActionStatsConfig) -> dict:
     return result
 
 
+def main(argv: list[str]) -> dict:
+    return run(rsd_entry.parse_config(ActionStatsConfig, argv, prog=PROG))
+
+
 if __name__ == "__main__":
-    run(rsd_entry.parse_config(ActionStatsConfig, sys.argv[1:], prog="python -m benchmarks.tokenizer.action_statistics"))
+    rsd_entry.main(main, sys.argv[1:])

@@ -38,16 +38,20 @@ from common.provenance import provenance, write_json
 from common.tokenizer.model import ActionRFSQAE
 from common.tokenizer.train import TokenizerTrainConfig, prepare_chunks, train_tokenizer_model
 
+PROG = "python -m benchmarks.tokenizer.bench_rate_distortion"
+
 
 @dataclass
 class RateDistortionConfig:
-    scripted: str = "data/tokenizer_v2/scripted_libero_object.hdf5"
-    human: str = "data/tokenizer_v2/human_libero_object.hdf5"
-    synthetic_episodes: int = 40
-    epochs: int = 15
-    batch_size: int = 64
+    """Rate-distortion study of action tokenizers: held-out MSE against bits and tokens per chunk."""
+
+    scripted: str = "data/tokenizer_v2/scripted_libero_object.hdf5"  # scripted-expert demos (collect_demos --operator none)
+    human: str = "data/tokenizer_v2/human_libero_object.hdf5"  # human-like demos (collect_demos --operator human)
+    synthetic_episodes: int = 40  # noise-free synthetic episodes
+    epochs: int = 15  # training epochs of the learned layouts
+    batch_size: int = 64  # training batch (chunks)
     plain_loop_steps: int = 3000  # the issue's user loop on the human-like set (0 = skip)
-    seed: int = 0
+    seed: int = 0  # data split and training seed
     out: str = ""  # "" = $RSD_RESULTS_DIR
     tables_only: bool = False  # rebuild the markdown and the plot from the existing JSON, training nothing
 
@@ -272,5 +276,9 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
+def main(argv: list[str]) -> dict:
+    return run(rsd_entry.parse_config(RateDistortionConfig, argv, prog=PROG))
+
+
 if __name__ == "__main__":
-    run(rsd_entry.parse_config(RateDistortionConfig, sys.argv[1:], prog="python -m benchmarks.tokenizer.bench_rate_distortion"))
+    rsd_entry.main(main, sys.argv[1:])

@@ -28,17 +28,21 @@ from common.provenance import provenance, write_results
 from common.artifacts import results_dir_of
 from common.tokenizer.train import TokenizerTrainConfig, evaluate_mse, prepare_chunks, train_tokenizer_model
 
+PROG = "python -m benchmarks.tokenizer.bench_tokenizers"
+
 
 @dataclass
 class BenchConfig:
-    data: str = "synthetic"
-    num_episodes: int = 50
-    epochs: int = 100
-    batch_size: int = 64
-    latent_dim: int = 16
-    seed: int = 0
+    """Tokenizer benchmark: naive / robust RFSQ variants, lucidrains' ResidualFSQ and a uniform 256-bin tokenizer."""
+
+    data: str = "synthetic"  # "synthetic" or demo HDF5 file(s), comma-separated
+    num_episodes: int = 50  # episodes used (an episode-level train / held-out split)
+    epochs: int = 100  # training epochs of every tokenizer
+    batch_size: int = 64  # training batch (chunks)
+    latent_dim: int = 16  # latent numbers per chunk of the chunk layout
+    seed: int = 0  # data split and training seed
     out: str = ""  # "" = $RSD_RESULTS_DIR
-    throughput_seconds: float = 2.0
+    throughput_seconds: float = 2.0  # wall time of each encode + decode throughput loop
     layout_sweep: bool = True  # also train the robust tokenizer at the other layouts / latent sizes
 
 
@@ -157,5 +161,9 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str]) -> dict:
+    return run(rsd_entry.parse_config(BenchConfig, argv, prog=PROG))
+
+
 if __name__ == "__main__":
-    run(rsd_entry.parse_config(BenchConfig, sys.argv[1:], prog="python -m benchmarks.tokenizer.bench_tokenizers"))
+    rsd_entry.main(main, sys.argv[1:])
