@@ -1,11 +1,14 @@
 """JSON Lines files that survive a kill mid-write: append one row per finished unit of work; on
 read, a torn last line (no newline, not valid JSON) is dropped, while damage anywhere else is an
-error naming the file and line."""
+error naming the file and line. Rows are written as strict JSON (NaN/inf as ``null``, as
+``write_json`` does); older files with bare ``NaN`` still read."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from common.provenance import json_safe
 
 
 class JsonlError(ValueError):
@@ -44,9 +47,14 @@ def drop_torn_tail(path: str | Path) -> None:
         fh.truncate(data.rfind(b"\n") + 1)
 
 
+def dumps_row(row: dict) -> str:
+    """One row as a strict JSON line (what every JSONL writer writes)."""
+    return json.dumps(json_safe(row), allow_nan=False)
+
+
 def append_jsonl(path: str | Path, row: dict) -> None:
     path = Path(path)
     drop_torn_tail(path)
     with open(path, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+        fh.write(dumps_row(row) + "\n")
         fh.flush()

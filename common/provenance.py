@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata as _md
 import json
+import math
 import os
 import platform
 import subprocess
@@ -62,11 +63,26 @@ def provenance(*, seed: int | None = None, **extra: Any) -> dict[str, Any]:
     }
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON accepts it: NaN and infinities become ``null`` (a rate with no episodes has
+    no value; bare ``NaN`` is rejected by strict readers such as JavaScript's ``JSON.parse``), paths become
+    strings. Readers of older files still get ``float('nan')`` from Python's ``json``; treat both alike."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 def write_json(path: str | Path, payload: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.write_text(json.dumps(json_safe(payload), indent=2, sort_keys=False, allow_nan=False, default=str) + "\n")
     os.replace(tmp, path)
     return path
 

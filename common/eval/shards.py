@@ -16,7 +16,8 @@ from typing import Any, Callable
 from common.eval.closed_loop import checkpoint_hashes, planned_jobs, run_trial_job, unique_rows
 from common.eval.config import EvalConfig
 from common.eval.summary import summarize, write_outputs
-from common.jsonl import append_jsonl, read_jsonl
+from common.jsonl import append_jsonl, dumps_row, read_jsonl
+from common.provenance import json_safe
 
 TRIALS_PER_SHARD = 10  # state backbone: CPU containers start in seconds
 VLA_TRIALS_PER_SHARD = 25  # openvla-oft: a GPU container loads the 7B model once (minutes), so longer shards
@@ -69,16 +70,17 @@ def finished_rows(cfg: EvalConfig) -> list[dict]:
     checkpoints; the key is written on first use)."""
     shards = cfg.out_dir() / "shards"
     key_path = shards / "run_config.json"
-    key = {"run_key": cfg.resume_key(), "checkpoints": checkpoint_hashes(cfg)}
+    # as the file holds it (strict JSON: a NaN setting reads back as null), so a rerun compares like with like
+    key = json_safe({"run_key": cfg.resume_key(), "checkpoints": checkpoint_hashes(cfg)})
     if key_path.exists():
-        saved = json.loads(key_path.read_text())
+        saved = json_safe(json.loads(key_path.read_text()))  # (an older file may hold a bare NaN)
         if saved != key:
             diff = sorted(k for k in key["run_key"] if saved["run_key"].get(k) != key["run_key"][k])
             diff += [f"{k} checkpoint" for k in key["checkpoints"] if saved["checkpoints"].get(k) != key["checkpoints"][k]]
             raise ValueError(f"{cfg.out_dir()}: holds episodes of another configuration ({', '.join(diff)} differ); choose another --out")
     else:
         shards.mkdir(parents=True, exist_ok=True)
-        key_path.write_text(json.dumps(key, indent=2))
+        key_path.write_text(json.dumps(key, indent=2, allow_nan=False))
     return [r for p in sorted(shards.glob("task*_trials*.jsonl")) for r in read_jsonl(p)]
 
 
@@ -102,7 +104,7 @@ def drive(cfg: EvalConfig, prepare: Callable[[dict], dict], shard_function: Call
 
 def write_run(info: dict, rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: (r["task"], r["trial"]))))
+    (out / "episodes.jsonl").write_text("".join(dumps_row(r) + "\n" for r in sorted(rows, key=lambda r: (r["task"], r["trial"]))))
     write_outputs(info, out)
 
 

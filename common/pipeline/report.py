@@ -10,8 +10,17 @@ from common.eval.summary import decoding_label, identical_label
 from common.provenance import write_json
 
 
-def _pct(v) -> str:
-    return "—" if v is None or v != v else f"{100 * v:.1f}%"
+def no_value(v) -> bool:
+    """A number that is not there: ``None`` (strict JSON's null) or NaN (results written before it)."""
+    return v is None or v != v
+
+
+def pct(v) -> str:
+    return "—" if no_value(v) else f"{100 * v:.1f}%"
+
+
+def num(v, fmt: str = "{:.2f}") -> str:
+    return "—" if no_value(v) else fmt.format(v)
 
 
 def from_scratch_seconds(summary: dict) -> float:
@@ -63,7 +72,7 @@ def headline_markdown(summary: dict) -> str:
         f"| MSE after 2 layers | {p1['diagnostics']['naive']['layers'][1]['mse_after']:.3e} | {p1['diagnostics']['robust']['layers'][1]['mse_after']:.3e} |",
         f"| dead layers | {p1['diagnostics']['naive']['dead_layers'] or 'none'} | {p1['diagnostics']['robust']['dead_layers'] or 'none'} |",
         "",
-        f"Scripted expert on these tasks: {_pct(p3.get('expert_success_rate'))}.",
+        f"Scripted expert on these tasks: {pct(p3.get('expert_success_rate'))}.",
         "",
         "| variant | success | fine-grained | decoded | token decode ms / chunk (spec / main-only) | token-decode speedup | "
         "main passes / chunk (spec) | mean accepted layers a | draft cost c (main passes) | verify overhead v (main passes) | lossless identical |",
@@ -71,14 +80,14 @@ def headline_markdown(summary: dict) -> str:
     ]
     for name, v in p3["variants"].items():
         sp, lat = v.get("token_decode_speedup"), v.get("latency_ms", {})
-        spec_ms = lat.get("main_ms", {}).get("mean", float("nan")) + lat.get("draft_ms", {}).get("mean", 0.0)
-        ref_ms = lat.get("ref_main_ms", {}).get("mean", float("nan"))
+        main_ms, ref_ms = lat.get("main_ms", {}).get("mean"), lat.get("ref_main_ms", {}).get("mean")
+        spec_ms = None if no_value(main_ms) else main_ms + (lat.get("draft_ms", {}).get("mean") or 0.0)
         cost, over = v.get("draft_cost_in_main_passes"), v.get("verify_overhead_in_main_passes")
         lines.append(
-            f"| {name} | {_pct(v['success_rate'])} | {_pct(v['fine_grained_success_rate'])} | {decoding_label(v)} | "
-            f"{spec_ms:.2f} / {ref_ms:.2f} | {'—' if sp is None else f'{sp:.2f}x'} | "
-            f"{v['main_passes_per_chunk']:.2f} of {v['main_only_passes_per_chunk']:.0f} | "
-            f"{v['mean_accepted_layers']:.2f} | {'—' if cost is None else f'{cost:.2f}'} | {'—' if over is None else f'{over:.2f}'} | {identical_label(v['lossless_identical_fraction'], v.get('chunks'))} |"
+            f"| {name} | {pct(v['success_rate'])} | {pct(v['fine_grained_success_rate'])} | {decoding_label(v)} | "
+            f"{num(spec_ms)} / {num(ref_ms)} | {num(sp, '{:.2f}x')} | "
+            f"{num(v['main_passes_per_chunk'])} of {num(v['main_only_passes_per_chunk'], '{:.0f}')} | "
+            f"{num(v['mean_accepted_layers'])} | {num(cost)} | {num(over)} | {identical_label(v['lossless_identical_fraction'], v.get('chunks'))} |"
         )
     return "\n".join(lines)
 
