@@ -119,9 +119,14 @@ def _own_field_help(cls: type) -> dict[str, str]:
     return out
 
 
+DEBUG_HELP = "on an error, show the full traceback instead of one line (or set RSD_DEBUG=1)"
+
+
 def build_parser(cls: type, *, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    # --debug is read by ``main`` before the parser runs, and is no config field (``modal run`` has no such
+    # flag and the parser's flags are exactly the Modal entrypoint's): --help shows it below the flags
     parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"--debug: {DEBUG_HELP}")
     docs = field_help(cls)
     for field in _fields(cls):
         tp = _field_type(cls, field)
@@ -134,6 +139,11 @@ def build_parser(cls: type, *, prog: str | None = None, description: str | None 
             parser.add_argument(flag, type=tp, default=default, metavar=tp.__name__.upper(),
                                 help=f"{meaning} (default: {default!r})".strip().replace("%", "%%"))
     return parser
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` among a hand-written parser's options (``main`` removes it from argv before parsing)."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
 
 def parse_config(cls: type[C], argv: list[str] | None = None, *, prog: str | None = None) -> C:

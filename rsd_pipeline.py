@@ -44,12 +44,25 @@ def plan_summary(plan: dict, root: Path) -> str:
     return line
 
 
+def profile_help() -> str:
+    """``--profile``'s help, from the profiles themselves (so it cannot drift from them)."""
+    def n(count: int, what: str) -> str:
+        return f"{count} {what}{'' if count == 1 else 's'}"
+
+    described = "; ".join(f"{p.name}: {p.suite} tasks {p.tasks}, per task {n(p.demos_per_task, 'demo')} and "
+                          f"{n(p.eval_trials, 'trial')}, {n(p.policy_epochs, 'policy epoch')}" for p in PROFILES.values())
+    return (f"which settings to run ({described}); each keeps its own artifacts/pipeline/<profile>/ and report "
+            "(report/ for default, report/<profile>/ otherwise) (default: default)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rsd_pipeline", description=__doc__.split("\n")[0])
+    rsd_entry.add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the local pipeline")
-    run.add_argument("--profile", choices=sorted(PROFILES), default="default")
-    run.add_argument("--root", default="", help="artifacts folder (default artifacts/pipeline/<profile>)")
+    run.add_argument("--profile", choices=sorted(PROFILES), default="default", help=profile_help())
+    run.add_argument("--root", default="", help="artifacts folder (default artifacts/pipeline/<profile>); one run at a time "
+                     "works in it (a second is refused while the first runs)")
     run.add_argument("--layout", choices=("dct", "chunk", "timestep"), default="",
                      help="tokenizer layout for this run (default: the profile's)")
     run.add_argument("--report-dir", default="", help="report folder (default: report/ for the default profile, report/<profile>/ otherwise)")
@@ -58,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                           "each, when the profile has 2 workers; each branch's output goes to <root>/logs/)")
     run.add_argument("--plan", action="store_true",
                      help="list the stages that would run and why (with the time each took when it last ran); run and write nothing")
-    sub.add_parser("report", help="rebuild results/headline/ from the suite comparisons, then regenerate the results sections of the docs")
-    sub.add_parser("check-docs", help="fail if a generated docs section differs from the results")
+    report = sub.add_parser("report", help="rebuild results/headline/ from the suite comparisons, then regenerate the results sections of the docs")
+    check = sub.add_parser("check-docs", help="fail if a generated docs section differs from the results")
+    for subcommand in (run, report, check):
+        rsd_entry.add_debug_flag(subcommand)
     args = parser.parse_args(argv)
 
     if args.command == "run":

@@ -6,7 +6,8 @@
   time, which the holder writes into the lock file). The lock is released by the kernel when the
   holder exits, however it exits, so a killed run never leaves a stale lock behind.
 - ``check_writable_dir(path, flag)``: an output folder is creatable and writable, checked before
-  the first expensive step (not after an hour of training).
+  the first expensive step (not after an hour of training); ``check_folder_path`` checks the same
+  without creating anything (a ``--plan``).
 - ``exit_with_parent(parent_pid)``: called first thing in a worker process; the worker exits when
   its parent dies (``prctl(PR_SET_PDEATHSIG)`` on Linux, plus a watchdog thread everywhere), so a
   killed run never leaves ~1.5 GB simulator workers parented to PID 1.
@@ -36,14 +37,20 @@ class RunLockedError(RuntimeError):
     """Another live run holds the lock on the same outputs."""
 
 
-def check_writable_dir(path: str | Path, flag: str) -> Path:
-    """Create ``path`` if needed and check it is a writable folder; one error naming ``flag`` otherwise."""
+def check_folder_path(path: str | Path, flag: str) -> Path:
+    """Check, creating nothing, that ``path`` is or could become a folder: no part of it is a file."""
     path = Path(path)
     for parent in (path, *path.parents):
         if parent.exists():
             if not parent.is_dir():
                 raise NotADirectoryError(f"{flag} {path}: {parent} is a regular file, not a folder; choose another {flag}")
             break
+    return path
+
+
+def check_writable_dir(path: str | Path, flag: str) -> Path:
+    """Create ``path`` if needed and check it is a writable folder; one error naming ``flag`` otherwise."""
+    path = check_folder_path(path, flag)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 from common.artifacts import ArtifactDirs, expert_success_results, phase1_results, phase3_comparison, phase3_results
-from common.pipeline.report import write_report
-from common.pipeline.stages import Stages
+from common.pipeline.report import pct, write_report
+from common.locks import check_folder_path, check_writable_dir, output_lock
+from common.pipeline.stages import Stages, read_stamp
 from common.provenance import REPO_ROOT, provenance
 
 
@@ -224,7 +225,7 @@ def condition_branch(inp: BranchInputs, cond: str, log: Callable[[str], None]) -
 
         def do_rollouts():
             info = evaluate(rcfg, progress=inp.progress)
-            return f"{info['chunks']} closed-loop states from {info['episodes']} main-only episodes (success {info['success_rate']:.0%})"
+            return f"{info['chunks']} closed-loop states from {info['episodes']} main-only episodes (success {pct(info['success_rate'])})"
 
         stages.run(f"rollouts_{cond}", {"cfg": settings(rcfg, ignore=("models_dir", "results_dir", "out")), "head": head_hash},
                    [rollouts / "episodes.jsonl"], do_rollouts, stale=(rollouts,))
@@ -240,16 +241,27 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
     """Run (or resume) every stage of ``profile`` under ``root``; write ``report_dir``.
     ``plan``: run and write nothing; log each stage that would run, with why, and return
     ``{"plan": {stage: {"planned": why, "seconds": its last recorded time or None}}}``
-    (up-to-date stages: ``{"skipped": True}``)."""
-    from common.sim.demo_collection import collect_demos
-    from common.sim.libero_env import get_suite, parse_task_spec
-
+    (up-to-date stages: ``{"skipped": True}``). A second run on the same ``root`` is refused
+    (``RunLockedError``) while this one runs."""
     started = time.perf_counter()
     # resolved: the stages' settings hold paths under it, and a relative spelling of the same root
     # must not look like new settings (and rerun every stage)
     root = Path(root).resolve()
-    if not plan:
-        root.mkdir(parents=True, exist_ok=True)
+    if plan:  # a plan writes nothing, not even the lock file
+        check_folder_path(root, "--root")
+        return _run_stages(profile, root, report_dir, log, progress, branches, plan, started)
+    check_writable_dir(root, "--root")
+    # one run per root, taken before any stamp is read or stale folder removed: a second run started
+    # mid-run would otherwise skip the first's stamped stages and delete the folders it is writing
+    with output_lock(root / ".pipeline.lock", f"the pipeline root {root}"):
+        return _run_stages(profile, root, report_dir, log, progress, branches, plan, started)
+
+
+def _run_stages(profile: Profile, root: Path, report_dir: Path, log: Callable[[str], None], progress: bool,
+                branches: int | None, plan: bool, started: float) -> dict:
+    from common.sim.demo_collection import collect_demos
+    from common.sim.libero_env import get_suite, parse_task_spec
+
     stages = Stages(root, log, plan=plan)
     dirs = ArtifactDirs.under(root)
     data, models, results = dirs.data, dirs.models, dirs.results
@@ -335,7 +347,7 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
                    "models": policy_hashes, "tokenizers": tok_hashes}
     # a rerun evaluates new models or settings: the earlier run's episodes must not be resumed
     stages.run("phase3_compare", fingerprint, [p3],
-               lambda: "variants: " + ", ".join(f"{k} {v['success_rate']:.0%}" for k, v in run_comparison(ccfg)["variants"].items()),
+               lambda: "variants: " + ", ".join(f"{k} {pct(v['success_rate'])}" for k, v in run_comparison(ccfg)["variants"].items()),
                stale=(p3.parent,))
     if plan:
         return {"plan": stages.timings}
@@ -346,11 +358,11 @@ def run_pipeline(profile: Profile, *, root: Path, report_dir: Path, log: Callabl
         # what each stage took when it last ran (a rerun skips finished stages); with the branches'
         # stages side by side, the time of this profile from scratch is the other stages' sum plus
         # the longest branch's (``report.from_scratch_seconds``)
-        "stage_seconds": {stamp.stem: json.loads(stamp.read_text()).get("seconds") for stamp in sorted(stages.stamps.glob("*.json"))
+        "stage_seconds": {stamp.stem: read_stamp(stamp).get("seconds") for stamp in sorted(stages.stamps.glob("*.json"))
                           if stamp.stem in stages.timings},
         # stages whose last run found their outputs already complete (their time is no from-scratch time)
         "stages_found_complete": sorted(stamp.stem for stamp in stages.stamps.glob("*.json")
-                                        if stamp.stem in stages.timings and json.loads(stamp.read_text()).get("outputs_unchanged")),
+                                        if stamp.stem in stages.timings and read_stamp(stamp).get("outputs_unchanged")),
         "side_by_side": side_by_side > 1,
         "branch_stages": {cond: sorted(k for k in stages.timings if k.endswith(f"_{cond}")) for cond in CONDITIONS},
         "stages": stages.timings,

@@ -1,7 +1,8 @@
 """Fingerprinted pipeline stages: a stage reruns when its settings or the content of its inputs
 changed, or when one of its outputs is missing or no longer what it wrote (``<root>/stamps/<stage>.json``
 records the fingerprint and the content hash of every output; a stamp without output hashes, from
-before they were recorded, cannot vouch for its outputs and the stage reruns).
+before they were recorded, or a damaged one cannot vouch for its outputs and the stage reruns, the
+log naming the file). One run at a time works on a root: ``run_pipeline`` holds its lock.
 
 A plan (``Stages(..., plan=True)``) runs nothing and writes nothing: it logs which stages would run
 and why. A stage that would run cannot give its outputs' hashes yet, so ``hash`` names it instead,
@@ -29,6 +30,29 @@ def file_hash(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+class StampError(ValueError):
+    """A stage stamp that is not the JSON object a stage writes (cut short, edited by hand)."""
+
+
+def read_stamp(path: Path) -> dict:
+    """A stage's stamp; ``StampError`` naming the file when it does not read as one."""
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StampError(f"{path}: damaged stage stamp ({getattr(exc, 'msg', None) or type(exc).__name__})") from None
+    if not isinstance(saved, dict):
+        raise StampError(f"{path}: damaged stage stamp (a JSON {type(saved).__name__}, expected an object)")
+    return saved
+
+
+def recorded_seconds(path: Path) -> float | None:
+    """What the stage took when it last ran, as its stamp says (None: no stamp, or a damaged one)."""
+    try:
+        return read_stamp(path).get("seconds") if path.exists() else None
+    except StampError:
+        return None
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -70,7 +94,10 @@ class Stages:
         upstream = sorted(set(re.findall(re.escape(PENDING) + r"([^)]+)\)", json.dumps(inputs, default=str))))
         if upstream:  # (plan only)
             return "after " + ", ".join(upstream)
-        saved = json.loads(stamp.read_text())
+        try:
+            saved = read_stamp(stamp)
+        except StampError as exc:  # (the stage rewrites it when it reruns)
+            return f"{exc}, which cannot vouch for the outputs"
         if saved.get("fingerprint") != fingerprint:
             changed = changed_keys(saved.get("inputs", {}), json.loads(json.dumps(inputs, default=str)))
             return "settings or inputs changed" + (f": {', '.join(changed)}" if changed else "")
@@ -97,7 +124,7 @@ class Stages:
             self.timings[name] = {"seconds": 0.0, "skipped": True}
             return
         if self.plan:
-            last = json.loads(stamp.read_text()).get("seconds") if stamp.exists() else None
+            last = recorded_seconds(stamp)
             took = f"; took {last / 60:.1f} min when it last ran" if last is not None else ""
             self.log(f"[{name}] would run: {reason}{took}")
             self.timings[name] = {"seconds": last, "skipped": False, "planned": reason, "outputs": [str(p) for p in outputs]}
