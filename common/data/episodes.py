@@ -59,6 +59,33 @@ def _instruction_from_attrs(data_attrs, demo_attrs) -> str:
     return ""
 
 
+def _dataset(demo, key: str, path: Path, name: str) -> np.ndarray:
+    """``demo[key]`` read as an array; anything else (a group where a dataset belongs) names the file and demo."""
+    import h5py
+
+    node = demo[key]
+    if not isinstance(node, h5py.Dataset):
+        raise ValueError(f"{path}:data/{name}/{key}: expected a dataset (an array), found an HDF5 {type(node).__name__.lower()}")
+    return node[()]
+
+
+def _observations(demo, path: Path, name: str) -> np.ndarray:
+    """``obs/low_dim`` as float32 ``[T, D]``, checked finite here, where the file and demo are known: a
+    NaN in a demo that lands in the validation split would otherwise pass silently (NaN held-out
+    metrics, checkpoints still written), and one in the training split fail far from its source."""
+    where = f"{path}:data/{name}/obs/low_dim"
+    obs = np.asarray(_dataset(demo, "obs/low_dim", path, name))
+    if obs.ndim != 2 or obs.size == 0:
+        raise ValueError(f"{where}: observations must be a non-empty [T, D] array; got shape {obs.shape}")
+    if not np.issubdtype(obs.dtype, np.number):
+        raise ValueError(f"{where}: observations must be numbers; got dtype {obs.dtype}")
+    obs = obs.astype(np.float32)
+    bad = ~np.isfinite(obs).all(axis=-1)
+    if bad.any():
+        raise ValueError(f"{where}: observations contain NaN/inf in {int(bad.sum())} of {len(obs)} rows (first: row {int(np.argmax(bad))})")
+    return obs
+
+
 def load_hdf5_episodes(path: str | Path, *, num_episodes: int | None = None) -> list[Episode]:
     """Read ``data/demo_N`` episodes from a LIBERO-format HDF5 file, in (task, episode index) order when
     the demos record them (our collector's files), else by N (official files).
@@ -96,16 +123,16 @@ def load_hdf5_episodes(path: str | Path, *, num_episodes: int | None = None) -> 
             demo = data[name]
             if "actions" not in demo:
                 raise ValueError(f"{path}: data/{name} has no 'actions' dataset")
-            actions = check_actions(demo["actions"][()], where=f"{path}:data/{name}/actions")
+            actions = check_actions(_dataset(demo, "actions", path, name), where=f"{path}:data/{name}/actions")
             executed = None
             if "expert_actions" in demo:  # DART demos: learn the expert's intent, keep what was executed
                 executed = actions
-                actions = check_actions(demo["expert_actions"][()], where=f"{path}:data/{name}/expert_actions")
+                actions = check_actions(_dataset(demo, "expert_actions", path, name), where=f"{path}:data/{name}/expert_actions")
                 if actions.shape != executed.shape:
                     raise ValueError(f"{path}:data/{name}: expert_actions {actions.shape} and actions {executed.shape} differ in shape")
             if actions.ndim != 2:
                 raise ValueError(f"{path}:data/{name}/actions must be [T, {ACTION_DIM}]; got {actions.shape}")
-            low_dim = demo["obs/low_dim"][()].astype(np.float32) if "obs/low_dim" in demo else None
+            low_dim = _observations(demo, path, name) if "obs/low_dim" in demo else None
             outside = int((np.abs(actions) > 1.0).any(axis=-1).sum()) if actions.ndim == 2 else 0
             if outside:
                 clipped_rows += outside
