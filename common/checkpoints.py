@@ -11,15 +11,22 @@ reads::
      "content_hash": sha256 of model tensors + config + normalizer}
 
 Later phases pin the tokenizer they were trained against by its ``content_hash``. Files are written
-atomically (temp file in the same folder, then rename), so a crash never leaves half a checkpoint.
+atomically (temp file in the same folder, then rename), so a crash or a full disk never leaves half
+a checkpoint (a full disk is one ``no space left while writing <path>`` error). A file that does not
+load safely is one line naming it ("not readable as a checkpoint (...); re-create it"): never
+loaded with ``weights_only=False``, which would run whatever code a pickle holds.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,13 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, of the wrong kind, or does not fit the requested model."""
+
+
+class NoSpaceError(OSError):
+    """The disk (or quota) filled up while a file was written; ``errno`` is ``ENOSPC``."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def content_hash(state_dict: dict[str, torch.Tensor], config: dict, normalizer: dict | None) -> str:
@@ -71,26 +85,68 @@ def save_checkpoint(
     return ckpt
 
 
+def _out_of_space(exc: BaseException) -> bool:
+    """Whether a failed write ran out of disk space (or quota). torch's zip writer reports it as a
+    ``RuntimeError`` ("[enforce fail at inline_container.cc ...]") whose context holds the ``OSError``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
+    """``torch.save`` to a temp file in the same folder, then rename over ``path``: a failed write
+    (a full disk) leaves the earlier ``path`` as it was and no temp file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        try:
+            # through a Python file object: a full disk then surfaces as OSError(ENOSPC), which torch's
+            # writer, given a file name, reports only as an opaque "enforce fail"
+            with open(tmp, "wb") as fh:
+                torch.save(obj, fh)
+        except (OSError, RuntimeError) as exc:
+            if _out_of_space(exc):
+                kept = "the earlier file is unchanged" if path.exists() else "nothing was written"
+                raise NoSpaceError(errno.ENOSPC, f"no space left while writing {path} ({kept}); free some space and rerun") from exc
+            raise
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _load(path: Path, what: str, hint: str = "") -> Any:
-    """``torch.load`` with one clear error for a corrupt or foreign file (the one reader of ``.pt`` files)."""
+def _unreadable_reason(exc: BaseException) -> str:
+    """What is wrong with a file ``torch.load`` refused, in a few words: torch's own messages run to
+    several lines and advise unsafe loading (``weights_only=False``), which this code never does."""
+    text = str(exc)
+    if isinstance(exc, EOFError) or not text.strip():
+        return "the file ends before any data: empty or cut short"
+    if "zip archive" in text or "central directory" in text:
+        return "a damaged or truncated torch archive"
+    global_ = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if global_:
+        return f"it holds Python objects ({global_.group(1)}) that a safe load does not run; not written by this code"
+    if "Weights only load failed" in text or isinstance(exc, pickle.UnpicklingError):
+        return "not a torch checkpoint (damaged, or another kind of file)"
+    return f"{type(exc).__name__}: {text.strip().splitlines()[0][:200]}"
+
+
+def _load(path: Path, what: str = "a checkpoint", remedy: str = "re-create it") -> Any:
+    """``torch.load`` (weights only) with one line for a corrupt or foreign file (the one reader of ``.pt`` files)."""
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, expected {what} file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol note: the error below says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt/foreign files; re-raise as one clear error
-        raise CheckpointError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc}){hint}") from exc
+        raise CheckpointError(f"{path}: not readable as {what} ({_unreadable_reason(exc)}); {remedy}") from exc
 
 
 def read_checkpoint(path: str | Path, *, kind: str) -> dict[str, Any]:
@@ -98,7 +154,7 @@ def read_checkpoint(path: str | Path, *, kind: str) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found (expected a {kind} checkpoint; train it first)")
-    ckpt = _load(path, "torch checkpoint")
+    ckpt = _load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: expected a dict with a 'model' state dict; found {type(ckpt).__name__}")
     found_kind = ckpt.get("kind", "<none: pre-RSD checkpoint>")
@@ -137,17 +193,17 @@ def load_state_strict(model: torch.nn.Module, ckpt: dict, path: str | Path) -> N
 def read_training_state(path: str | Path, *, kind: str) -> dict[str, Any]:
     """A trainer's ``*_last.pt`` (what ``--resume`` continues), with the same one-line errors."""
     path = Path(path)
-    state = _load(path, "training state", "; delete it and rerun without --resume")
+    state = _load(path, "a training state", "it cannot be resumed: rerun with --overwrite to start over")
     found = state.get("kind") if isinstance(state, dict) else type(state).__name__
     if found != kind or "epoch" not in state:
-        raise CheckpointError(f"{path}: expected a {kind} training state, found {found!r}; rerun without --resume")
+        raise CheckpointError(f"{path}: expected a {kind} training state, found {found!r}; rerun with --overwrite to start over")
     return state
 
 
 def checkpoint_content_hash(path: str | Path) -> str:
     """The ``content_hash`` a checkpoint of any kind records (to pin which models produced a result)."""
     path = Path(path)
-    ckpt = _load(path, "torch checkpoint")
+    ckpt = _load(path)
     if not isinstance(ckpt, dict) or "content_hash" not in ckpt:
         raise CheckpointError(f"{path}: expected an RSD checkpoint with a content_hash; found {type(ckpt).__name__} without one")
     return str(ckpt["content_hash"])
