@@ -1,12 +1,14 @@
 """The one epoch loop every trainer uses (tokenizer, main model, draft): AdamW with warmup + cosine,
 seeded per-epoch shuffling, held-out evaluation, one JSONL line per epoch, the best checkpoint, and a
 ``*_last.pt`` training state that ``--resume`` continues exactly as an uninterrupted run would.
-A fresh run refuses to replace an earlier run's outputs unless told to (``refuse_to_replace``).
+A fresh run refuses to replace an earlier run's outputs unless told to (``refuse_to_replace``);
+``--resume`` with no state to continue is refused (``refuse_empty_resume``); a resume is keyed on
+the settings that change training, not on folders (a copied models folder resumes), and a refusal
+names each differing setting with both values.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from common.checkpoints import CheckpointError, atomic_torch_save, read_training_state
-from common.jsonl import append_jsonl, read_jsonl
+from common.jsonl import append_jsonl, dumps_row, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,35 @@ def refuse_to_replace(paths: list[Path], *, resume: bool, overwrite: bool) -> No
         )
 
 
+def refuse_empty_resume(states: list[Path], *, resume: bool) -> None:
+    """``--resume`` with no training state to continue is an error, not a silent fresh start: a typo
+    in ``--models-dir`` must not cost a user the run they meant to continue."""
+    if not resume or any(Path(p).exists() for p in states):
+        return
+    folders = sorted({str(Path(p).parent) for p in states})
+    raise FileNotFoundError(
+        f"--resume: nothing to resume in {', '.join(folders)}: no training state ({', '.join(Path(p).name for p in states)}; "
+        "one is written after each epoch); check --models-dir, or rerun without --resume to start from scratch"
+    )
+
+
+# Where a run reads and writes, not what it learns: they stay out of the resume key, so a models folder
+# copied or moved elsewhere resumes. (What a Phase 2 stage trains against is pinned by content, the
+# tokenizer's and head's hashes in ``RunFiles.checks``, not by path; a feature cache holds what --data does.)
+LOCATION_SETTINGS = ("models_dir", "results_dir", "data_dir", "rfsq_checkpoint", "feature_cache")
+_UNSET = "(not recorded)"
+
+
 def resume_key(config: dict, resumable_changes: tuple[str, ...]) -> dict:
-    """The config fields that must match for ``--resume`` (the others may change between runs)."""
-    return {k: v for k, v in config.items() if k not in resumable_changes}
+    """The settings that change training and so must match for ``--resume`` (the others, and the
+    folders of ``LOCATION_SETTINGS``, may change between runs)."""
+    return {k: v for k, v in config.items() if k not in resumable_changes and k not in LOCATION_SETTINGS}
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+    """``--flag <this run's value> (saved run: <its value>)`` for every setting that differs."""
+    return [f"--{k.replace('_', '-')} {current.get(k, _UNSET)!r} (saved run: {saved.get(k, _UNSET)!r})"
+            for k in sorted(set(saved) | set(current)) if saved.get(k, _UNSET) != current.get(k, _UNSET)]
 
 
 @dataclass
@@ -90,11 +118,18 @@ class RunFiles:
         if not (self.resume and self.state_path.exists()):
             return None
         state = read_training_state(self.state_path, kind=self.state_kind)
-        if resume_key(state["config"], self.resumable_changes) != resume_key(self.config, self.resumable_changes):
-            raise CheckpointError(f"{self.state_path}: training state was written by a different configuration; rerun without --resume")
+        differ = resume_differences(resume_key(state["config"], self.resumable_changes), resume_key(self.config, self.resumable_changes))
+        if differ:
+            raise CheckpointError(
+                f"{self.state_path}: cannot resume, a different configuration: {'; '.join(differ)}; rerun with the saved "
+                f"value{'s' if len(differ) > 1 else ''} to continue that run, or with --overwrite instead of --resume to start over"
+            )
         for key, value in self.checks.items():
             if state.get(key) != value:
-                raise CheckpointError(f"{self.state_path}: training state has {key}={state.get(key)!r}, expected {value!r}; rerun without --resume")
+                raise CheckpointError(
+                    f"{self.state_path}: cannot resume: that run trained against {key.replace('_', ' ')} {state.get(key)!r}, this run's is "
+                    f"{value!r}; pass the inputs it was trained on to continue it, or --overwrite instead of --resume to start over"
+                )
         self._truncate_log(int(state["epoch"]))
         return state
 
@@ -103,7 +138,7 @@ class RunFiles:
         rows = read_jsonl(self.metrics_path)
         kept = [r for r in rows if int(r.get("epoch", 0)) <= epochs_done]
         if len(kept) != len(rows) or self.metrics_path.exists():
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self.metrics_path.write_text("".join(dumps_row(r) + "\n" for r in kept))
 
 
 def fit_epochs(

@@ -61,7 +61,7 @@ from common.locks import check_writable_dir, output_lock
 from common.policy.decode_choice import action_errors_by_depth, choose_decoding
 from common.policy.distillation import perturbed_distillation_set
 from common.policy.losses import MainLoss
-from common.training_loop import fit_epochs, refuse_to_replace
+from common.training_loop import fit_epochs, refuse_empty_resume, refuse_to_replace
 
 MAIN_STATE_KIND = "phase2_main_training_state"
 DRAFT_STATE_KIND = "phase2_draft_training_state"
@@ -274,6 +274,7 @@ def train_policy(cfg: PolicyTrainConfig, *, on_checkpoint: Callable[[], None] | 
     tok = load_tokenizer(tok_path)
     tag = cfg.tag or policy_tag(tok.model.conditioning)
     paths = cfg.output_paths(tag)
+    refuse_empty_resume([paths["head_last" if stage == "main" else "draft_last"] for stage in cfg.stages], resume=cfg.resume)
     _check_before_training(cfg, tok, paths)
     with output_lock(paths["head"].parent / f".policy{'_' + tag if tag else ''}.lock", f"Phase 2 models {paths['head']} / {paths['draft']}"):
         refuse_to_replace(cfg.stage_outputs(paths), resume=cfg.resume, overwrite=cfg.overwrite)

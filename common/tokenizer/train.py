@@ -29,7 +29,7 @@ from common.tokenizer.residual_fsq import CONDITIONINGS, REACHES
 from common.locks import check_writable_dir, output_lock
 from common.checkpoints import atomic_torch_save
 from common.jsonl import append_jsonl
-from common.training_loop import LoopSettings, RunFiles, fit_epochs, refuse_to_replace
+from common.training_loop import LoopSettings, RunFiles, fit_epochs, refuse_empty_resume, refuse_to_replace
 
 LAST_KIND = "rfsq_tokenizer_training_state"
 CALIBRATION_CHUNKS = 20_000
@@ -221,6 +221,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, *, on_checkpoint: Callable[[], No
     ``on_checkpoint`` runs after every checkpoint write (Modal passes ``volume.commit``).
     """
     paths = cfg.output_paths()
+    refuse_empty_resume([paths["last"]], resume=cfg.resume)  # (before the folder is created: it may be a typo)
     check_writable_dir(paths["best"].parent, "--models-dir")
     stem = paths["best"].name.removesuffix(".pt")
     with output_lock(paths["best"].parent / f".{stem}.lock", f"tokenizer {paths['best']}"):
