@@ -193,7 +193,7 @@ def planned_jobs(cfg: EvalConfig) -> list[tuple[int, int]]:
 def check_setup(cfg: EvalConfig) -> tuple[list[tuple[int, int]], dict[str, str]]:
     """Everything an evaluation needs, checked before the first episode: the planned (task, trial)
     pairs, every checkpoint present and readable (their content hashes), ``--replan-steps`` within
-    the tokenizer's chunk. Returns (jobs, checkpoint hashes)."""
+    the tokenizer's chunk, every task one the policy was trained on. Returns (jobs, checkpoint hashes)."""
     jobs = planned_jobs(cfg)
     paths = cfg.checkpoint_paths()
     missing = {name: path for name, path in paths.items() if not path.exists()}
@@ -209,7 +209,33 @@ def check_setup(cfg: EvalConfig) -> tuple[list[tuple[int, int]], dict[str, str]]
             f"--replan-steps {cfg.replan_steps} is longer than the tokenizer's chunk ({chunk_len} steps, {paths['tokenizer']}); "
             f"use 1..{chunk_len}"
         )
+    check_trained_tasks(cfg, sorted({task for task, _ in jobs}), paths["head"])
     return jobs, hashes
+
+
+def check_trained_tasks(cfg: EvalConfig, tasks: list[int], head_path: Path) -> None:
+    """Every requested task is one the head was trained on (its ``task_table``, matched as the workers
+    match it: by the suite's instruction), checked before the first episode rather than when a worker
+    reaches that task, after the earlier tasks' episodes."""
+    from common.policy.model import HEAD_KIND, task_index_in
+    from common.sim.libero_env import get_suite
+
+    table = read_checkpoint(head_path, kind=HEAD_KIND)["config"]["task_table"]
+    suite = get_suite(cfg.task_suite)
+    untrained = []
+    for task in tasks:
+        try:
+            task_index_in(table, suite=cfg.task_suite, task_id=task, instruction=suite.get_task(task).language)
+        except KeyError:
+            untrained.append(task)
+    if untrained:
+        # (a row without a suite, from a demo file that names none, is matched by its instruction)
+        trained = ", ".join(f"{r['suite']} {r['task_id']}" if r["suite"] else repr(r["instruction"]) for r in table)
+        raise ValueError(
+            f"--tasks {cfg.tasks}: {cfg.task_suite} task{'s' if len(untrained) > 1 else ''} {', '.join(map(str, untrained))} "
+            f"{'are' if len(untrained) > 1 else 'is'} not among the tasks {head_path} was trained on ({trained}); "
+            "choose --tasks among those, or train Phase 2 on demos of these tasks"
+        )
 
 
 def checkpoint_hashes(cfg: EvalConfig) -> dict[str, str]:

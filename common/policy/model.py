@@ -107,20 +107,24 @@ class LoadedPolicy:
 
     def task_index(self, *, task_id: int | None = None, suite: str | None = None, instruction: str | None = None) -> int:
         """Policy task index of a task: by instruction (exact, case-insensitive) or (suite, task_id)."""
-        rows = self.task_table
-        if instruction is not None:
-            hits = [r for r in rows if r["instruction"].strip().lower() == instruction.strip().lower()]
-            if suite:
-                hits = [r for r in hits if not r["suite"] or r["suite"] == suite]
-        else:
-            hits = [r for r in rows if r["task_id"] == task_id and (suite is None or r["suite"] == suite)]
-        if len(hits) != 1:
-            known = [(r["suite"], r["task_id"], r["instruction"]) for r in rows]
-            raise KeyError(
-                f"task (suite={suite!r}, task_id={task_id!r}, instruction={instruction!r}) matches {len(hits)} trained tasks; "
-                f"trained on {known}"
-            )
-        return int(hits[0]["index"])
+        return task_index_in(self.task_table, task_id=task_id, suite=suite, instruction=instruction)
+
+
+def task_index_in(rows: list[dict], *, task_id: int | None = None, suite: str | None = None, instruction: str | None = None) -> int:
+    """``LoadedPolicy.task_index`` on a checkpoint's ``task_table`` (an evaluation checks its tasks before loading the models)."""
+    if instruction is not None:
+        hits = [r for r in rows if r["instruction"].strip().lower() == instruction.strip().lower()]
+        if suite:
+            hits = [r for r in hits if not r["suite"] or r["suite"] == suite]
+    else:
+        hits = [r for r in rows if r["task_id"] == task_id and (suite is None or r["suite"] == suite)]
+    if len(hits) != 1:
+        known = [(r["suite"], r["task_id"], r["instruction"]) for r in rows]
+        raise KeyError(
+            f"task (suite={suite!r}, task_id={task_id!r}, instruction={instruction!r}) matches {len(hits)} trained tasks; "
+            f"trained on {known}"
+        )
+    return int(hits[0]["index"])
 
 
 def _check_tokenizer(path: Path, what: str, trained_hash: str | None, trained_tok: dict, tokenizer: LoadedTokenizer, allow: bool) -> bool:
@@ -129,14 +133,14 @@ def _check_tokenizer(path: Path, what: str, trained_hash: str | None, trained_to
     if not allow:
         raise CheckpointError(
             f"{path}: {what} was trained against tokenizer {trained_hash} ({trained_tok.get('path')}), but the loaded tokenizer "
-            f"is {tokenizer.content_hash} ({tokenizer.path}); retrain Phase 2 for this tokenizer or pass "
-            "allow_tokenizer_mismatch=True (Strategy B)"
+            f"is {tokenizer.content_hash} ({tokenizer.path}); retrain Phase 2 for this tokenizer, or pass "
+            "--strategy B to decode these models' tokens with it anyway (Phase 3)"
         )
     m = tokenizer.model
     for key, value in (("num_layers", m.num_layers), ("tokens_per_layer", m.tokens_per_layer), ("num_levels", m.num_levels)):
         if trained_tok.get(key) != value:
             raise CheckpointError(
-                f"{path}: {what} token layout does not fit the tokenizer even with allow_tokenizer_mismatch: "
+                f"{path}: {what} token layout does not fit the tokenizer even with --strategy B: "
                 f"{key} {trained_tok.get(key)} (trained) vs {value} ({tokenizer.path})"
             )
     return True
