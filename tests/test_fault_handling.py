@@ -19,8 +19,12 @@
 - nothing accepted silently: more ``--num-episodes`` than demos, actions outside [-1, 1] and demos
   shorter than a chunk are warned about with counts; an all-too-short split names the split;
 - every bad file is one line naming it (empty / non-HDF5 demo files, a non-HDF5 ``--out``);
-- the pipeline redoes a stage whose output changed after it was written;
-- ``--help`` explains every flag of every entry point.
+- the pipeline redoes a stage whose output changed after it was written, or whose stamp is damaged;
+- one pipeline run per root: a second ``rsd_pipeline run`` started mid-run is refused and deletes
+  nothing; a regular file as ``--root`` is one line (``--plan`` too);
+- a task the policy was not trained on is refused before the first episode;
+- ``--help`` explains every flag of every entry point, ``--debug`` included.
+(Damaged inputs and their messages: ``tests/test_damaged_inputs.py``.)
 """
 
 import json
@@ -464,3 +468,99 @@ def test_a_rerun_stage_starts_from_a_clean_folder_not_the_old_runs_partial_work(
     assert (folder / "old_episode.jsonl").exists()
     stages.run("eval", {"models": "b"}, [out], stage, stale=(folder,))
     assert not (folder / "old_episode.jsonl").exists() and out.exists()
+
+
+# ================================================================================ issue 38
+# --- the pipeline is one writer per root -------------------------------------------------------------
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_second_pipeline_run_on_the_same_root_is_refused_mid_run_and_deletes_nothing(tmp_path):
+    """The second run is refused by the root's lock before it reads a stamp or removes a stale folder
+    (it used to skip the first's stamped stages and delete the folder the first was writing)."""
+    root, report = tmp_path / "root", tmp_path / "report"
+    episodes = root / "results" / "phase3" / "compare_libero_object" / "naive" / "episodes.jsonl"  # a stage's folder
+    episodes.parent.mkdir(parents=True)
+    episodes.write_text('{"task": 0, "trial": 0, "status": "success"}\n')
+    (root / "stamps").mkdir()
+    (root / "stamps" / "phase3_compare.json").write_text('{"fingerprint": "0"}')
+    cmd = [sys.executable, "-m", "rsd_pipeline", "run", "--profile", "tiny", "--root", str(root), "--report-dir", str(report)]
+    env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lock, deadline = root / ".pipeline.lock", time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None:
+            try:
+                if json.loads(lock.read_text() or "{}").get("pid") == first.pid:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        assert first.poll() is None, first.stderr.read()
+        os.killpg(first.pid, signal.SIGSTOP)  # mid-run, frozen: whatever is on disk now must stay
+        before = _tree(root)
+        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1, second.stderr
+        assert second.stderr.count("\n") == 1 and second.stderr.startswith("error: ")
+        assert f"the pipeline root {root.resolve()} is being written by another run (pid {first.pid}, started " in second.stderr
+        assert _tree(root) == before and episodes.exists()
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        os.killpg(first.pid, signal.SIGCONT)
+        first.wait(timeout=30)
+    assert _wait_gone(first.pid, 15) == []
+
+
+def test_a_regular_file_as_pipeline_root_is_one_line_also_for_plan(tmp_path):
+    import rsd_pipeline
+
+    (tmp_path / "root").write_text("x")
+    for extra in ([], ["--plan"]):
+        with pytest.raises(NotADirectoryError, match=r"--root .*root: .*root is a regular file, not a folder; choose another --root"):
+            rsd_pipeline.main(["run", "--profile", "tiny", "--root", str(tmp_path / "root"), "--report-dir", str(tmp_path / "r"), *extra])
+    assert (tmp_path / "root").read_text() == "x" and not (tmp_path / "r").exists()
+
+
+def test_a_damaged_stamp_reruns_its_stage_and_the_log_names_it(tmp_path):
+    out, runs, log = tmp_path / "model.pt", [], []
+
+    def stage():
+        runs.append(1)
+        out.write_bytes(b"weights")
+        return "trained"
+
+    Stages(tmp_path, log.append).run("train", {"lr": 1}, [out], stage)
+    stamp = tmp_path / "stamps" / "train.json"
+    stamp.write_text(stamp.read_text()[:20])  # cut short
+    Stages(tmp_path, log.append, plan=True).run("train", {"lr": 1}, [out], stage)
+    assert len(runs) == 1 and f"{stamp}: damaged stage stamp (" in log[-1]
+    Stages(tmp_path, log.append).run("train", {"lr": 1}, [out], stage)
+    assert len(runs) == 2 and f"rerun: {stamp}: damaged stage stamp" in log[-2]
+    assert json.loads(stamp.read_text())["fingerprint"]  # rewritten
+
+
+# --- Phase 3 checks the policy's tasks before the first episode -------------------------------------------
+def test_a_task_the_policy_was_not_trained_on_is_refused_before_the_first_episode(tiny, tmp_path):
+    out = tmp_path / "run"
+    trained = get_suite("libero_object").get_task(0).language  # the fixture's demo file names no suite: matched by instruction
+    with pytest.raises(ValueError, match=r"--tasks 0-1: libero_object task 1 is not among the tasks .*best_rfsq_head\.pt was trained on "
+                                         rf"\('{trained}'\); choose --tasks among those"):
+        evaluate(EvalConfig(tasks="0-1", num_trials=1, workers=1, max_steps=4, models_dir=str(tiny["models"]), out=str(out)), progress=False)
+    assert not (out / "episodes.jsonl").exists() and not (out / "eval_config.json").exists()
+
+
+# --- --help: --debug everywhere, the pipeline's --profile ------------------------------------------------
+def test_every_entry_points_help_shows_debug_and_the_pipeline_explains_its_profiles():
+    import rsd_pipeline
+    from common.eval.compare import ComparisonConfig
+    from common.sim.demo_collection import CollectConfig
+    from common.tokenizer.compare import TokenizerComparisonConfig
+
+    for cls in (TokenizerTrainConfig, PolicyTrainConfig, EvalConfig, ComparisonConfig, TokenizerComparisonConfig, CollectConfig):
+        assert "--debug" in rsd_entry.build_parser(cls).format_help(), cls.__name__
+    assert "env steps per episode" in rsd_entry.build_parser(EvalConfig).format_help()  # --max-steps' unit
+    out = subprocess.run([sys.executable, "-m", "rsd_pipeline", "run", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    text = " ".join(out.stdout.split())  # (argparse wraps the lines)
+    assert "--debug" in text and "tiny: libero_object tasks 0, per task 3 demos and 1 trial, 1 policy epoch" in text
+    assert rsd_pipeline.profile_help().startswith("which settings to run (default: libero_object tasks 0-9")
