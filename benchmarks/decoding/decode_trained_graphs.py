@@ -162,6 +162,7 @@ def parse(argv: list[str]) -> ExportConfig | RunConfig:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{export,run}")
     for name, cls in COMMANDS.items():  # listed for --help; each one's own parser reads its flags
         sub.add_parser(name, help=(cls.__doc__ or "").strip().rstrip("."), add_help=False)
+    rsd_entry.add_debug_flag(parser)
     parser.parse_args(argv[:1])
     return rsd_entry.parse_config(COMMANDS[argv[0]], argv[1:], prog=f"{PROG} {argv[0]}")
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+import rsd_entry
+
 VOLATILE = re.compile(r"(seconds|_s$|_ms$|time|wall|created|git_sha|episodes_per_minute|provenance|^path$|_path$|checkpoint$|^cache$|^data$|metrics_jsonl|summary_(json|md)|models_dir|results_dir|data_dir|^out$|expert_results|tokenizer_path|head_path|^source$|latency|policy_ms|speedup|draft_cost|verify_overhead|costs|rfsq_checkpoint|last_state|best_checkpoint|^file$|^video$|^error$|content_hash|head_hash|^checkpoints$)")
 ROW_KEY = ("task", "trial", "epoch", "stage")
 
@@ -127,9 +129,15 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.diagnostics.compare_run_outputs", description=__doc__.split("\n")[0])
     parser.add_argument("before", help="the first run's output folder")
     parser.add_argument("after", help="the second run's output folder (the same layout)")
+    rsd_entry.add_debug_flag(parser)
     args = parser.parse_args(argv)
     return compare(Path(args.before), Path(args.after))
 
 
+def _cli(argv: list[str]) -> None:
+    if main(argv):
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    sys.exit(1 if main(sys.argv[1:]) else 0)
+    rsd_entry.main(_cli, sys.argv[1:])

@@ -94,13 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("files", nargs="+", help=docs["files"])
     parser.add_argument("--out", required=True, help=docs["out"])
     parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False, help=f"{docs['overwrite']} (default: False)")
+    rsd_entry.add_debug_flag(parser)
     return parser
 
 
 def main(argv: list[str]) -> list[dict]:
     parser = build_parser()
     try:
-        cfg = SlimDemosConfig(**vars(parser.parse_args(argv)))
+        cfg = SlimDemosConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "debug"})
     except ValueError as exc:
         parser.error(str(exc))
     out = Path(cfg.out)

@@ -52,13 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--episodes", type=int, default=defaults.episodes, help=f"{docs['episodes']} (default: {defaults.episodes})")
     parser.add_argument("--workers", type=int, nargs="+", default=defaults.workers, help=f"{docs['workers']} (default: {defaults.workers})")
     parser.add_argument("--out", default=defaults.out, help=f"{docs['out']} (default: {defaults.out!r})")
+    rsd_entry.add_debug_flag(parser)
     return parser
 
 
 def main(argv: list[str]) -> dict:
     parser = build_parser()
     try:
-        cfg = BenchCollectionConfig(**vars(parser.parse_args(argv)))
+        cfg = BenchCollectionConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "debug"})
     except ValueError as exc:
         parser.error(str(exc))
 

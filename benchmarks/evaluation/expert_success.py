@@ -83,13 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, tp in (("tasks", str), ("trials", int), ("workers", int), ("action_noise", float), ("out", str)):
         default = getattr(defaults, name)
         parser.add_argument("--" + name.replace("_", "-"), type=tp, default=default, help=f"{docs[name]} (default: {default!r})")
+    rsd_entry.add_debug_flag(parser)
     return parser
 
 
 def main(argv: list[str]) -> None:
     parser = build_parser()
     try:
-        cfg = ExpertSuccessConfig(**vars(parser.parse_args(argv)))
+        cfg = ExpertSuccessConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "debug"})
     except ValueError as exc:
         parser.error(str(exc))
 
