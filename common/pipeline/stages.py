@@ -41,7 +41,7 @@ def read_stamp(path: Path) -> dict:
     try:
         saved = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StampError(f"{path}: damaged stage stamp ({getattr(exc, 'msg', None) or type(exc).__name__})") from None
+        raise StampError(f"{path}: damaged stage stamp ({exc})") from None
     if not isinstance(saved, dict):
         raise StampError(f"{path}: damaged stage stamp (a JSON {type(saved).__name__}, expected an object)")
     return saved
