@@ -63,18 +63,46 @@ def provenance(*, seed: int | None = None, **extra: Any) -> dict[str, Any]:
     }
 
 
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as results and reports record it: repo-relative POSIX when it lies under the repository
+    root (a committed file then names no folder of the machine it was made on), anything else unchanged
+    (``/models`` and ``/data`` are Modal's volumes, meaningful where those runs happen). A comma-separated
+    list (``--data a.hdf5,b.hdf5``) is converted item by item. Lexical: a path reaching the repository
+    through a symlink stays as given. ``recorded_path`` reads it back."""
+    text = os.fspath(path)
+    root = REPO_ROOT.as_posix()
+    if root not in text:  # most strings a results file holds
+        return text
+
+    def one(part: str) -> str:
+        if part == root:
+            return "."
+        return part[len(root) + 1:] if part.startswith(root + "/") else part
+
+    return ",".join(one(part) for part in text.split(","))
+
+
+def recorded_path(value: str | os.PathLike) -> Path:
+    """A path read back from a results file: a relative one is taken from the repository root (what
+    ``portable_path`` wrote; results record no working directory), an absolute one as it is."""
+    path = Path(value)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 def json_safe(value: Any) -> Any:
     """``value`` as strict JSON accepts it: NaN and infinities become ``null`` (a rate with no episodes has
     no value; bare ``NaN`` is rejected by strict readers such as JavaScript's ``JSON.parse``), paths become
-    strings. Readers of older files still get ``float('nan')`` from Python's ``json``; treat both alike."""
+    strings, repo-relative under the repository root (``portable_path``). Readers of older files still get
+    ``float('nan')`` from Python's ``json``; treat both alike."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
+        # keys may be paths too (e.g. the rollout folders a draft was distilled on)
+        return {portable_path(k) if isinstance(k, str) else k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
+    if isinstance(value, (str, Path)):
+        return portable_path(value)
     return value
 
 

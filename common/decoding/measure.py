@@ -18,6 +18,7 @@ from common.decoding.speculative import main_only_decode, speculative_decode
 from common.decoding.timing import Clock, evict_caches, eviction_buffer
 from common.policy.draft import DraftWithProjection
 from common.policy.head import RFSQHead
+from common.provenance import portable_path
 
 BUNDLE_KIND = "rsd-decode-bundle-v1"
 
@@ -62,7 +63,7 @@ def export_bundle(models_dir: Path, tag: str, bundle: Path, states: Path | None 
         "head_config": policy.head.config, "head_state": policy.head.state_dict(),
         "draft_config": policy.draft.config, "draft_state": policy.draft.state_dict(),
         "head": str(paths["head"]), "draft": str(paths["draft"]), "head_hash": policy.head_hash, "draft_hash": policy.draft_hash,
-        "states": "held-out demo steps" if states is None else f"closed-loop states recorded by {states}",
+        "states": "held-out demo steps" if states is None else f"closed-loop states recorded by {portable_path(states)}",
     }
     bundle.parent.mkdir(parents=True, exist_ok=True)
     torch.save(content, bundle)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from common.provenance import write_json
+from common.provenance import json_safe, write_json
 
 
 PENDING = "(pending: "  # a plan's placeholder for the hash of an output a stage would rewrite
@@ -99,7 +99,8 @@ class Stages:
         except StampError as exc:  # (the stage rewrites it when it reruns)
             return f"{exc}, which cannot vouch for the outputs"
         if saved.get("fingerprint") != fingerprint:
-            changed = changed_keys(saved.get("inputs", {}), json.loads(json.dumps(inputs, default=str)))
+            # the stamp holds its inputs as write_json wrote them (paths repo-relative): compare like with like
+            changed = changed_keys(saved.get("inputs", {}), json.loads(json.dumps(json_safe(inputs), default=str)))
             return "settings or inputs changed" + (f": {', '.join(changed)}" if changed else "")
         missing = [p.name for p in outputs if not p.exists()]
         if missing:

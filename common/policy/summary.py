@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.provenance import portable_path
+
 
 def _pct(values) -> str:
     return " | ".join(f"{100 * v:.1f}" for v in values)
@@ -15,9 +17,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
     lines = [
         f"### Phase 2 training ({tok['conditioning']} tokens{', tag ' + s['tag'] if s['tag'] else ''})",
         "",
-        f"Data: `{s['data']}` — {s['num_episodes']} demos ({s['train_episodes']} train / {s['val_episodes']} held-out episodes, "
+        f"Data: `{portable_path(s['data'])}` — {s['num_episodes']} demos ({s['train_episodes']} train / {s['val_episodes']} held-out episodes, "
         f"{s['train_steps']} / {s['val_steps']} steps), {s['num_tasks']} tasks, backbone `{s['backbone']}`, device {s['device']}. "
-        f"Tokenizer `{tok['path']}` ({tok['content_hash']}): {tok['num_layers']} layers x {tok['tokens_per_layer']} tokens x {tok['num_levels']} levels. "
+        f"Tokenizer `{portable_path(tok['path'])}` ({tok['content_hash']}): {tok['num_layers']} layers x {tok['tokens_per_layer']} tokens x {tok['num_levels']} levels. "
         f"Wall time {s['wall_seconds']:.1f} s (main {s.get('main_seconds', 0.0):.1f} s{', loaded from its checkpoint' if 'main' not in s.get('stages', ['main']) else ''}, "
         f"draft {s.get('draft_seconds', 0.0):.1f} s).",
         "",

@@ -55,7 +55,7 @@ from common.policy.metrics import (
 )
 from common.policy.model import DRAFT_KIND, HEAD_KIND, PolicyModel
 from common.policy.summary import summary_markdown
-from common.provenance import provenance, write_json
+from common.provenance import provenance, recorded_path, write_json
 from common.tokenizer.model import LoadedTokenizer, load_tokenizer
 from common.locks import check_writable_dir, output_lock
 from common.policy.decode_choice import action_errors_by_depth, choose_decoding
@@ -295,9 +295,10 @@ def _check_before_training(cfg: PolicyTrainConfig, tok: LoadedTokenizer, paths: 
             theirs = json.loads(summary.read_text()).get("train_config", {}).get("models_dir", "")
         except ValueError:
             theirs = None  # a damaged summary is simply rewritten
-        if theirs is not None and models_dir_of(theirs).resolve() != cfg.root().resolve():
+        # summaries record repo-relative paths (common.provenance.portable_path): compare where they point
+        if theirs is not None and recorded_path(models_dir_of(theirs)).resolve() != cfg.root().resolve():
             raise FileExistsError(
-                f"{summary}: holds the summary of the models in {models_dir_of(theirs)}, this run trains into {cfg.root()}; "
+                f"{summary}: holds the summary of the models in {recorded_path(models_dir_of(theirs))}, this run trains into {cfg.root()}; "
                 "pass a --results-dir of its own (one per models dir) or --overwrite to replace that summary"
             )
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.artifacts import NAIVE_TOKENIZER, ROBUST_TOKENIZER, models_dir_of, phase1_results, results_dir_of
-from common.provenance import provenance, write_json
+from common.provenance import portable_path, provenance, write_json
 from common.tokenizer.diagnostics import compare_tokenizers, diagnostics_table, plot_diagnostics
 from common.tokenizer.model import load_tokenizer
 
@@ -30,7 +30,7 @@ def verdict(ok: bool) -> str:
 
 def render_markdown(result: dict) -> str:
     lines = [
-        f"Held-out: {result['heldout']['num_chunks']} chunks from {len(result['heldout']['val_episodes'])} episodes of `{result['heldout']['data']}`.",
+        f"Held-out: {result['heldout']['num_chunks']} chunks from {len(result['heldout']['val_episodes'])} episodes of `{portable_path(result['heldout']['data'])}`.",
         "",
         "| tokenizer | MSE (normalized actions) | dead layers | tokens/layer |",
         "|---|---|---|---|",
