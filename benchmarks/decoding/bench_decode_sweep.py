@@ -2,7 +2,7 @@
 
     python -m benchmarks.decoding.bench_decode_sweep [--device cpu|cuda] [--dtype float64|float32] [--sizes 64x1,128x2]
                                             [--repeats 200] [--out DIR]
-    python -m benchmarks.decoding.bench_decode_sweep --sizes 64x1 --repeats 20 --out /tmp/sweep   # quick CPU check
+    python -m benchmarks.decoding.bench_decode_sweep --sizes 64x1 --repeats 20 --out artifacts/sweep   # quick CPU check
     bash benchmarks/decoding/device_sweep.sh                                                       # the GPU sweep
 
 For every (main size, draft size) pair it measures, on the same random features:

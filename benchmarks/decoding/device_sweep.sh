@@ -9,7 +9,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-/tmp/device_sweep_out}
+OUT=${OUT:-artifacts/device_sweep_out}
 mkdir -p "$OUT/sweep"
 
 nvidia-smi -L

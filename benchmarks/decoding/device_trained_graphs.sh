@@ -8,7 +8,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-/tmp/device_trained_graphs_out}
+OUT=${OUT:-artifacts/device_trained_graphs_out}
 mkdir -p "$OUT"
 [ "$#" -ge 1 ] || { echo "usage: bash benchmarks/decoding/device_trained_graphs.sh BUNDLE.pt [BUNDLE.pt ...]" >&2; exit 2; }
 

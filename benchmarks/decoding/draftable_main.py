@@ -41,7 +41,7 @@ from common.policy.labels import batches, build_split, load_policy_episodes
 from common.policy.losses import MainLoss
 from common.policy.metrics import compute_features, draft_main_agreement
 from common.policy.model import HEAD_KIND, load_policy
-from common.provenance import REPO_ROOT, provenance, write_results
+from common.provenance import REPO_ROOT, portable_path, provenance, write_results
 from common.tokenizer.model import load_tokenizer
 
 PROG = "python -m benchmarks.decoding.draftable_main"
@@ -152,7 +152,7 @@ def run(models_dir: Path, *, weights: list[float], epochs: int, lr: float, batch
 def markdown(r: dict) -> str:
     closed = r["bundle"] is not None
     lines = [
-        f"Head `{Path(r['head']).name}` ({r['models_dir']}) decoding L = {r['decoded_layers']} layers ({r['decode_rule']}), its draft proposing "
+        f"Head `{Path(r['head']).name}` ({portable_path(r['models_dir'])}) decoding L = {r['decoded_layers']} layers ({r['decode_rule']}), its draft proposing "
         f"K = {r['drafted_layers']}; each fine-tuned copy: {r['epochs']} epochs over {r['train_steps']} training steps, lr {r['lr']:g}, "
         f"the head's Phase 2 loss + w x cross-entropy of its verify rows toward the draft's tokens (backbone and draft frozen). "
         f"Held-out: {r['val_steps']} demo steps of the Phase 2 split."

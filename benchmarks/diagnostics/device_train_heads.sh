@@ -13,7 +13,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-/tmp/device_train_heads_out}
+OUT=${OUT:-artifacts/device_train_heads_out}
 RUN_TIMEOUT=${RUN_TIMEOUT:-420}
 [ "$#" -eq 1 ] && [ -f "$1" ] || { echo "usage: bash benchmarks/diagnostics/device_train_heads.sh RUNS.txt" >&2; exit 2; }
 mkdir -p "$OUT/work"

@@ -78,7 +78,7 @@ class GraphedDecoder:
     """Batch-1 greedy decoding of the first ``num_layers`` layers of ``main``, main-only and (given a
     features draft with ``propose_rows``) speculative with exact acceptance, from captured graphs
     (``replay="graphs"``) or from the same bodies compiled by ``torch.compile`` (``replay="compile"``,
-    any device; measured apart from the default eager path in phase3/DIAGNOSTICS.md, diagnostic 6h).
+    any device; measured apart from the default eager path in docs/diagnostics/6h_torch_compile.md).
 
     ``draft`` proposes K = min(draft.coarse_layers, num_layers - 1, coarse_layers) layers (``coarse_layers``
     as in ``speculative_decode``: fewer drafted layers, a narrower verify pass); the draft object is called

@@ -43,7 +43,7 @@ of the main's greedy token; accepted layers keep the DRAFT's tokens, so the resu
 ``SpecStats.lossy`` is set (report it separately from exact mode). ``relaxed_layers=n`` applies the
 tolerance to the n coarsest drafted layers only and accepts the finer ones exactly: the main model
 predicts those given the draft's coarse tokens, so a redundant code's later layers could absorb a
-coarse error (measured on the make run, they do not absorb enough of it: phase3/DIAGNOSTICS.md, diagnostic 7).
+coarse error (measured on the make run, they do not absorb enough of it: docs/diagnostics/7_relaxed_acceptance.md).
 """
 
 from __future__ import annotations

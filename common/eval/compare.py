@@ -82,7 +82,7 @@ def _num(v, fmt="{:.2f}"):
 
 
 def expert_rate(path: Path, suite: str, tasks: list[int]) -> float | None:
-    """The scripted expert's success on the same tasks (from benchmarks/expert_success.py)."""
+    """The scripted expert's success on the same tasks (from benchmarks/evaluation/expert_success.py)."""
     if not path.exists():
         return None
     data = json.loads(path.read_text())

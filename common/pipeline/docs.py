@@ -145,7 +145,7 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
                                 "the commands in results/phase3_diagnostics/retrain_variance/COMMANDS.md, then python -m benchmarks.evaluation.lever_table "
                                 "--out results/phase3_diagnostics/retrain_variance --runs label=<eval folder>,..."),
     "bench_rate_distortion": ("bench_rate_distortion.md", "bench_rate_distortion.json",
-                              "python -m benchmarks.tokenizer.bench_rate_distortion --epochs 15 (demos: see phase1_improved/AGENT_GUIDE.md)"),
+                              "python -m benchmarks.tokenizer.bench_rate_distortion --epochs 15 (demos: docs/diagnostics/phase1_rate_distortion.md)"),
     "action_statistics": ("action_statistics.md", "action_statistics.json", "python -m benchmarks.tokenizer.action_statistics"),
     "phase3_replay_fidelity": ("phase3_diagnostics/replay_fidelity/replay_fidelity.md", "phase3_diagnostics/replay_fidelity/replay_fidelity.json",
                                "python -m benchmarks.diagnostics.replay_fidelity --data <make run demos> --models-dir <make run models>"),

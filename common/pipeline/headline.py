@@ -31,7 +31,13 @@ HEADLINE_RUNS = (
 )
 
 
+def _rate(value: float | None) -> float | None:
+    """A rate as read back: null (written for "no episodes") and an older file's bare NaN alike."""
+    return None if value is None or value != value else value
+
+
 def _pct(rate: float | None) -> str:
+    rate = _rate(rate)
     return "—" if rate is None else f"{100 * rate:.1f}%"
 
 
@@ -98,7 +104,7 @@ def plot_headline(rows: list[dict], path: Path) -> Path:
     width = 0.26
     for i, (name, key, color) in enumerate(bars):
         xs = [j + (i - 1) * width for j in range(len(rows))]
-        values = [100 * (r[key] or 0.0) for r in rows]
+        values = [100 * (_rate(r[key]) or 0.0) for r in rows]
         ax.bar(xs, values, width, label=name, color=color)
         for x, v in zip(xs, values):
             ax.text(x, v + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=8)

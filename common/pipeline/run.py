@@ -336,7 +336,7 @@ def _run_stages(profile: Profile, root: Path, report_dir: Path, log: Callable[[s
     heads = set(models.glob("best_*.pt")) | {Path(p) for p in stages.pending if Path(p).parent == models and Path(p).name.startswith("best_")}
     policy_hashes = {p.name: stages.hash(p) for p in sorted(heads)}
 
-    # the scripted expert's committed success rates (benchmarks/expert_success.py), not this run's
+    # the scripted expert's committed success rates (benchmarks/evaluation/expert_success.py), not this run's
     ccfg = ComparisonConfig(task_suite=profile.suite, tasks=profile.tasks, num_trials=profile.eval_trials,
                             workers=profile.workers, max_steps=profile.eval_max_steps, auto_decode=profile.auto_decode,
                             draft_candidates=profile.draft_candidates, variant_trials=profile.variant_trials,

@@ -36,7 +36,7 @@ DRAFT_TRUNKS = ("residual", "mlp")
 # by the main model's first pass, so the draft is a few small ops and proposes layers 1..K).
 DRAFT_INPUTS = ("features", "main_hidden")
 # The trunk's nonlinearity. At batch 1 on a CPU, float32 exact GELU (erf) costs 5-7x the tanh
-# approximation or ReLU per call (benchmarks/draft_cost.py), a large share of a small draft's time;
+# approximation or ReLU per call (benchmarks/decoding/draft_cost.py), a large share of a small draft's time;
 # "gelu" is what drafts from before this option used.
 DRAFT_ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": lambda: nn.ReLU()}
 

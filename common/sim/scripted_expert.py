@@ -24,7 +24,7 @@ With ``ExpertConfig(operator="human")`` every command goes through the human-tel
 ``common/sim/operator_model.py`` (band-limited noise, hesitations, overshoot, late gripper changes);
 the expert stays closed-loop, so it corrects the operator's errors.
 
-Not handled (measured rates: benchmarks/expert_success.py, results/expert_success.md):
+Not handled (measured rates: benchmarks/evaluation/expert_success.py, results/expert_success.md):
   * goals other than one on/in predicate: libero_10 (two predicates), libero_goal's
     open/close/turnon goals -> UnsupportedGoalError;
   * the bowl inside the open top drawer (libero_spatial task 4): the hand housing hits the cabinet
