@@ -123,6 +123,10 @@ def test_rollout_features_are_read_back_and_checked(tmp_path):
         read_rollout_features(run, head_hash="xyz")
     with pytest.raises(FileNotFoundError, match="--record-features"):
         read_rollout_features(tmp_path / "missing", head_hash="abc")
+    # rows appended by parallel workers in another order give the same features, in (task, trial) order
+    rows = [{"task": t, "trial": tr, "chunks": [{"features": [float(t), float(tr)]}]} for t, tr in ((1, 0), (0, 3), (0, 1))]
+    (run / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_rollout_features(run, head_hash="abc").tolist() == [[0.0, 1.0], [0.0, 3.0], [1.0, 0.0]]
     (tmp_path / "empty").mkdir()
     empty = _fake_run(tmp_path / "empty", chunks=({"main_s": 0.1},))
     with pytest.raises(ValueError, match="no recorded features"):

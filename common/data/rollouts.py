@@ -22,6 +22,8 @@ from common.jsonl import read_jsonl
 def read_rollout_features(run_dir: str | Path, *, head_hash: str) -> torch.Tensor:
     """Features [N, F] (float32) of every recorded chunk of the Phase 3 run in ``run_dir``.
 
+    Episodes are read in (task, trial) order, not in the order the evaluation's workers happened to
+    finish them, so the same rollouts always give the same training set (and the same draft).
     Refuses a run whose head was not ``head_hash`` (its features come from another backbone) or
     that recorded no features; names the file and what it found."""
     run_dir = Path(run_dir)
@@ -33,7 +35,8 @@ def read_rollout_features(run_dir: str | Path, *, head_hash: str) -> torch.Tenso
     ran_with = saved.get("checkpoints", {}).get("head")
     if ran_with != head_hash:
         raise ValueError(f"{config_path}: the rollouts ran head {ran_with}, expected {head_hash} (rerun them with this head)")
-    feats = [c["features"] for r in read_jsonl(rows_path) for c in r.get("chunks", []) if "features" in c]
+    rows = sorted(read_jsonl(rows_path), key=lambda r: (r["task"], r["trial"]))
+    feats = [c["features"] for r in rows for c in r.get("chunks", []) if "features" in c]
     if not feats:
         raise ValueError(f"{rows_path}: no recorded features; run Phase 3 with --record-features")
     return torch.tensor(feats, dtype=torch.float32)
