@@ -32,6 +32,10 @@ def test_paths_under_each_runs_root_compare_equal_other_strings_do_not(tmp_path)
     lines = []
     assert compare(before, after, out=lines.append) == 0
     assert lines == ["identical: eval/info.json", "1 JSON files and the checkpoints compared, 0 differences"]
+    # a key that is a path (e.g. states per rollout folder) matches the same key under the other root
+    _write(before, "states.json", {str(tmp_path / "before" / "rollouts_none"): 211})
+    _write(after, "states.json", {str(tmp_path / "after" / "rollouts_none"): 211})
+    assert compare(before, after, out=lambda line: None) == 0
     _write(after, "eval/info.json", {"models": str(tmp_path / "after" / "artifacts" / "other"), "suite": "libero_spatial", "rate": 0.1})
     lines = []
     assert compare(before, after, out=lines.append) == 3

@@ -59,6 +59,9 @@ def _unrooted(text: str, roots: list[str]) -> str:
 def walk(a: Any, b: Any, path: str, diffs: list[str], roots: tuple[list[str], list[str]] = ([], [])) -> None:
     """Append one line to ``diffs`` per difference between ``a`` (before) and ``b`` (after)."""
     if isinstance(a, dict) and isinstance(b, dict):
+        # keys may be paths too (e.g. the states each rollout folder gave): match them without their run root
+        a = {_unrooted(k, roots[0]): v for k, v in a.items()}
+        b = {_unrooted(k, roots[1]): v for k, v in b.items()}
         for k in sorted(set(a) | set(b)):
             if VOLATILE.search(k):
                 continue
