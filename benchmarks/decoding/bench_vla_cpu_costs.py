@@ -23,7 +23,7 @@ import numpy as np
 
 import rsd_entry
 from common.artifacts import results_dir_of
-from common.provenance import provenance, write_json
+from common.provenance import provenance, write_results
 
 PROG = "python -m benchmarks.decoding.bench_vla_cpu_costs"
 
@@ -108,7 +108,6 @@ def run(cfg: BenchVLACostsConfig) -> dict:
         "provenance": provenance(),
     }
     out = Path(cfg.out) if cfg.out else results_dir_of("")
-    write_json(out / "bench_vla_cpu_costs.json", result)
     md = [
         f"OpenVLA-OFT Phase 3 costs outside the 7B forward, `{cfg.task_suite}` task 0, this CPU (measured), and GPU-hours (ESTIMATE).",
         "",
@@ -125,8 +124,7 @@ def run(cfg: BenchVLACostsConfig) -> dict:
         f"| cache features for {cache_steps} demo steps | {cache_hours:.2f} GPU-h |",
         f"| Phase 3, {episodes} episodes in {containers} containers, ≤ {max_steps} steps / {chunks} chunks each | ≤ {eval_hours:.2f} GPU-h |",
     ]
-    (out / "bench_vla_cpu_costs.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(out, "bench_vla_cpu_costs", result, "\n".join(md))
     return result
 
 

@@ -19,7 +19,7 @@ import rsd_entry
 from common.artifacts import results_dir_of
 from common.eval.closed_loop import evaluate
 from common.eval.config import EvalConfig
-from common.provenance import provenance, write_json
+from common.provenance import provenance, write_results
 
 PROG = "python -m benchmarks.evaluation.bench_eval_workers"
 
@@ -52,12 +52,10 @@ def run(cfg: BenchEvalConfig) -> dict:
     result = {"config": cfg.__dict__, "rows": rows, "speedup_2_over_1": rows[1]["episodes_per_minute"] / rows[0]["episodes_per_minute"],
               "provenance": provenance()}
     out = Path(cfg.out) if cfg.out else results_dir_of(cfg.results_dir)
-    write_json(out / "bench_eval_workers.json", result)
     md = ["| workers | episodes | wall s | episodes / min | env steps / s |", "|---|---|---|---|---|"]
     md += [f"| {r['workers']} | {r['episodes']} | {r['wall_seconds']:.1f} | {r['episodes_per_minute']:.1f} | {r['env_steps_per_second']:.1f} |" for r in rows]
     md.append(f"\n2 workers vs 1: {result['speedup_2_over_1']:.2f}x (same tasks and init states; wall time includes env and policy start-up).")
-    (out / "bench_eval_workers.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(out, "bench_eval_workers", result, "\n".join(md))
     return result
 
 
