@@ -23,7 +23,7 @@ import numpy as np
 import rsd_entry
 from common.artifacts import results_dir_of
 from common.data.episodes import load_episodes
-from common.provenance import provenance, write_json
+from common.provenance import provenance, write_results
 
 PROG = "python -m benchmarks.tokenizer.action_statistics"
 
@@ -137,11 +137,8 @@ def run(cfg: ActionStatsConfig) -> dict:
         raise FileNotFoundError(f"--files: no such demo file(s): {', '.join(missing)} (collect with python -m phase1_improved.collect_demos)")
     result = {"config": asdict(cfg), "files": [action_statistics(f) for f in files], "provenance": provenance(seed=0)}
     out = results_dir_of(cfg.out)
-    write_json(out / "action_statistics.json", result)
-    table = render(result)
-    (out / "action_statistics.md").write_text(table + "\n")
+    write_results(out, "action_statistics", result, render(result))
     plot(result, out / "action_statistics.png")
-    print(table)
     return result
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import rsd_entry
 from common.artifacts import results_dir_of
-from common.provenance import provenance, write_json
+from common.provenance import provenance, write_results
 from common.tokenizer.model import ActionRFSQAE
 from common.tokenizer.train import TokenizerTrainConfig, prepare_chunks, train_tokenizer_model
 
@@ -184,11 +184,8 @@ def run(cfg: RateDistortionConfig) -> dict:
     result = {"config": asdict(cfg), "datasets": results, "plain_loop_human_like": plain, "notes": notes,
               "provenance": provenance(seed=cfg.seed, torch_threads=1)}
     out = results_dir_of(cfg.out)
-    write_json(out / "bench_rate_distortion.json", result)
-    table = render(result)
-    (out / "bench_rate_distortion.md").write_text(table + "\n")
+    write_results(out, "bench_rate_distortion", result, render(result))
     plot(result, out / "bench_rate_distortion.png")
-    print(table)
     return result
 
 
