@@ -183,7 +183,7 @@ def test_phase1_comparison_checks_out_before_loading_anything(tmp_path):
 def test_rates_without_episodes_are_null_and_old_nan_files_still_read(tmp_path):
     from common.eval.config import EvalConfig
     from common.eval.summary import render_table, summarize, write_outputs
-    from common.pipeline.report import num, pct
+    from common.eval.summary import num, pct
 
     cfg = EvalConfig(tasks="0", num_trials=1, out=str(tmp_path / "run"))
     rows = [{"task": 0, "trial": 0, "instruction": "pick up the alphabet soup and place it in the basket", "status": "success",

@@ -22,7 +22,7 @@ from common.artifacts import (
 )
 from common.eval.closed_loop import evaluate
 from common.eval.config import EpisodeSettings, EvalConfig
-from common.eval.summary import decoding_label, identical_label
+from common.eval.summary import decoding_label, identical_label, num, pct
 from common.provenance import provenance, write_json
 
 VARIANTS = {  # name -> (tokenizer, strategy)
@@ -71,14 +71,6 @@ class ComparisonConfig(EpisodeSettings):
     @property
     def variant_list(self) -> list[str]:
         return [v.strip() for v in self.variants.split(",") if v.strip()]
-
-
-def _pct(v):
-    return "—" if v is None or v != v else f"{100 * v:.1f}%"
-
-
-def _num(v, fmt="{:.2f}"):
-    return "—" if v is None or v != v else fmt.format(v)
 
 
 def expert_rate(path: Path, suite: str, tasks: list[int]) -> float | None:
@@ -160,7 +152,7 @@ def run_comparison(cfg: ComparisonConfig) -> dict:
         + (f", first {cfg.decode_layers} layers decoded" if cfg.decode_layers else "")
         + (", last decoded layer by its expected value" if cfg.decode_rule == "expected" else "")
         + (", each variant decoding the depth and rule its head chose on held-out data (decoded column)." if cfg.auto_decode else "."),
-        f"Scripted expert on the same tasks: {_pct(expert)}.",
+        f"Scripted expert on the same tasks: {pct(expert)}.",
         "",
         "| variant | trials / task | success | fine-grained | decoded | policy ms / env step (spec) | (main-only) | token decode ms / chunk (spec) | (main-only) | token-decode speedup | main passes / chunk (spec / main-only) | mean accepted layers | draft cost c (main passes) | verify overhead v (main passes) | lossless identical | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -169,11 +161,11 @@ def run_comparison(cfg: ComparisonConfig) -> dict:
         lat, step = info["latency_ms"], info["step_latency"] or {}
         spec_tok = lat.get("main_ms", {}).get("mean", float("nan")) + lat.get("draft_ms", {}).get("mean", 0.0)
         lines.append(
-            f"| {name} | {cfg.trials_for_variant[name]} | {_pct(info['success_rate'])} | {_pct(info['fine_grained_success_rate'])} | "
-            f"{decoding_label(info)} | {_num(step.get('policy_ms_per_env_step'))} | {_num(step.get('main_only_policy_ms_per_env_step'))} | "
-            f"{_num(spec_tok)} | {_num(lat.get('ref_main_ms', {}).get('mean'))} | {_num(info['token_decode_speedup'])}x | "
-            f"{_num(info['main_passes_per_chunk'])} / {_num(info['main_only_passes_per_chunk'])} | {_num(info['mean_accepted_layers'])} | "
-            f"{_num(draft_cost_in_main_passes(info))} | {_num(verify_overhead_in_main_passes(info))} | "
+            f"| {name} | {cfg.trials_for_variant[name]} | {pct(info['success_rate'])} | {pct(info['fine_grained_success_rate'])} | "
+            f"{decoding_label(info)} | {num(step.get('policy_ms_per_env_step'))} | {num(step.get('main_only_policy_ms_per_env_step'))} | "
+            f"{num(spec_tok)} | {num(lat.get('ref_main_ms', {}).get('mean'))} | {num(info['token_decode_speedup'])}x | "
+            f"{num(info['main_passes_per_chunk'])} / {num(info['main_only_passes_per_chunk'])} | {num(info['mean_accepted_layers'])} | "
+            f"{num(draft_cost_in_main_passes(info))} | {num(verify_overhead_in_main_passes(info))} | "
             f"{identical_label(info['lossless_identical_fraction'], info.get('chunks'))} | {info['errors']} |"
         )
     fine = fine_motion_rows(cfg.models_dir)

@@ -179,15 +179,22 @@ def identical_label(fraction: float | None, chunks: int | None = None) -> str:
     return f"{100 * fraction:.2f}% ({differ})"
 
 
-def _missing(v) -> bool:
-    """No value: ``None`` (how eval_info.json now stores a rate without episodes) or NaN (older files)."""
+def no_value(v) -> bool:
+    """No value: ``None`` (how results now store a rate without episodes) or NaN (older files)."""
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def _fmt(v, pct=False):
-    if _missing(v):
-        return "—"
-    return f"{100 * v:.1f}%" if pct else f"{v:.3g}"
+def pct(v) -> str:
+    """A rate for a table: one decimal percent, or a dash where there is no value."""
+    return "—" if no_value(v) else f"{100 * v:.1f}%"
+
+
+def num(v, fmt: str = "{:.2f}") -> str:
+    return "—" if no_value(v) else fmt.format(v)
+
+
+def _fmt(v, as_pct=False):
+    return pct(v) if as_pct else num(v, "{:.3g}")
 
 
 def render_table(info: dict) -> str:
@@ -205,7 +212,7 @@ def render_table(info: dict) -> str:
     for task, t in info["per_task"].items():
         lines.append(
             f"| {task} | {t['instruction']} | {'yes' if t['fine_grained'] else 'no'} | {_fmt(t['success_rate'], True)} | "
-            f"{t['episodes']} | {t['error']} | {'—' if _missing(t['mean_steps']) else format(t['mean_steps'], '.0f')} |"
+            f"{t['episodes']} | {t['error']} | {num(t['mean_steps'], '{:.0f}')} |"
         )
     lines += ["", "| latency per chunk (ms) | mean | p50 | p95 |", "|---|---|---|---|"]
     for name, s in lat.items():
@@ -249,7 +256,7 @@ def plot_eval(info: dict, path: Path) -> Path:
     tasks = list(info["per_task"])
     rates = [info["per_task"][t]["success_rate"] for t in tasks]
     colors = ["tab:orange" if info["per_task"][t]["fine_grained"] else "tab:blue" for t in tasks]
-    axes[0].bar(tasks, [0 if _missing(r) else r for r in rates], color=colors)
+    axes[0].bar(tasks, [0 if no_value(r) else r for r in rates], color=colors)
     axes[0].set(title="Success per task (orange: fine-grained)", xlabel="task", ylabel="success rate", ylim=(0, 1))
     lat = info["latency_ms"]
     names = [n for n in ("backbone_ms", "draft_ms", "main_ms", "tokenizer_decode_ms") if n in lat]

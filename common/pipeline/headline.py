@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.eval.summary import identical_label, no_value, pct
 from common.provenance import provenance, write_json
 
 HEADLINE_DIR = "headline"
@@ -29,21 +30,6 @@ HEADLINE_RUNS = (
     HeadlineRun("libero_spatial (spatial profile, 0.5M main)", "phase3/compare_libero_spatial"),
     HeadlineRun("libero_spatial (256 x 4 main, 3.5M)", "phase3_diagnostics/model_size/compare_held_out"),
 )
-
-
-def _rate(value: float | None) -> float | None:
-    """A rate as read back: null (written for "no episodes") and an older file's bare NaN alike."""
-    return None if value is None or value != value else value
-
-
-def _pct(rate: float | None) -> str:
-    rate = _rate(rate)
-    return "—" if rate is None else f"{100 * rate:.1f}%"
-
-
-def _identical(fraction: float) -> str:
-    """Never rounds a differing chunk away: 100% only when every chunk was identical."""
-    return "100%" if fraction == 1.0 else f"{100 * fraction:.2f}%"
 
 
 def headline_rows(results_root: Path) -> list[dict]:
@@ -72,6 +58,7 @@ def headline_rows(results_root: Path) -> list[dict]:
             "fine_grained_robust_a": variants["robust-A"]["fine_grained_success_rate"],
             "speedup_robust_a": variants["robust-A"]["token_decode_speedup"],
             "lossless_robust_a": variants["robust-A"]["lossless_identical_fraction"],
+            "chunks_robust_a": variants["robust-A"].get("chunks"),
             "source_git_sha": data.get("provenance", {}).get("git_sha"),
         })
     return rows
@@ -85,9 +72,9 @@ def headline_table(rows: list[dict]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['label']} | {r['trials']} | {_pct(r['expert'])} | {_pct(r['naive'])} | **{_pct(r['robust-A'])}** | {_pct(r['robust-B'])} "
-            f"| {_pct(r['fine_grained_naive'])} → {_pct(r['fine_grained_robust_a'])} | {r['speedup_robust_a']:.2f}x "
-            f"| {_identical(r['lossless_robust_a'])} |"
+            f"| {r['label']} | {r['trials']} | {pct(r['expert'])} | {pct(r['naive'])} | **{pct(r['robust-A'])}** | {pct(r['robust-B'])} "
+            f"| {pct(r['fine_grained_naive'])} → {pct(r['fine_grained_robust_a'])} | {r['speedup_robust_a']:.2f}x "
+            f"| {identical_label(r['lossless_robust_a'], r['chunks_robust_a'])} |"
         )
     sources = ", ".join(f"`{r['comparison']}`" for r in rows)
     return "\n".join(lines) + f"\n\nFrom {sources} (one `python -m phase3.compare` run each).\n"
@@ -104,7 +91,7 @@ def plot_headline(rows: list[dict], path: Path) -> Path:
     width = 0.26
     for i, (name, key, color) in enumerate(bars):
         xs = [j + (i - 1) * width for j in range(len(rows))]
-        values = [100 * (_rate(r[key]) or 0.0) for r in rows]
+        values = [100 * (0.0 if no_value(r[key]) else r[key]) for r in rows]
         ax.bar(xs, values, width, label=name, color=color)
         for x, v in zip(xs, values):
             ax.text(x, v + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=8)

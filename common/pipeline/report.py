@@ -6,21 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common.eval.summary import decoding_label, identical_label
+from common.eval.summary import decoding_label, identical_label, no_value, num, pct
 from common.provenance import write_json
-
-
-def no_value(v) -> bool:
-    """A number that is not there: ``None`` (strict JSON's null) or NaN (results written before it)."""
-    return v is None or v != v
-
-
-def pct(v) -> str:
-    return "—" if no_value(v) else f"{100 * v:.1f}%"
-
-
-def num(v, fmt: str = "{:.2f}") -> str:
-    return "—" if no_value(v) else fmt.format(v)
 
 
 def from_scratch_seconds(summary: dict) -> float:

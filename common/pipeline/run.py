@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from common.artifacts import ArtifactDirs, expert_success_results, phase1_results, phase3_comparison, phase3_results
-from common.pipeline.report import pct, write_report
+from common.eval.summary import pct
+from common.pipeline.report import write_report
 from common.locks import check_folder_path, check_writable_dir, output_lock
 from common.pipeline.stages import Stages, read_stamp
 from common.provenance import REPO_ROOT, provenance
